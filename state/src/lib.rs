@@ -1,1 +1,3 @@
 //! placeholder
+pub mod error;
+pub use error::{ErrorClass, Result, StateError};
