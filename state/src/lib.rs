@@ -1,4 +1,6 @@
 //! placeholder
 pub mod error;
 pub mod keygroup;
+pub mod record;
+pub mod segment;
 pub use error::{ErrorClass, Result, StateError};
