@@ -1,5 +1,6 @@
 //! placeholder
 pub mod error;
+pub mod index;
 pub mod keygroup;
 pub mod record;
 pub mod segment;
