@@ -13,7 +13,7 @@
 //! | 16 | 4 | state id |
 //! | 20 | 2 | key group |
 //! | 22 | 1 | kind: 1 put, 2 delete |
-//! | 23 | 1 | zero |
+//! | 23 | 1 | flags: bit 0 [`FLAG_UNVALIDATED`] (value bytes came from outside a typed put) |
 //! | 24 | 4 | key length |
 //! | 28 | 4 | value length |
 //! | 32 | key length | key bytes |
@@ -50,6 +50,10 @@ impl RecordKind {
         }
     }
 }
+
+/// Flag: the value was stored from raw bytes (an import, a rescale), not serialised by a typed
+/// put in this process, so a typed reader validates it (rkyv bytecheck) before access.
+pub const FLAG_UNVALIDATED: u8 = 1;
 
 /// Identifies one named state (of one operator) within a store.
 pub type StateId = u32;
@@ -88,6 +92,8 @@ pub struct RecordHeader {
     pub key_len: u32,
     /// Value length in bytes (0 for a delete).
     pub value_len: u32,
+    /// Flags ([`FLAG_UNVALIDATED`]).
+    pub flags: u8,
 }
 
 impl RecordHeader {
@@ -109,7 +115,7 @@ impl RecordHeader {
         out[16..20].copy_from_slice(&self.state.to_le_bytes());
         out[20..22].copy_from_slice(&self.key_group.0.to_le_bytes());
         out[22] = self.kind as u8;
-        out[23] = 0;
+        out[23] = self.flags;
         out[24..28].copy_from_slice(&self.key_len.to_le_bytes());
         out[28..32].copy_from_slice(&self.value_len.to_le_bytes());
     }
@@ -152,8 +158,8 @@ pub fn decode_header(bytes: &[u8]) -> Result<RecordHeader, RecordError> {
     if len as usize > bytes.len() {
         return Err(RecordError::BadHeader("record runs past the end"));
     }
-    if bytes[23] != 0 {
-        return Err(RecordError::BadHeader("reserved byte set"));
+    if bytes[23] & !FLAG_UNVALIDATED != 0 {
+        return Err(RecordError::BadHeader("unknown flag set"));
     }
     Ok(RecordHeader {
         len,
@@ -164,6 +170,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<RecordHeader, RecordError> {
         kind,
         key_len,
         value_len,
+        flags: bytes[23],
     })
 }
 
@@ -209,6 +216,23 @@ pub fn encode(out: &mut [u8], header: &RecordHeader, key: &[u8], value: &[u8]) {
     out[4..8].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Rewrites the value of the record in `slot` (its whole slot) in place: new sequence number,
+/// value and length, padding zeroed, CRC recomputed. The key and other fields stay. The caller
+/// checked that `value_offset + value.len()` fits in the slot.
+pub fn rewrite_value(slot: &mut [u8], header: &RecordHeader, seq: u64, flags: u8, value: &[u8]) {
+    let voff = header.value_offset() as usize;
+    let len = voff + value.len();
+    debug_assert!(len <= slot.len());
+    slot[0..4].copy_from_slice(&(len as u32).to_le_bytes());
+    slot[8..16].copy_from_slice(&seq.to_le_bytes());
+    slot[23] = flags;
+    slot[28..32].copy_from_slice(&(value.len() as u32).to_le_bytes());
+    slot[voff..len].copy_from_slice(value);
+    slot[len..].fill(0);
+    let crc = crc_of(&slot[..len]);
+    slot[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +248,7 @@ mod tests {
             kind: RecordKind::Put,
             key_len,
             value_len,
+            flags: 0,
         }
     }
 
@@ -255,6 +280,20 @@ mod tests {
             bad[bit / 8] ^= 1 << (bit % 8);
             assert!(decode_checked(&bad).is_err(), "flip of bit {bit} not detected");
         }
+    }
+
+    #[test]
+    fn rewrite_in_place_keeps_key_and_fixes_crc() {
+        let h = header(3, 20);
+        let mut buf = vec![0u8; h.slot_bytes() as usize];
+        encode(&mut buf, &h, b"abc", &[9u8; 20]);
+        let d = decode_checked(&buf).unwrap();
+        rewrite_value(&mut buf, &d, 8, FLAG_UNVALIDATED, &[1, 2]);
+        let d = decode_checked(&buf).unwrap();
+        assert_eq!((d.seq, d.value_len, d.flags), (8, 2, FLAG_UNVALIDATED));
+        assert_eq!(key_of(&buf, &d), b"abc");
+        assert_eq!(value_of(&buf, &d), &[1, 2]);
+        assert!(buf[d.len as usize..].iter().all(|b| *b == 0));
     }
 
     proptest! {

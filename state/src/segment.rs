@@ -252,22 +252,19 @@ impl Segment {
     /// Copies `src` into the segment at `offset`. Panics if the range is out of bounds: callers
     /// compute offsets from their own bookkeeping, so this is a bug, never bad input.
     pub fn write(&mut self, offset: u32, src: &[u8]) {
-        let end = offset as usize + src.len();
-        assert!(
-            end <= self.map.len(),
-            "segment write {offset}+{} beyond {}",
-            src.len(),
-            self.map.len()
-        );
-        // SAFETY: the range is inside the mapping (asserted above) and the mapping is writable
-        // (MmapRaw of a file opened read-write). `&mut self` guarantees no shared borrow from
-        // `bytes()` is alive, and flushers only msync, which does not write user memory.
+        self.slice_mut(offset, src.len() as u32).copy_from_slice(src);
+    }
+
+    /// The bytes `[offset, offset + len)` for writing in place. Panics if out of bounds.
+    pub fn slice_mut(&mut self, offset: u32, len: u32) -> &mut [u8] {
+        let end = offset as usize + len as usize;
+        assert!(end <= self.map.len(), "segment write {offset}+{len} beyond {}", self.map.len());
+        // SAFETY: the range is inside the mapping (asserted above), which stays mapped while
+        // `self.map` lives, and is writable (MmapRaw of a file opened read-write). `&mut self`
+        // guarantees that no shared borrow from `bytes()` is alive for the returned lifetime,
+        // and flushers only msync, which reads but never writes user memory.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                src.as_ptr(),
-                self.map.as_mut_ptr().add(offset as usize),
-                src.len(),
-            )
+            std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(offset as usize), len as usize)
         }
     }
 

@@ -1,0 +1,1278 @@
+//! The state store of one shard: a segment log, its index, checkpoints and restore.
+//!
+//! # Write path
+//! 1. A put looks the key up in the [`Index`]. If the key's newest record lies in the *mutable
+//!    region* (at or after the last checkpoint's seal) and the new value fits in its slot, the
+//!    record is rewritten in place and its CRC recomputed: a hot key costs one record per
+//!    checkpoint interval, not one per update.
+//! 2. Otherwise a new record is appended at the log tail (rolling to a new, preallocated
+//!    segment when the current one is full) and the index points at it. Records before the
+//!    seal are never modified.
+//!
+//! # Checkpoint path (where "durable" is decided)
+//! 1. [`StateStore::checkpoint`] seals the tail: the seal becomes the start of the new mutable
+//!    region, so nothing before it changes again. Nothing is re-serialised: the log is the
+//!    snapshot. Every few checkpoints it also copies the index table (memcpy speed) for an
+//!    index snapshot.
+//! 2. It returns a [`PendingCheckpoint`]: the [`CheckpointHandle`] (what a manifest records)
+//!    and a [`DurabilityTask`] to run off the caller's thread. The task fsyncs new segment
+//!    files and their directory, `msync(MS_SYNC)`s only the bytes written since the last
+//!    durable checkpoint, and writes + fsyncs the index snapshot file and the directory.
+//! 3. When the task returns `Ok`, the shard's part of checkpoint n is durable. Checkpoint n is
+//!    *complete* only once the coordinator has written its manifest ([`crate::manifest`]).
+//!    A failed sync is never retried and then trusted: the store refuses further checkpoints
+//!    until it is restored from a complete checkpoint.
+//!
+//! # Restore
+//! [`StateStore::restore`] maps the handle's segments and its index snapshot and replays only
+//! the log between the snapshot's seal and the checkpoint's seal, checking every replayed
+//! record's CRC. Records covered by the index snapshot are CRC-checked when first read
+//! (and their values validated with rkyv's bytecheck), index chunks when first probed; so
+//! restore does not read the whole state and its time does not grow with it.
+//! [`RestoreOptions::verify_all`] checks everything up front instead.
+
+use std::any::TypeId;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rkyv::util::AlignedVec;
+
+use crate::error::{Result, StateError};
+use crate::index::Index;
+use crate::keygroup::{KeyGroup, KeyGroupRange};
+use crate::record::{self, FLAG_UNVALIDATED, RecordHeader, RecordKind, StateId};
+use crate::segment::{
+    SEGMENT_HEADER_BYTES, Segment, SegmentFlusher, SegmentHeader, SegmentId,
+    parse_segment_file_name, segment_file_name, sync_dir,
+};
+
+/// A position in a store's log: segment id in the high 32 bits, byte offset in the low 32.
+pub type LogAddress = u64;
+
+/// Builds a log address.
+pub const fn log_address(segment: SegmentId, offset: u32) -> LogAddress {
+    ((segment as u64) << 32) | offset as u64
+}
+
+/// The segment of a log address.
+pub const fn address_segment(addr: LogAddress) -> SegmentId {
+    (addr >> 32) as SegmentId
+}
+
+/// The byte offset of a log address within its segment.
+pub const fn address_offset(addr: LogAddress) -> u32 {
+    addr as u32
+}
+
+/// A key as the store sees it: its stable encoding and its key group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key<'a> {
+    /// The key group (computed once per record by whoever routed it).
+    pub group: KeyGroup,
+    /// The key's stable encoding ([`crate::keygroup::KeyEncode`]).
+    pub bytes: &'a [u8],
+}
+
+impl<'a> Key<'a> {
+    /// A key with its group computed from `bytes`.
+    pub fn new(bytes: &'a [u8], max_parallelism: u16) -> Key<'a> {
+        Key { group: crate::keygroup::key_group_of_encoded(bytes, max_parallelism), bytes }
+    }
+}
+
+/// How a store lays out and checkpoints its log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// The shard that owns the store (recorded in segment headers).
+    pub shard: u32,
+    /// Size of each segment file. Default 64 MiB; tests use a few KiB to exercise rolling.
+    pub segment_bytes: u32,
+    /// Number of key groups of the job.
+    pub max_parallelism: u16,
+    /// The key groups this store holds.
+    pub key_groups: KeyGroupRange,
+    /// Write an index snapshot at least every this many checkpoints.
+    pub index_snapshot_every: u32,
+    /// Write an index snapshot when this many log bytes were appended since the last one, so
+    /// that restore replays a bounded tail.
+    pub index_snapshot_tail_bytes: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        let max = crate::keygroup::DEFAULT_MAX_PARALLELISM;
+        StoreConfig {
+            shard: 0,
+            segment_bytes: 64 << 20,
+            max_parallelism: max,
+            key_groups: KeyGroupRange::all(max),
+            index_snapshot_every: 16,
+            index_snapshot_tail_bytes: 64 << 20,
+        }
+    }
+}
+
+/// How much to check when restoring.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// Check every CRC of the checkpoint (all index chunks and every record it references)
+    /// before returning. Takes time proportional to the state size; by default records and
+    /// index chunks are checked lazily, on first access.
+    pub verify_all: bool,
+}
+
+/// One segment a checkpoint needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct SegmentRef {
+    /// The segment's id.
+    pub id: SegmentId,
+    /// Where its records end, as of the checkpoint.
+    pub data_end: u32,
+    /// Bytes of records in it that are live (newest for their key) as of the checkpoint.
+    pub live_bytes: u64,
+}
+
+/// An index snapshot a checkpoint restores from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct IndexSnapshotRef {
+    /// The checkpoint at which it was written (names the file `index-<id>.idx`).
+    pub checkpoint_id: u64,
+    /// The log address up to which it reflects the log.
+    pub seal: LogAddress,
+}
+
+impl IndexSnapshotRef {
+    /// The snapshot's file name.
+    pub fn file_name(&self) -> String {
+        index_file_name(self.checkpoint_id)
+    }
+}
+
+/// The file name of the index snapshot written at checkpoint `id`.
+pub fn index_file_name(id: u64) -> String {
+    format!("index-{id:010}.idx")
+}
+
+fn parse_index_file_name(name: &str) -> Option<u64> {
+    name.strip_prefix("index-")?.strip_suffix(".idx")?.parse().ok()
+}
+
+/// A named state registered in a store.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct StateInfo {
+    /// The state's name (`<operator uid>/<state name>` by convention).
+    pub name: String,
+    /// Its id ([`state_id_of`] of the name).
+    pub id: StateId,
+}
+
+/// What one shard's store contributes to a checkpoint: everything needed to restore it.
+/// It is recorded in the checkpoint's manifest; retained checkpoints share segments.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct CheckpointHandle {
+    /// The checkpoint.
+    pub checkpoint_id: u64,
+    /// The shard whose store this is.
+    pub shard: u32,
+    /// Number of key groups of the job.
+    pub max_parallelism: u16,
+    /// First key group held.
+    pub key_group_start: u16,
+    /// One past the last key group held.
+    pub key_group_end: u16,
+    /// The seal: the log address up to which the checkpoint holds the log.
+    pub seal: LogAddress,
+    /// The next sequence number to assign.
+    pub next_seq: u64,
+    /// Every segment needed, by ascending id.
+    pub segments: Vec<SegmentRef>,
+    /// The index snapshot to start from, if any (else replay from the first segment).
+    pub index_snapshot: Option<IndexSnapshotRef>,
+    /// The named states in the store.
+    pub states: Vec<StateInfo>,
+    /// Live keys (all states) at the seal.
+    pub key_count: u64,
+}
+
+impl CheckpointHandle {
+    /// The key groups the store held.
+    pub fn key_groups(&self) -> KeyGroupRange {
+        KeyGroupRange::new(self.key_group_start, self.key_group_end)
+    }
+
+    /// Live bytes of state at the seal.
+    pub fn live_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.live_bytes).sum()
+    }
+
+    /// Encodes the handle (rkyv; the manifest adds the CRC).
+    pub fn encode(&self) -> Vec<u8> {
+        // Serialising plain owned data into a Vec cannot fail.
+        rkyv::to_bytes::<rkyv::rancor::Error>(self).map(|b| b.to_vec()).unwrap_or_default()
+    }
+
+    /// Decodes and validates a handle (bytecheck): never panics on arbitrary bytes.
+    pub fn decode(bytes: &[u8]) -> std::result::Result<CheckpointHandle, String> {
+        let mut aligned = AlignedVec::<16>::with_capacity(bytes.len());
+        aligned.extend_from_slice(bytes);
+        rkyv::from_bytes::<CheckpointHandle, rkyv::rancor::Error>(&aligned)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The stable id of a state name: its xxh3 hash, truncated. Collisions are detected when a
+/// state is registered.
+pub fn state_id_of(name: &str) -> StateId {
+    xxhash_rust::xxh3::xxh3_64(name.as_bytes()) as StateId
+}
+
+/// What is shared between the store and its in-flight durability tasks.
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Everything before this address is durable.
+    synced_upto: LogAddress,
+    /// The newest index snapshot whose file is durable.
+    confirmed_index: Option<IndexSnapshotRef>,
+    /// Set when a sync failed: the files are suspect until a restore.
+    failed_sync: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct SegmentStats {
+    data_end: u32,
+    live_bytes: u64,
+}
+
+#[derive(Debug)]
+struct Registered {
+    info: StateInfo,
+    value_type: Option<TypeId>,
+}
+
+/// Counters of a store, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Live keys across all states.
+    pub keys: u64,
+    /// Live record bytes.
+    pub live_bytes: u64,
+    /// Record bytes in the log, live or not.
+    pub log_bytes: u64,
+    /// Segments mapped.
+    pub segments: u64,
+    /// Updates done in place (mutable region).
+    pub in_place_updates: u64,
+    /// Records appended.
+    pub appends: u64,
+}
+
+/// The keyed state store of one shard. See the module docs for the write, checkpoint and
+/// restore paths. Single-threaded by design: one shard's executor owns it.
+#[derive(Debug)]
+pub struct StateStore {
+    dir: PathBuf,
+    config: StoreConfig,
+    segments: Vec<Option<Segment>>,
+    stats: Vec<SegmentStats>,
+    /// First segment of the log still present.
+    first_segment: SegmentId,
+    tail_segment: SegmentId,
+    tail_offset: u32,
+    /// Start of the mutable region.
+    seal: LogAddress,
+    /// Records before this address came from files: check them on read.
+    restored_upto: LogAddress,
+    next_seq: u64,
+    index: Index,
+    value_buf: AlignedVec<16>,
+    states: BTreeMap<StateId, Registered>,
+    ledger: Arc<Mutex<Ledger>>,
+    checkpoints_since_index: u32,
+    bytes_since_index: u64,
+    new_segments: Vec<SegmentId>,
+    last_checkpoint: Option<u64>,
+    counters: StoreStats,
+}
+
+impl StateStore {
+    /// Creates an empty store in `dir` (created if missing). Files of an earlier store there
+    /// are replaced as the new log reaches them; use [`StateStore::restore`] to resume one.
+    pub fn create(dir: &Path, config: StoreConfig) -> Result<StateStore> {
+        std::fs::create_dir_all(dir).map_err(|e| StateError::io("create store dir", dir, e))?;
+        let mut store = StateStore {
+            dir: dir.to_owned(),
+            segments: Vec::new(),
+            stats: Vec::new(),
+            first_segment: 1,
+            tail_segment: 0,
+            tail_offset: 0,
+            seal: log_address(1, SEGMENT_HEADER_BYTES),
+            restored_upto: 0,
+            next_seq: 1,
+            index: Index::new()?,
+            value_buf: AlignedVec::new(),
+            states: BTreeMap::new(),
+            ledger: Arc::new(Mutex::new(Ledger {
+                synced_upto: log_address(1, SEGMENT_HEADER_BYTES),
+                ..Ledger::default()
+            })),
+            checkpoints_since_index: 0,
+            bytes_since_index: 0,
+            new_segments: Vec::new(),
+            last_checkpoint: None,
+            counters: StoreStats::default(),
+            config,
+        };
+        store.open_segment(1)?;
+        Ok(store)
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The store's configuration.
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> StoreStats {
+        let live = self.stats.iter().map(|s| s.live_bytes).sum();
+        let log = self
+            .stats
+            .iter()
+            .map(|s| u64::from(s.data_end.saturating_sub(SEGMENT_HEADER_BYTES)))
+            .sum();
+        StoreStats {
+            keys: self.index.len() as u64,
+            live_bytes: live,
+            log_bytes: log,
+            segments: self.segments.iter().filter(|s| s.is_some()).count() as u64,
+            ..self.counters
+        }
+    }
+
+    /// The current log tail.
+    pub fn tail(&self) -> LogAddress {
+        log_address(self.tail_segment, self.tail_offset)
+    }
+
+    /// Registers (or looks up) the state `name` holding values of type `V` and returns its id.
+    /// Registering one name with two value types is an error, as is a hash collision between
+    /// two names.
+    pub fn register(&mut self, name: &str, value_type: Option<TypeId>) -> Result<StateId> {
+        let id = state_id_of(name);
+        match self.states.get_mut(&id) {
+            Some(r) if r.info.name != name => Err(StateError::Misuse(format!(
+                "state names {name:?} and {:?} hash to the same id; rename one",
+                r.info.name
+            ))),
+            Some(r) => match (r.value_type, value_type) {
+                (Some(a), Some(b)) if a != b => Err(StateError::Misuse(format!(
+                    "state {name:?} is already registered with another value type"
+                ))),
+                (None, t) => {
+                    r.value_type = t;
+                    Ok(id)
+                }
+                _ => Ok(id),
+            },
+            None => {
+                self.states.insert(
+                    id,
+                    Registered { info: StateInfo { name: name.to_owned(), id }, value_type },
+                );
+                Ok(id)
+            }
+        }
+    }
+
+    /// The registered states.
+    pub fn states(&self) -> impl Iterator<Item = &StateInfo> {
+        self.states.values().map(|r| &r.info)
+    }
+
+    fn open_segment(&mut self, id: SegmentId) -> Result<()> {
+        let header = SegmentHeader {
+            shard: self.config.shard,
+            id,
+            first_seq: self.next_seq,
+            segment_bytes: self.config.segment_bytes,
+        };
+        let segment = Segment::create(&self.dir, header)?;
+        let idx = id as usize;
+        if self.segments.len() <= idx {
+            self.segments.resize_with(idx + 1, || None);
+            self.stats.resize(idx + 1, SegmentStats::default());
+        }
+        self.segments[idx] = Some(segment);
+        self.stats[idx] = SegmentStats { data_end: SEGMENT_HEADER_BYTES, live_bytes: 0 };
+        self.tail_segment = id;
+        self.tail_offset = SEGMENT_HEADER_BYTES;
+        self.new_segments.push(id);
+        Ok(())
+    }
+
+    fn segment(&self, id: SegmentId) -> Option<&Segment> {
+        self.segments.get(id as usize).and_then(|s| s.as_ref())
+    }
+
+    /// The record at `addr`: its bytes (from the record start to the end of its segment's data)
+    /// and its header. Bounds and lengths are always checked; the CRC is checked for records
+    /// that came from files (before `restored_upto`).
+    fn record_at(&self, addr: LogAddress) -> Result<(&[u8], RecordHeader)> {
+        let (seg_id, off) = (address_segment(addr), address_offset(addr));
+        let Some(segment) = self.segment(seg_id) else {
+            return Err(StateError::corrupt(
+                self.dir.join(segment_file_name(seg_id)),
+                u64::from(off),
+                "index points into a segment that is not part of the store",
+            ));
+        };
+        let end = self.stats[seg_id as usize].data_end as usize;
+        if off < SEGMENT_HEADER_BYTES || off as usize >= end {
+            return Err(StateError::corrupt(
+                segment.path(),
+                u64::from(off),
+                "index points outside the log",
+            ));
+        }
+        let bytes = &segment.bytes()[off as usize..end];
+        let decoded = if addr < self.restored_upto {
+            record::decode_checked(bytes)
+        } else {
+            record::decode_header(bytes)
+        };
+        match decoded {
+            Ok(h) => Ok((&bytes[..h.len as usize], h)),
+            Err(e) => Err(StateError::corrupt(
+                segment.path(),
+                u64::from(off),
+                format!("bad record: {e:?}"),
+            )),
+        }
+    }
+
+    fn key_matches(&self, addr: LogAddress, state: StateId, key: &[u8]) -> Result<bool> {
+        let (rec, h) = self.record_at(addr)?;
+        Ok(h.state == state && record::key_of(rec, &h) == key)
+    }
+
+    fn hash(state: StateId, key: &[u8]) -> u64 {
+        xxhash_rust::xxh3::xxh3_64_with_seed(key, u64::from(state))
+    }
+
+    fn find(&self, state: StateId, key: &[u8]) -> Result<Option<(usize, LogAddress)>> {
+        let slot =
+            self.index.find(Self::hash(state, key), |addr| self.key_matches(addr, state, key))?;
+        Ok(slot.map(|i| (i, self.index.addr_at(i))))
+    }
+
+    /// The value bytes of `key` in `state`. `needs_validation` is set when they did not come
+    /// from a typed put of this process (restored from a file, or stored raw), so a typed
+    /// reader must validate them before zero-copy access.
+    pub fn get_raw(&self, state: StateId, key: Key<'_>) -> Result<Option<RawValue<'_>>> {
+        match self.find(state, key.bytes)? {
+            None => Ok(None),
+            Some((_, addr)) => {
+                let (rec, h) = self.record_at(addr)?;
+                Ok(Some(RawValue {
+                    bytes: record::value_of(rec, &h),
+                    needs_validation: addr < self.restored_upto || h.flags & FLAG_UNVALIDATED != 0,
+                    addr,
+                }))
+            }
+        }
+    }
+
+    /// The file and offset of a log address, for error messages.
+    pub fn location(&self, addr: LogAddress) -> (PathBuf, u64) {
+        (self.dir.join(segment_file_name(address_segment(addr))), u64::from(address_offset(addr)))
+    }
+
+    /// Whether `key` has a value in `state`.
+    pub fn contains(&self, state: StateId, key: Key<'_>) -> Result<bool> {
+        Ok(self.find(state, key.bytes)?.is_some())
+    }
+
+    /// Sets `key` in `state` to the bytes `value`. They are marked unvalidated: a typed reader
+    /// checks them with rkyv's bytecheck before any zero-copy access.
+    pub fn put_raw(&mut self, state: StateId, key: Key<'_>, value: &[u8]) -> Result<()> {
+        self.put_bytes(state, key, value, FLAG_UNVALIDATED)
+    }
+
+    fn put_bytes(&mut self, state: StateId, key: Key<'_>, value: &[u8], flags: u8) -> Result<()> {
+        match self.find(state, key.bytes)? {
+            Some((slot, addr)) => {
+                if addr >= self.seal && self.try_update_in_place(addr, value, flags)? {
+                    return Ok(());
+                }
+                let new_addr = self.append(state, key, RecordKind::Put, value, flags)?;
+                self.mark_dead(addr)?;
+                self.index.set_addr(slot, new_addr);
+            }
+            None => {
+                let new_addr = self.append(state, key, RecordKind::Put, value, flags)?;
+                self.index.insert_new(Self::hash(state, key.bytes), new_addr)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Serialises `value` with rkyv into a reused buffer and stores it.
+    pub fn put_value<V>(&mut self, state: StateId, key: Key<'_>, value: &V) -> Result<()>
+    where
+        V: for<'a> rkyv::Serialize<
+                rkyv::api::high::HighSerializer<
+                    AlignedVec<16>,
+                    rkyv::ser::allocator::ArenaHandle<'a>,
+                    rkyv::rancor::Error,
+                >,
+            >,
+    {
+        let mut buf = std::mem::take(&mut self.value_buf);
+        buf.clear();
+        let buf = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(value, buf)
+            .map_err(|e| StateError::Misuse(format!("cannot serialise value: {e}")))?;
+        let result = self.put_bytes(state, key, &buf, 0);
+        self.value_buf = buf;
+        result
+    }
+
+    /// Removes `key` from `state`; returns whether it was present.
+    pub fn delete(&mut self, state: StateId, key: Key<'_>) -> Result<bool> {
+        let Some((slot, addr)) = self.find(state, key.bytes)? else {
+            return Ok(false);
+        };
+        self.mark_dead(addr)?;
+        self.index.remove_at(slot)?;
+        // The tombstone tells a replay from an older index snapshot that the key is gone.
+        self.append(state, key, RecordKind::Delete, &[], 0)?;
+        Ok(true)
+    }
+
+    fn try_update_in_place(&mut self, addr: LogAddress, value: &[u8], flags: u8) -> Result<bool> {
+        let (_, h) = self.record_at(addr)?;
+        if h.value_offset() as usize + value.len() > h.slot_bytes() as usize {
+            return Ok(false);
+        }
+        let Some(segment) = self.segments[address_segment(addr) as usize].as_mut() else {
+            return Ok(false);
+        };
+        let slot = segment.slice_mut(address_offset(addr), h.slot_bytes());
+        record::rewrite_value(slot, &h, self.next_seq, flags, value);
+        self.next_seq += 1;
+        self.counters.in_place_updates += 1;
+        Ok(true)
+    }
+
+    fn append(
+        &mut self,
+        state: StateId,
+        key: Key<'_>,
+        kind: RecordKind,
+        value: &[u8],
+        flags: u8,
+    ) -> Result<LogAddress> {
+        let (key_len, value_len) = (key.bytes.len() as u32, value.len() as u32);
+        let slot = u64::from(record::value_offset(key_len)) + u64::from(value_len);
+        let slot = slot.div_ceil(16) * 16;
+        if slot > u64::from(self.config.segment_bytes - SEGMENT_HEADER_BYTES) {
+            return Err(StateError::Misuse(format!(
+                "a record of {slot} bytes does not fit in a segment of {} bytes",
+                self.config.segment_bytes
+            )));
+        }
+        let slot = slot as u32;
+        if u64::from(self.tail_offset) + u64::from(slot) > u64::from(self.config.segment_bytes) {
+            self.open_segment(self.tail_segment + 1)?;
+        }
+        let header = RecordHeader {
+            len: record::value_offset(key_len) + value_len,
+            crc: 0,
+            seq: self.next_seq,
+            state,
+            key_group: key.group,
+            kind,
+            key_len,
+            value_len,
+            flags,
+        };
+        let (seg, off) = (self.tail_segment, self.tail_offset);
+        let Some(segment) = self.segments[seg as usize].as_mut() else {
+            return Err(StateError::Misuse("tail segment is not mapped".into()));
+        };
+        record::encode(segment.slice_mut(off, slot), &header, key.bytes, value);
+        self.next_seq += 1;
+        self.tail_offset += slot;
+        let stats = &mut self.stats[seg as usize];
+        stats.data_end = self.tail_offset;
+        if kind == RecordKind::Put {
+            stats.live_bytes += u64::from(slot);
+        }
+        self.bytes_since_index += u64::from(slot);
+        self.counters.appends += 1;
+        Ok(log_address(seg, off))
+    }
+
+    fn mark_dead(&mut self, addr: LogAddress) -> Result<()> {
+        let (_, h) = self.record_at(addr)?;
+        let stats = &mut self.stats[address_segment(addr) as usize];
+        stats.live_bytes = stats.live_bytes.saturating_sub(u64::from(h.slot_bytes()));
+        Ok(())
+    }
+
+    /// Calls `f(state, key group, key, value, needs_validation)` for every live entry. The order is
+    /// unspecified. Used for rescaling, inspection and timer restore; it checks every index
+    /// chunk first.
+    pub fn for_each(
+        &mut self,
+        mut f: impl FnMut(StateId, KeyGroup, &[u8], &[u8], bool),
+    ) -> Result<()> {
+        let addrs: Vec<LogAddress> = self.index.entries()?.map(|s| s.addr).collect();
+        for addr in addrs {
+            let (rec, h) = self.record_at(addr)?;
+            let unvalidated = addr < self.restored_upto || h.flags & FLAG_UNVALIDATED != 0;
+            f(
+                h.state,
+                h.key_group,
+                record::key_of(rec, &h),
+                record::value_of(rec, &h),
+                unvalidated,
+            );
+        }
+        Ok(())
+    }
+
+    /// Seals the log for checkpoint `checkpoint_id` and returns its handle with the task that
+    /// makes it durable. Fails (and changes nothing) when a previous sync failed.
+    pub fn checkpoint(&mut self, checkpoint_id: u64) -> Result<PendingCheckpoint> {
+        if let Some(prev) = self.last_checkpoint
+            && checkpoint_id <= prev
+        {
+            return Err(StateError::Misuse(format!(
+                "checkpoint {checkpoint_id} is not after {prev}"
+            )));
+        }
+        let (synced_upto, confirmed_index) = {
+            let ledger =
+                self.ledger.lock().map_err(|_| StateError::Misuse("ledger poisoned".into()))?;
+            if let Some(failure) = &ledger.failed_sync {
+                return Err(StateError::Misuse(format!(
+                    "an earlier sync failed ({failure}); the files are suspect: restore from the last complete checkpoint"
+                )));
+            }
+            (ledger.synced_upto, ledger.confirmed_index)
+        };
+        let seal = self.tail();
+        let take_index = self.checkpoints_since_index + 1 >= self.config.index_snapshot_every
+            || self.bytes_since_index >= self.config.index_snapshot_tail_bytes;
+        let index_write = if take_index {
+            Some(IndexWrite {
+                path: self.dir.join(index_file_name(checkpoint_id)),
+                bytes: self.index.snapshot(seal)?,
+                snapshot: IndexSnapshotRef { checkpoint_id, seal },
+            })
+        } else {
+            None
+        };
+        let index_ref = index_write.as_ref().map(|w| w.snapshot).or(confirmed_index);
+        let replay_from =
+            index_ref.map_or(log_address(self.first_segment, SEGMENT_HEADER_BYTES), |r| r.seal);
+        let segments: Vec<SegmentRef> = (self.first_segment..=self.tail_segment)
+            .filter(|&id| {
+                self.segment(id).is_some()
+                    && (self.stats[id as usize].live_bytes > 0
+                        || id >= address_segment(replay_from))
+            })
+            .map(|id| {
+                let s = self.stats[id as usize];
+                SegmentRef { id, data_end: s.data_end, live_bytes: s.live_bytes }
+            })
+            .collect();
+        let handle = CheckpointHandle {
+            checkpoint_id,
+            shard: self.config.shard,
+            max_parallelism: self.config.max_parallelism,
+            key_group_start: self.config.key_groups.start,
+            key_group_end: self.config.key_groups.end,
+            seal,
+            next_seq: self.next_seq,
+            segments,
+            index_snapshot: index_ref,
+            states: self.states.values().map(|r| r.info.clone()).collect(),
+            key_count: self.index.len() as u64,
+        };
+        let flushes = self.ranges_to_sync(synced_upto, seal);
+        let new_files = std::mem::take(&mut self.new_segments)
+            .into_iter()
+            .filter_map(|id| self.segment(id).map(Segment::flusher))
+            .collect();
+        self.seal = seal;
+        self.last_checkpoint = Some(checkpoint_id);
+        if take_index {
+            self.checkpoints_since_index = 0;
+            self.bytes_since_index = 0;
+        } else {
+            self.checkpoints_since_index += 1;
+        }
+        let task = DurabilityTask {
+            checkpoint_id,
+            dir: self.dir.clone(),
+            seal,
+            new_files,
+            flushes,
+            index_write,
+            ledger: Arc::clone(&self.ledger),
+        };
+        Ok(PendingCheckpoint { handle, task })
+    }
+
+    fn ranges_to_sync(&self, from: LogAddress, to: LogAddress) -> Vec<(SegmentFlusher, u32, u32)> {
+        let mut out = Vec::new();
+        for id in address_segment(from).max(self.first_segment)..=address_segment(to) {
+            let Some(segment) = self.segment(id) else { continue };
+            let start = if id == address_segment(from) {
+                address_offset(from)
+            } else {
+                SEGMENT_HEADER_BYTES
+            };
+            let end = if id == address_segment(to) {
+                address_offset(to)
+            } else {
+                self.stats[id as usize].data_end
+            };
+            if end > start {
+                out.push((segment.flusher(), start, end - start));
+            }
+        }
+        out
+    }
+
+    /// Writes back full pages of the mutable region in the background, so that a checkpoint
+    /// finds little left to sync. Returns a task to run off the caller's thread, or `None` when
+    /// there is less than `min_bytes` to write. Correctness never depends on it.
+    pub fn write_behind(&self, min_bytes: u32) -> Option<WriteBehindTask> {
+        let from = self.ledger.lock().ok()?.synced_upto.max(self.seal);
+        let to = log_address(self.tail_segment, self.tail_offset & !4095).max(from);
+        let ranges = self.ranges_to_sync(from, to);
+        let total: u64 = ranges.iter().map(|r| u64::from(r.2)).sum();
+        (total >= u64::from(min_bytes)).then_some(WriteBehindTask { ranges })
+    }
+
+    /// Restores the store of `handle` from its directory `dir`: maps its segments and index
+    /// snapshot and replays the log tail between them, checking CRCs. The files of any later
+    /// checkpoint in `dir` are overwritten as the store continues from the seal: the caller
+    /// (the checkpoint coordinator) discards later manifests first.
+    pub fn restore(
+        dir: &Path,
+        handle: &CheckpointHandle,
+        config: StoreConfig,
+        options: RestoreOptions,
+    ) -> Result<StateStore> {
+        let config = StoreConfig {
+            shard: handle.shard,
+            max_parallelism: handle.max_parallelism,
+            key_groups: handle.key_groups(),
+            ..config
+        };
+        let Some(first) = handle.segments.first() else {
+            return Err(StateError::corrupt(
+                dir,
+                0,
+                format!("checkpoint {} lists no segment", handle.checkpoint_id),
+            ));
+        };
+        let tail_segment = address_segment(handle.seal);
+        let mut segments: Vec<Option<Segment>> = Vec::new();
+        let mut stats = Vec::new();
+        for r in &handle.segments {
+            let segment = Segment::open(dir, r.id)?;
+            if r.data_end > segment.len()
+                || r.data_end < SEGMENT_HEADER_BYTES
+                || r.id > tail_segment
+            {
+                return Err(StateError::corrupt(
+                    segment.path(),
+                    u64::from(r.data_end),
+                    "checkpoint names bad data end",
+                ));
+            }
+            let idx = r.id as usize;
+            if segments.len() <= idx {
+                segments.resize_with(idx + 1, || None);
+                stats.resize(idx + 1, SegmentStats::default());
+            }
+            segments[idx] = Some(segment);
+            stats[idx] = SegmentStats { data_end: r.data_end, live_bytes: r.live_bytes };
+        }
+        let tail_offset = address_offset(handle.seal);
+        if stats.get(tail_segment as usize).is_none_or(|s| s.data_end != tail_offset) {
+            return Err(StateError::corrupt(
+                dir,
+                handle.seal,
+                "checkpoint seal does not match its last segment",
+            ));
+        }
+        let (index, replay_from) = match handle.index_snapshot {
+            Some(r) => {
+                let (index, seal) = Index::open_snapshot(&dir.join(r.file_name()))?;
+                if seal != r.seal || seal > handle.seal {
+                    return Err(StateError::corrupt(
+                        dir.join(r.file_name()),
+                        32,
+                        "index snapshot seal mismatch",
+                    ));
+                }
+                (index, seal)
+            }
+            None => (Index::new()?, log_address(first.id, SEGMENT_HEADER_BYTES)),
+        };
+        let mut store = StateStore {
+            dir: dir.to_owned(),
+            segments,
+            stats,
+            first_segment: first.id,
+            tail_segment,
+            tail_offset,
+            seal: handle.seal,
+            restored_upto: handle.seal,
+            next_seq: handle.next_seq,
+            index,
+            value_buf: AlignedVec::new(),
+            states: handle
+                .states
+                .iter()
+                .map(|s| (s.id, Registered { info: s.clone(), value_type: None }))
+                .collect(),
+            ledger: Arc::new(Mutex::new(Ledger {
+                synced_upto: handle.seal,
+                confirmed_index: handle.index_snapshot,
+                failed_sync: None,
+            })),
+            checkpoints_since_index: 0,
+            bytes_since_index: 0,
+            new_segments: Vec::new(),
+            last_checkpoint: Some(handle.checkpoint_id),
+            counters: StoreStats::default(),
+            config,
+        };
+        store.replay(replay_from, handle.seal)?;
+        if store.index.len() as u64 != handle.key_count {
+            return Err(StateError::corrupt(
+                dir,
+                handle.seal,
+                format!(
+                    "restored {} keys, checkpoint says {}",
+                    store.index.len(),
+                    handle.key_count
+                ),
+            ));
+        }
+        if options.verify_all {
+            store.verify_all()?;
+        }
+        Ok(store)
+    }
+
+    /// Replays records in `[from, to)` into the index, checking each one's CRC.
+    fn replay(&mut self, from: LogAddress, to: LogAddress) -> Result<()> {
+        let mut key = Vec::new();
+        for id in address_segment(from)..=address_segment(to) {
+            let Some(end) = self.segment(id).map(|_| self.stats[id as usize].data_end) else {
+                return Err(StateError::corrupt(
+                    self.dir.join(segment_file_name(id)),
+                    0,
+                    "a segment the checkpoint replays is missing from it",
+                ));
+            };
+            let mut off = if id == address_segment(from) {
+                address_offset(from)
+            } else {
+                SEGMENT_HEADER_BYTES
+            };
+            while off < end {
+                let h = {
+                    let Some(segment) = self.segment(id) else { break };
+                    let bytes = &segment.bytes()[off as usize..end as usize];
+                    let h = record::decode_checked(bytes).map_err(|e| {
+                        StateError::corrupt(
+                            segment.path(),
+                            u64::from(off),
+                            format!("bad record in replay: {e:?}"),
+                        )
+                    })?;
+                    key.clear();
+                    key.extend_from_slice(record::key_of(bytes, &h));
+                    h
+                };
+                self.apply_replayed(h, &key, log_address(id, off))?;
+                off += h.slot_bytes();
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_replayed(&mut self, h: RecordHeader, key: &[u8], addr: LogAddress) -> Result<()> {
+        let found = self.find(h.state, key)?;
+        match (h.kind, found) {
+            (RecordKind::Put, Some((slot, _))) => self.index.set_addr(slot, addr),
+            (RecordKind::Put, None) => self.index.insert_new(Self::hash(h.state, key), addr)?,
+            (RecordKind::Delete, Some((slot, _))) => self.index.remove_at(slot)?,
+            (RecordKind::Delete, None) => {}
+        }
+        Ok(())
+    }
+
+    /// Checks every CRC the store depends on: all index chunks and every record of every
+    /// segment up to its data end. Returns the number of records checked.
+    pub fn verify_all(&mut self) -> Result<u64> {
+        self.index.verify_all()?;
+        let mut records = 0;
+        for id in self.first_segment..=self.tail_segment {
+            let Some(segment) = self.segment(id) else { continue };
+            let end = if id == self.tail_segment {
+                self.tail_offset
+            } else {
+                self.stats[id as usize].data_end
+            };
+            let mut off = SEGMENT_HEADER_BYTES;
+            while off < end {
+                let h = record::decode_checked(&segment.bytes()[off as usize..end as usize])
+                    .map_err(|e| {
+                        StateError::corrupt(
+                            segment.path(),
+                            u64::from(off),
+                            format!("bad record: {e:?}"),
+                        )
+                    })?;
+                off += h.slot_bytes();
+                records += 1;
+            }
+        }
+        Ok(records)
+    }
+
+    /// Builds a new store in `dir` holding the entries of the key groups in `config.key_groups`
+    /// from the stores of `sources` (directory and handle of each). This is how state taken at
+    /// one parallelism is restored at another: every source record is CRC-checked as it is
+    /// copied, and the copies count as foreign (values are validated on first typed read).
+    pub fn restore_key_groups(
+        dir: &Path,
+        sources: &[(PathBuf, CheckpointHandle)],
+        config: StoreConfig,
+    ) -> Result<StateStore> {
+        let range = config.key_groups;
+        let mut target = StateStore::create(dir, config)?;
+        for (source_dir, handle) in sources {
+            if source_dir.as_path() == dir {
+                return Err(StateError::Misuse(
+                    "a rescaled store needs a directory of its own".into(),
+                ));
+            }
+            if !handle.key_groups().intersect(&range).is_empty() {
+                let mut source = StateStore::restore(
+                    source_dir,
+                    handle,
+                    StoreConfig { shard: handle.shard, ..target.config.clone() },
+                    RestoreOptions::default(),
+                )?;
+                for info in source.states() {
+                    target.register(&info.name, None)?;
+                }
+                let mut copied = Vec::new();
+                source.for_each(|state, group, key, value, _| {
+                    if range.contains(group) {
+                        copied.push((state, group, key.to_vec(), value.to_vec()));
+                    }
+                })?;
+                for (state, group, key, value) in copied {
+                    target.put_raw_aligned(state, Key { group, bytes: &key }, &value)?;
+                }
+            }
+        }
+        Ok(target)
+    }
+
+    /// `put_raw` for value bytes that may sit at any alignment (copies them via the aligned
+    /// buffer first; the log aligns them again).
+    fn put_raw_aligned(&mut self, state: StateId, key: Key<'_>, value: &[u8]) -> Result<()> {
+        let mut buf = std::mem::take(&mut self.value_buf);
+        buf.clear();
+        buf.extend_from_slice(value);
+        let result = self.put_bytes(state, key, &buf, FLAG_UNVALIDATED);
+        self.value_buf = buf;
+        result
+    }
+
+    /// Rewrites the live records of sealed segments whose live ratio is below `max_live_ratio`
+    /// to the tail, so those segments hold nothing the current state needs. Only segments
+    /// before the newest durable index snapshot are candidates (a later replay must still find
+    /// the records after it). Their files are deleted by [`StateStore::collect_garbage`] once
+    /// no retained checkpoint lists them.
+    pub fn compact(&mut self, max_live_ratio: f64) -> Result<CompactionStats> {
+        let started = Instant::now();
+        let replay_from = self.ledger.lock().ok().and_then(|l| l.confirmed_index).map(|r| r.seal);
+        let Some(replay_from) = replay_from else { return Ok(CompactionStats::default()) };
+        let limit = address_segment(replay_from).min(address_segment(self.seal));
+        let mut stats = CompactionStats::default();
+        for id in self.first_segment..limit {
+            let Some(segment) = self.segment(id) else { continue };
+            let s = self.stats[id as usize];
+            let data = u64::from(s.data_end - SEGMENT_HEADER_BYTES);
+            if s.live_bytes == 0
+                || data == 0
+                || (s.live_bytes as f64) / (data as f64) >= max_live_ratio
+            {
+                continue;
+            }
+            let mut live = Vec::new();
+            let mut off = SEGMENT_HEADER_BYTES;
+            while off < s.data_end {
+                let addr = log_address(id, off);
+                let bytes = &segment.bytes()[off as usize..s.data_end as usize];
+                let h = if addr < self.restored_upto {
+                    record::decode_checked(bytes)
+                } else {
+                    record::decode_header(bytes)
+                }
+                .map_err(|e| {
+                    StateError::corrupt(
+                        segment.path(),
+                        u64::from(off),
+                        format!("bad record: {e:?}"),
+                    )
+                })?;
+                if h.kind == RecordKind::Put {
+                    live.push((
+                        addr,
+                        h,
+                        record::key_of(bytes, &h).to_vec(),
+                        record::value_of(bytes, &h).to_vec(),
+                    ));
+                }
+                off += h.slot_bytes();
+            }
+            for (addr, h, key, value) in live {
+                if let Some((slot, current)) = self.find(h.state, &key)?
+                    && current == addr
+                {
+                    let mut buf = std::mem::take(&mut self.value_buf);
+                    buf.clear();
+                    buf.extend_from_slice(&value);
+                    let key_ref = Key { group: h.key_group, bytes: &key };
+                    let new_addr = self.append(h.state, key_ref, RecordKind::Put, &buf, h.flags);
+                    self.value_buf = buf;
+                    let new_addr = new_addr?;
+                    self.mark_dead(addr)?;
+                    self.index.set_addr(slot, new_addr);
+                    stats.records_moved += 1;
+                    stats.bytes_moved += u64::from(h.slot_bytes());
+                }
+            }
+            stats.segments_compacted += 1;
+        }
+        stats.duration = started.elapsed();
+        Ok(stats)
+    }
+
+    /// Deletes segment and index snapshot files that neither the current state nor any of the
+    /// `retained` checkpoints needs. `retained` must list every checkpoint that may still be
+    /// restored, including one whose durability task is still running. Returns the number of
+    /// files deleted.
+    pub fn collect_garbage(&mut self, retained: &[&CheckpointHandle]) -> Result<usize> {
+        let confirmed = self.ledger.lock().ok().and_then(|l| l.confirmed_index);
+        let replay_from = confirmed.map_or(log_address(self.first_segment, 0), |r| r.seal);
+        let mut deleted = 0;
+        let entries = std::fs::read_dir(&self.dir)
+            .map_err(|e| StateError::io("list store dir", &self.dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| StateError::io("list store dir", &self.dir, e))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let keep = if let Some(id) = parse_segment_file_name(&name) {
+                let needed_now = self.segment(id).is_some()
+                    && (id >= address_segment(replay_from)
+                        || self.stats[id as usize].live_bytes > 0);
+                let keep =
+                    needed_now || retained.iter().any(|h| h.segments.iter().any(|s| s.id == id));
+                if !keep && let Some(slot) = self.segments.get_mut(id as usize) {
+                    *slot = None;
+                }
+                keep
+            } else if let Some(id) = parse_index_file_name(&name) {
+                retained.iter().any(|h| h.index_snapshot.is_some_and(|r| r.checkpoint_id == id))
+                    || confirmed.is_some_and(|r| r.checkpoint_id == id)
+                    || self.last_checkpoint.is_some_and(|last| id >= last)
+            } else {
+                true
+            };
+            if !keep {
+                std::fs::remove_file(entry.path())
+                    .map_err(|e| StateError::io("delete", entry.path(), e))?;
+                deleted += 1;
+            }
+        }
+        while self.first_segment < self.tail_segment && self.segment(self.first_segment).is_none() {
+            self.first_segment += 1;
+        }
+        Ok(deleted)
+    }
+}
+
+/// A value as stored, before typed access.
+#[derive(Debug, Clone, Copy)]
+pub struct RawValue<'a> {
+    /// The value bytes (an rkyv archive), 16-byte aligned in the mapping.
+    pub bytes: &'a [u8],
+    /// Whether a typed reader must validate the bytes before zero-copy access.
+    pub needs_validation: bool,
+    /// Where the record lives.
+    pub addr: LogAddress,
+}
+
+/// What [`StateStore::compact`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CompactionStats {
+    /// Segments whose live records were moved.
+    pub segments_compacted: u64,
+    /// Records moved to the tail.
+    pub records_moved: u64,
+    /// Bytes moved.
+    pub bytes_moved: u64,
+    /// Time taken.
+    pub duration: Duration,
+}
+
+#[derive(Debug)]
+struct IndexWrite {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    snapshot: IndexSnapshotRef,
+}
+
+/// A sealed checkpoint of one store: its handle, and the task that makes it durable.
+#[derive(Debug)]
+pub struct PendingCheckpoint {
+    /// What the manifest records once the task succeeded.
+    pub handle: CheckpointHandle,
+    /// Run this off the executor thread (a blocking pool); the checkpoint's part of this shard
+    /// is durable when it returns `Ok`.
+    pub task: DurabilityTask,
+}
+
+/// The work that makes one store's checkpoint durable: fsync of new segment files and of
+/// the directory, `msync(MS_SYNC)` of the bytes written since the last durable checkpoint,
+/// and the index snapshot file. `Send`, so it runs on any thread.
+#[derive(Debug)]
+pub struct DurabilityTask {
+    checkpoint_id: u64,
+    dir: PathBuf,
+    seal: LogAddress,
+    new_files: Vec<SegmentFlusher>,
+    flushes: Vec<(SegmentFlusher, u32, u32)>,
+    index_write: Option<IndexWrite>,
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+/// What a finished [`DurabilityTask`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durable {
+    /// The checkpoint.
+    pub checkpoint_id: u64,
+    /// Log bytes synced.
+    pub bytes_synced: u64,
+    /// Bytes of index snapshot written (0 when none was due).
+    pub index_bytes: u64,
+    /// Wall time the task took.
+    pub duration: Duration,
+}
+
+impl DurabilityTask {
+    /// Log bytes this task will sync.
+    pub fn bytes_to_sync(&self) -> u64 {
+        self.flushes.iter().map(|f| u64::from(f.2)).sum()
+    }
+
+    /// Performs the syncs, blocking the calling thread.
+    pub fn run(self) -> Result<Durable> {
+        let started = Instant::now();
+        let bytes_synced = self.bytes_to_sync();
+        if let Err(e) = self.sync_log() {
+            if let Ok(mut ledger) = self.ledger.lock() {
+                ledger.failed_sync = Some(e.to_string());
+            }
+            return Err(e);
+        }
+        let mut index_bytes = 0;
+        if let Some(w) = &self.index_write {
+            if let Err(e) = write_durably(&w.path, &w.bytes, &self.dir) {
+                // A half-written snapshot is never referenced by a complete checkpoint; remove it.
+                let _ = std::fs::remove_file(&w.path);
+                return Err(e);
+            }
+            index_bytes = w.bytes.len() as u64;
+        }
+        if let Ok(mut ledger) = self.ledger.lock() {
+            ledger.synced_upto = ledger.synced_upto.max(self.seal);
+            if let Some(w) = &self.index_write
+                && ledger.confirmed_index.is_none_or(|c| c.checkpoint_id < w.snapshot.checkpoint_id)
+            {
+                ledger.confirmed_index = Some(w.snapshot);
+            }
+        }
+        Ok(Durable {
+            checkpoint_id: self.checkpoint_id,
+            bytes_synced,
+            index_bytes,
+            duration: started.elapsed(),
+        })
+    }
+
+    fn sync_log(&self) -> Result<()> {
+        crate::faults::check("state::sync_segment", &self.dir)?;
+        for f in &self.new_files {
+            f.sync_file()?;
+        }
+        if !self.new_files.is_empty() {
+            sync_dir(&self.dir)?;
+        }
+        for (f, off, len) in &self.flushes {
+            f.flush_range(*off, *len)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to `path` and makes file and name durable (write, fsync, fsync of `dir`).
+pub(crate) fn write_durably(path: &Path, bytes: &[u8], dir: &Path) -> Result<()> {
+    use std::io::Write;
+    crate::faults::check("state::write_file", path)?;
+    let mut file = std::fs::File::create(path).map_err(|e| StateError::io("create", path, e))?;
+    file.write_all(bytes).map_err(|e| StateError::io("write", path, e))?;
+    file.sync_all().map_err(|e| StateError::io("fsync", path, e))?;
+    sync_dir(dir)
+}
+
+/// Background write-back of the mutable region; see [`StateStore::write_behind`].
+#[derive(Debug)]
+pub struct WriteBehindTask {
+    ranges: Vec<(SegmentFlusher, u32, u32)>,
+}
+
+impl WriteBehindTask {
+    /// Writes the ranges back, blocking the calling thread. An error here is only a hint:
+    /// the next checkpoint syncs the same bytes and reports failures itself.
+    pub fn run(self) -> Result<u64> {
+        let mut bytes = 0;
+        for (f, off, len) in &self.ranges {
+            f.flush_range(*off, *len)?;
+            bytes += u64::from(*len);
+        }
+        Ok(bytes)
+    }
+}
