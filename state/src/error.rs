@@ -68,9 +68,7 @@ impl StateError {
         match self {
             StateError::Corrupt { .. } => ErrorClass::Corruption,
             StateError::Io { source, .. } => match source.raw_os_error() {
-                Some(code) if code == libc_enospc() || code == libc_edquot() => {
-                    ErrorClass::StorageFull
-                }
+                Some(code) if code == libc_enospc() || code == libc_edquot() => ErrorClass::StorageFull,
                 _ if source.kind() == io::ErrorKind::StorageFull => ErrorClass::StorageFull,
                 _ => ErrorClass::Io,
             },

@@ -26,9 +26,5 @@ fn injected(arg: Option<&str>, path: &Path) -> crate::StateError {
         Some("enospc") => rustix::io::Errno::NOSPC,
         _ => rustix::io::Errno::IO,
     };
-    crate::StateError::io(
-        "injected fault",
-        path,
-        std::io::Error::from_raw_os_error(errno.raw_os_error()),
-    )
+    crate::StateError::io("injected fault", path, std::io::Error::from_raw_os_error(errno.raw_os_error()))
 }

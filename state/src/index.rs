@@ -157,11 +157,7 @@ impl Index {
     }
 
     /// Finds the slot of the entry with `hash` for which `eq(addr)` holds.
-    pub fn find(
-        &self,
-        hash: u64,
-        mut eq: impl FnMut(u64) -> Result<bool>,
-    ) -> Result<Option<usize>> {
+    pub fn find(&self, hash: u64, mut eq: impl FnMut(u64) -> Result<bool>) -> Result<Option<usize>> {
         let mask = self.capacity - 1;
         let mut i = hash as usize & mask;
         loop {
@@ -284,12 +280,10 @@ impl Index {
     /// chunk when first touched. Returns the table and the seal it reflects.
     pub fn open_snapshot(path: &Path) -> Result<(Index, u64)> {
         let file = File::open(path).map_err(|e| StateError::io("open index snapshot", path, e))?;
-        let file_len =
-            file.metadata().map_err(|e| StateError::io("stat index snapshot", path, e))?.len();
+        let file_len = file.metadata().map_err(|e| StateError::io("stat index snapshot", path, e))?.len();
         let corrupt = |offset: u64, reason: &str| StateError::corrupt(path, offset, reason);
         let mut head = [0u8; 48];
-        crate::segment::read_exact_at(&file, &mut head, 0, path)
-            .map_err(|_| corrupt(0, "index snapshot truncated"))?;
+        crate::segment::read_exact_at(&file, &mut head, 0, path).map_err(|_| corrupt(0, "index snapshot truncated"))?;
         if head[0..8] != INDEX_MAGIC {
             return Err(corrupt(0, "bad index snapshot magic"));
         }
@@ -307,10 +301,7 @@ impl Index {
         let capacity = u64_at(&head, 16);
         let len = u64_at(&head, 24);
         let seal = u64_at(&head, 32);
-        if !capacity.is_power_of_two()
-            || capacity < MIN_CAPACITY as u64
-            || len * 4 > capacity * 3
-            || capacity > 1 << 40
+        if !capacity.is_power_of_two() || capacity < MIN_CAPACITY as u64 || len * 4 > capacity * 3 || capacity > 1 << 40
         {
             return Err(corrupt(16, "implausible index capacity"));
         }
@@ -332,13 +323,9 @@ impl Index {
         // stays in bounds. Writes go to private copies of the pages, never to the file. Slot
         // contents are not trusted until their chunk passes its CRC (`check`), and addresses
         // are bounds-checked again by the store before any record is read.
-        let mem = unsafe {
-            MmapOptions::new()
-                .offset(slots_offset as u64)
-                .len(capacity * size_of::<Slot>())
-                .map_copy(&file)
-        }
-        .map_err(|e| StateError::io("mmap index snapshot", path, e))?;
+        let mem =
+            unsafe { MmapOptions::new().offset(slots_offset as u64).len(capacity * size_of::<Slot>()).map_copy(&file) }
+                .map_err(|e| StateError::io("mmap index snapshot", path, e))?;
         let lazy = LazyCheck {
             path: path.to_owned(),
             slots_offset,
@@ -427,11 +414,7 @@ mod tests {
             let mut bad = bytes.clone();
             bad[at] ^= 0x10;
             std::fs::write(&path, &bad).unwrap();
-            assert_eq!(
-                Index::open_snapshot(&path).unwrap_err().class(),
-                crate::ErrorClass::Corruption,
-                "byte {at}"
-            );
+            assert_eq!(Index::open_snapshot(&path).unwrap_err().class(), crate::ErrorClass::Corruption, "byte {at}");
         }
         std::fs::write(&path, &bytes[..bytes.len() - 16]).unwrap();
         assert_eq!(Index::open_snapshot(&path).unwrap_err().class(), crate::ErrorClass::Corruption);

@@ -262,18 +262,10 @@ mod tests {
     #[test]
     fn key_groups_are_pinned() {
         assert_eq!(key_hash(b""), 0x2d06800538d394c2);
-        let cases: [(Vec<u8>, u16); 4] = [
-            (enc(&0u64), 3289),
-            (enc(&42u64), 172),
-            (enc("user-42"), 2243),
-            (enc(&(7u32, "x")), 3212),
-        ];
+        let cases: [(Vec<u8>, u16); 4] =
+            [(enc(&0u64), 3289), (enc(&42u64), 172), (enc("user-42"), 2243), (enc(&(7u32, "x")), 3212)];
         for (bytes, expected) in cases {
-            assert_eq!(
-                key_group_of_encoded(&bytes, DEFAULT_MAX_PARALLELISM),
-                KeyGroup(expected),
-                "{bytes:?}"
-            );
+            assert_eq!(key_group_of_encoded(&bytes, DEFAULT_MAX_PARALLELISM), KeyGroup(expected), "{bytes:?}");
         }
     }
 

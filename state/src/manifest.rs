@@ -78,8 +78,7 @@ pub struct Manifest {
 impl Manifest {
     /// Encodes the manifest file: header and payload.
     pub fn encode(&self) -> Vec<u8> {
-        let payload =
-            rkyv::to_bytes::<rkyv::rancor::Error>(self).map(|b| b.to_vec()).unwrap_or_default();
+        let payload = rkyv::to_bytes::<rkyv::rancor::Error>(self).map(|b| b.to_vec()).unwrap_or_default();
         let mut out = vec![0u8; MANIFEST_HEADER_BYTES];
         out[0..8].copy_from_slice(&MANIFEST_MAGIC);
         out[8..12].copy_from_slice(&MANIFEST_FORMAT_VERSION.to_le_bytes());
@@ -115,20 +114,15 @@ impl Manifest {
         let len = u32_at(bytes, 12) as usize;
         let payload = &bytes[MANIFEST_HEADER_BYTES..];
         if payload.len() != len {
-            return Err(corrupt(
-                MANIFEST_HEADER_BYTES as u64,
-                "manifest payload has the wrong length",
-            ));
+            return Err(corrupt(MANIFEST_HEADER_BYTES as u64, "manifest payload has the wrong length"));
         }
         if crc32fast::hash(payload) != u32_at(bytes, 24) {
             return Err(corrupt(MANIFEST_HEADER_BYTES as u64, "manifest payload CRC mismatch"));
         }
         let mut aligned = AlignedVec::<16>::with_capacity(len);
         aligned.extend_from_slice(payload);
-        let manifest =
-            rkyv::from_bytes::<Manifest, rkyv::rancor::Error>(&aligned).map_err(|e| {
-                corrupt(MANIFEST_HEADER_BYTES as u64, &format!("manifest fails validation: {e}"))
-            })?;
+        let manifest = rkyv::from_bytes::<Manifest, rkyv::rancor::Error>(&aligned)
+            .map_err(|e| corrupt(MANIFEST_HEADER_BYTES as u64, &format!("manifest fails validation: {e}")))?;
         if manifest.checkpoint_id != u64_at(bytes, 16) {
             return Err(corrupt(16, "manifest header and payload disagree on the checkpoint id"));
         }
@@ -165,12 +159,9 @@ impl CheckpointDirectory {
     /// crash in the middle of a commit.
     pub fn open(root: &Path) -> Result<CheckpointDirectory> {
         let manifests = root.join("manifests");
-        std::fs::create_dir_all(&manifests)
-            .map_err(|e| StateError::io("create checkpoint dir", &manifests, e))?;
+        std::fs::create_dir_all(&manifests).map_err(|e| StateError::io("create checkpoint dir", &manifests, e))?;
         let dir = CheckpointDirectory { root: root.to_owned(), manifests };
-        for entry in std::fs::read_dir(&dir.manifests)
-            .map_err(|e| StateError::io("list", &dir.manifests, e))?
-        {
+        for entry in std::fs::read_dir(&dir.manifests).map_err(|e| StateError::io("list", &dir.manifests, e))? {
             let entry = entry.map_err(|e| StateError::io("list", &dir.manifests, e))?;
             if entry.file_name().to_string_lossy().ends_with(".tmp") {
                 let _ = std::fs::remove_file(entry.path());
@@ -192,19 +183,13 @@ impl CheckpointDirectory {
     /// Writes `manifest` atomically: temp file, fsync, rename, fsync of the directory. When this
     /// returns `Ok`, the checkpoint is complete and survives a crash.
     pub fn commit(&self, manifest: &Manifest) -> Result<()> {
-        let path = self.manifest_path(manifest.checkpoint_id);
-        let tmp = path.with_extension("manifest.tmp");
-        write_durably(&tmp, &manifest.encode(), &self.manifests)?;
-        std::fs::rename(&tmp, &path).map_err(|e| StateError::io("rename manifest", &path, e))?;
-        sync_dir(&self.manifests)
+        write_durably(&self.manifest_path(manifest.checkpoint_id), &manifest.encode(), &self.manifests)
     }
 
     /// Ids of all manifests present (valid or not), ascending.
     pub fn list(&self) -> Result<Vec<u64>> {
         let mut ids = Vec::new();
-        for entry in std::fs::read_dir(&self.manifests)
-            .map_err(|e| StateError::io("list", &self.manifests, e))?
-        {
+        for entry in std::fs::read_dir(&self.manifests).map_err(|e| StateError::io("list", &self.manifests, e))? {
             let entry = entry.map_err(|e| StateError::io("list", &self.manifests, e))?;
             if let Some(id) = parse_manifest_file_name(&entry.file_name().to_string_lossy()) {
                 ids.push(id);

@@ -7,8 +7,8 @@
 //! # Layout
 //! | offset | size | field |
 //! |---|---|---|
-//! | 0 | 4 | `len`: bytes from the record start to the end of the value |
-//! | 4 | 4 | CRC-32 (IEEE, crc32fast) of bytes `8..len` |
+//! | 0 | 4 | `len`: the record's slot length, a multiple of 16 (header, key, value, padding) |
+//! | 4 | 4 | CRC-32 (IEEE, crc32fast) of bytes `8..len` (the whole slot after the CRC) |
 //! | 8 | 8 | sequence number |
 //! | 16 | 4 | state id |
 //! | 20 | 2 | key group |
@@ -18,10 +18,12 @@
 //! | 28 | 4 | value length |
 //! | 32 | key length | key bytes |
 //! | align16(32 + key length) | value length | value bytes (rkyv archive) |
+//! | .. | .. | zero padding up to `len` |
 //!
-//! A record occupies `align16(len)` bytes of the log (its *slot*). A record in the mutable
-//! region (after the last checkpoint's seal) may be rewritten in place when the new value fits
-//! in its slot; the CRC is recomputed. `len == 0` marks the end of a segment's records.
+//! A record in the mutable region (after the last checkpoint's seal) may be rewritten in place
+//! when the new value fits in its slot; the slot keeps its length (a shorter value leaves more
+//! zero padding), so a scan of the log always steps from slot to slot. `len == 0` means no
+//! record here.
 
 use crate::keygroup::KeyGroup;
 use crate::segment::{u32_at, u64_at};
@@ -76,7 +78,7 @@ pub const fn slot_bytes(key_len: u32, value_len: u32) -> u32 {
 /// A decoded record header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordHeader {
-    /// Bytes from the record start to the end of the value.
+    /// The slot length: bytes the record occupies in the log, a multiple of 16.
     pub len: u32,
     /// Stored CRC.
     pub crc: u32,
@@ -102,9 +104,14 @@ impl RecordHeader {
         value_offset(self.key_len)
     }
 
-    /// Bytes the record occupies in the log.
+    /// Bytes the record occupies in the log (its `len`).
     pub fn slot_bytes(&self) -> u32 {
-        align16(self.len)
+        self.len
+    }
+
+    /// Offset of the end of the value within the record.
+    pub fn value_end(&self) -> u32 {
+        self.value_offset() + self.value_len
     }
 
     /// Writes the header fields except the CRC into `out[0..32]`.
@@ -149,10 +156,9 @@ pub fn decode_header(bytes: &[u8]) -> Result<RecordHeader, RecordError> {
     let kind = RecordKind::from_u8(bytes[22]).ok_or(RecordError::BadHeader("unknown kind"))?;
     let key_len = u32_at(bytes, 24);
     let value_len = u32_at(bytes, 28);
-    let expected = u64::from(RECORD_HEADER_BYTES) + u64::from(key_len);
-    let expected =
-        expected.div_ceil(u64::from(RECORD_ALIGN)) * u64::from(RECORD_ALIGN) + u64::from(value_len);
-    if expected != u64::from(len) {
+    let value_end = u64::from(RECORD_HEADER_BYTES) + u64::from(key_len);
+    let value_end = value_end.div_ceil(u64::from(RECORD_ALIGN)) * u64::from(RECORD_ALIGN) + u64::from(value_len);
+    if len % RECORD_ALIGN != 0 || value_end > u64::from(len) {
         return Err(RecordError::BadHeader("lengths disagree"));
     }
     if len as usize > bytes.len() {
@@ -195,7 +201,7 @@ pub fn key_of<'a>(record: &'a [u8], header: &RecordHeader) -> &'a [u8] {
 
 /// The value bytes of a record whose header was decoded from `record`.
 pub fn value_of<'a>(record: &'a [u8], header: &RecordHeader) -> &'a [u8] {
-    &record[header.value_offset() as usize..header.len as usize]
+    &record[header.value_offset() as usize..header.value_end() as usize]
 }
 
 /// Builds a complete record (header, key, padding, value) in `out`, computing its CRC.
@@ -204,32 +210,30 @@ pub fn value_of<'a>(record: &'a [u8], header: &RecordHeader) -> &'a [u8] {
 pub fn encode(out: &mut [u8], header: &RecordHeader, key: &[u8], value: &[u8]) {
     let voff = header.value_offset() as usize;
     let slot = header.slot_bytes() as usize;
-    debug_assert_eq!(header.len as usize, voff + value.len());
+    debug_assert!(voff + value.len() <= slot && slot % RECORD_ALIGN as usize == 0);
     debug_assert!(out.len() >= slot);
     header.encode_into(&mut out[..RECORD_HEADER_BYTES as usize]);
-    out[RECORD_HEADER_BYTES as usize..RECORD_HEADER_BYTES as usize + key.len()]
-        .copy_from_slice(key);
+    out[RECORD_HEADER_BYTES as usize..RECORD_HEADER_BYTES as usize + key.len()].copy_from_slice(key);
     out[RECORD_HEADER_BYTES as usize + key.len()..voff].fill(0);
     out[voff..voff + value.len()].copy_from_slice(value);
     out[voff + value.len()..slot].fill(0);
-    let crc = crc_of(&out[..header.len as usize]);
+    let crc = crc_of(&out[..slot]);
     out[4..8].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Rewrites the value of the record in `slot` (its whole slot) in place: new sequence number,
-/// value and length, padding zeroed, CRC recomputed. The key and other fields stay. The caller
-/// checked that `value_offset + value.len()` fits in the slot.
+/// flags and value, padding zeroed, CRC recomputed. The slot length, key and other fields stay.
+/// The caller checked that `value_offset + value.len()` fits in the slot.
 pub fn rewrite_value(slot: &mut [u8], header: &RecordHeader, seq: u64, flags: u8, value: &[u8]) {
     let voff = header.value_offset() as usize;
     let len = voff + value.len();
-    debug_assert!(len <= slot.len());
-    slot[0..4].copy_from_slice(&(len as u32).to_le_bytes());
+    debug_assert!(len <= slot.len() && slot.len() == header.len as usize);
     slot[8..16].copy_from_slice(&seq.to_le_bytes());
     slot[23] = flags;
     slot[28..32].copy_from_slice(&(value.len() as u32).to_le_bytes());
     slot[voff..len].copy_from_slice(value);
     slot[len..].fill(0);
-    let crc = crc_of(&slot[..len]);
+    let crc = crc_of(slot);
     slot[4..8].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -240,7 +244,7 @@ mod tests {
 
     fn header(key_len: u32, value_len: u32) -> RecordHeader {
         RecordHeader {
-            len: value_offset(key_len) + value_len,
+            len: slot_bytes(key_len, value_len),
             crc: 0,
             seq: 7,
             state: 3,
@@ -258,11 +262,11 @@ mod tests {
         let mut buf = vec![0xAAu8; slot_bytes(3, 4) as usize];
         encode(&mut buf, &h, b"abc", &[1, 2, 3, 4]);
         assert_eq!(buf.len(), 64);
-        assert_eq!(&buf[0..4], &52u32.to_le_bytes());
+        assert_eq!(&buf[0..4], &64u32.to_le_bytes());
         assert_eq!(&buf[32..35], b"abc");
         assert_eq!(&buf[48..52], &[1, 2, 3, 4]);
         assert!(buf[52..].iter().all(|b| *b == 0));
-        let crc = crc32fast::hash(&buf[8..52]);
+        let crc = crc32fast::hash(&buf[8..64]);
         assert_eq!(&buf[4..8], &crc.to_le_bytes());
         let d = decode_checked(&buf).unwrap();
         assert_eq!(d, RecordHeader { crc, ..h });
@@ -293,7 +297,8 @@ mod tests {
         assert_eq!((d.seq, d.value_len, d.flags), (8, 2, FLAG_UNVALIDATED));
         assert_eq!(key_of(&buf, &d), b"abc");
         assert_eq!(value_of(&buf, &d), &[1, 2]);
-        assert!(buf[d.len as usize..].iter().all(|b| *b == 0));
+        assert_eq!(d.len, slot_bytes(3, 20), "the slot keeps its length");
+        assert!(buf[d.value_end() as usize..].iter().all(|b| *b == 0));
     }
 
     proptest! {

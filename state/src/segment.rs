@@ -105,15 +105,10 @@ impl SegmentHeader {
         }
         let rkyv = u32_at(bytes, 12);
         if rkyv != RKYV_FORMAT {
-            return Err(StateError::Incompatible {
-                file: path.to_owned(),
-                found: rkyv,
-                expected: RKYV_FORMAT,
-            });
+            return Err(StateError::Incompatible { file: path.to_owned(), found: rkyv, expected: RKYV_FORMAT });
         }
         let segment_bytes = u64_at(bytes, 32);
-        let segment_bytes =
-            u32::try_from(segment_bytes).map_err(|_| corrupt("segment size over 4 GiB"))?;
+        let segment_bytes = u32::try_from(segment_bytes).map_err(|_| corrupt("segment size over 4 GiB"))?;
         Ok(SegmentHeader {
             shard: u32_at(bytes, 16),
             id: u32_at(bytes, 20),
@@ -150,9 +145,7 @@ impl Segment {
     /// Creates `dir/seg-<id>.log` of `segment_bytes`, fully allocated, and maps it.
     /// An existing file of that name (left behind past the last checkpoint) is replaced.
     pub fn create(dir: &Path, header: SegmentHeader) -> Result<Segment> {
-        if header.segment_bytes < MIN_SEGMENT_BYTES
-            || header.segment_bytes % SEGMENT_HEADER_BYTES != 0
-        {
+        if header.segment_bytes < MIN_SEGMENT_BYTES || header.segment_bytes % SEGMENT_HEADER_BYTES != 0 {
             return Err(StateError::Misuse(format!(
                 "segment size {} must be a multiple of {SEGMENT_HEADER_BYTES} and at least {MIN_SEGMENT_BYTES}",
                 header.segment_bytes
@@ -195,11 +188,7 @@ impl Segment {
             ));
         }
         if header.id != id {
-            return Err(StateError::corrupt(
-                &path,
-                0,
-                format!("header names segment {}", header.id),
-            ));
+            return Err(StateError::corrupt(&path, 0, format!("header names segment {}", header.id)));
         }
         Segment::map(file, path, header)
     }
@@ -263,18 +252,12 @@ impl Segment {
         // `self.map` lives, and is writable (MmapRaw of a file opened read-write). `&mut self`
         // guarantees that no shared borrow from `bytes()` is alive for the returned lifetime,
         // and flushers only msync, which reads but never writes user memory.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(offset as usize), len as usize)
-        }
+        unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(offset as usize), len as usize) }
     }
 
     /// A handle that can make ranges of this segment durable from another thread.
     pub fn flusher(&self) -> SegmentFlusher {
-        SegmentFlusher {
-            map: Arc::clone(&self.map),
-            file: Arc::clone(&self.file),
-            path: self.path.clone(),
-        }
+        SegmentFlusher { map: Arc::clone(&self.map), file: Arc::clone(&self.file), path: self.path.clone() }
     }
 }
 
@@ -293,9 +276,7 @@ impl SegmentFlusher {
         if len == 0 {
             return Ok(());
         }
-        self.map
-            .flush_range(offset as usize, len as usize)
-            .map_err(|e| StateError::io("msync", &self.path, e))
+        self.map.flush_range(offset as usize, len as usize).map_err(|e| StateError::io("msync", &self.path, e))
     }
 
     /// `fsync` of the file: makes its allocation (metadata) durable; used once for new segments.
@@ -320,8 +301,7 @@ fn preallocate(file: &File, len: u64, path: &Path) -> Result<()> {
             let mut at = 0u64;
             while at < len {
                 let n = (len - at).min(zeros.len() as u64) as usize;
-                file.write_all_at(&zeros[..n], at)
-                    .map_err(|e| StateError::io("zero-fill segment", path, e))?;
+                file.write_all_at(&zeros[..n], at).map_err(|e| StateError::io("zero-fill segment", path, e))?;
                 at += n as u64;
             }
             Ok(())
@@ -381,21 +361,11 @@ mod tests {
         let err = Segment::open(dir.path(), 1).unwrap_err();
         assert_eq!(err.class(), crate::ErrorClass::Corruption, "{err}");
         std::fs::write(&path, &bytes[..100]).unwrap();
-        assert_eq!(
-            Segment::open(dir.path(), 1).unwrap_err().class(),
-            crate::ErrorClass::Corruption
-        );
+        assert_eq!(Segment::open(dir.path(), 1).unwrap_err().class(), crate::ErrorClass::Corruption);
         // A segment opened under the wrong id is not silently accepted either.
         drop(Segment::create(dir.path(), header(2)).unwrap());
-        std::fs::rename(
-            dir.path().join(segment_file_name(2)),
-            dir.path().join(segment_file_name(5)),
-        )
-        .unwrap();
-        assert_eq!(
-            Segment::open(dir.path(), 5).unwrap_err().class(),
-            crate::ErrorClass::Corruption
-        );
+        std::fs::rename(dir.path().join(segment_file_name(2)), dir.path().join(segment_file_name(5))).unwrap();
+        assert_eq!(Segment::open(dir.path(), 5).unwrap_err().class(), crate::ErrorClass::Corruption);
     }
 
     #[test]

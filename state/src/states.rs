@@ -58,10 +58,7 @@ impl<T> StateValue for T where
 }
 
 /// Turns stored bytes into a reference to the archived value.
-fn archived<'s, V: StateValue>(
-    store: &'s StateStore,
-    raw: RawValue<'s>,
-) -> Result<&'s V::Archived> {
+fn archived<'s, V: StateValue>(store: &'s StateStore, raw: RawValue<'s>) -> Result<&'s V::Archived> {
     if raw.needs_validation {
         return rkyv::access::<V::Archived, rancor::Error>(raw.bytes).map_err(|e| {
             let (file, offset) = store.location(raw.addr);
@@ -82,8 +79,7 @@ fn archived<'s, V: StateValue>(
 }
 
 fn deserialize<V: StateValue>(archived: &V::Archived) -> Result<V> {
-    rkyv::deserialize::<V, rancor::Error>(archived)
-        .map_err(|e| StateError::Misuse(format!("cannot deserialise: {e}")))
+    rkyv::deserialize::<V, rancor::Error>(archived).map_err(|e| StateError::Misuse(format!("cannot deserialise: {e}")))
 }
 
 /// A single value per key.
@@ -221,12 +217,7 @@ impl<V: StateValue> ListState<V> {
     }
 
     /// The `i`-th element of `key`'s list.
-    pub fn get<'s>(
-        &self,
-        store: &'s StateStore,
-        key: Key<'_>,
-        i: u64,
-    ) -> Result<Option<&'s V::Archived>> {
+    pub fn get<'s>(&self, store: &'s StateStore, key: Key<'_>, i: u64) -> Result<Option<&'s V::Archived>> {
         let k = Self::element_key(key, i);
         match store.get_raw(self.elements, Key { group: key.group, bytes: k.bytes() })? {
             None => Ok(None),
@@ -244,10 +235,7 @@ impl<V: StateValue> ListState<V> {
         let this = *self;
         Ok((0..n).map(move |i| {
             this.get(store, key, i)?.ok_or_else(|| {
-                StateError::Misuse(format!(
-                    "list element {i} of {n} is missing (state {})",
-                    this.elements
-                ))
+                StateError::Misuse(format!("list element {i} of {n} is missing (state {})", this.elements))
             })
         }))
     }
@@ -291,12 +279,7 @@ impl<UK: KeyEncode, V: StateValue> MapState<UK, V> {
     }
 
     /// The value under `user_key` in `key`'s map.
-    pub fn get<'s>(
-        &self,
-        store: &'s StateStore,
-        key: Key<'_>,
-        user_key: &UK,
-    ) -> Result<Option<&'s V::Archived>> {
+    pub fn get<'s>(&self, store: &'s StateStore, key: Key<'_>, user_key: &UK) -> Result<Option<&'s V::Archived>> {
         let k = ComposedKey::new(key.bytes, encode_suffix(user_key));
         match store.get_raw(self.entries, Key { group: key.group, bytes: k.bytes() })? {
             None => Ok(None),
@@ -311,13 +294,7 @@ impl<UK: KeyEncode, V: StateValue> MapState<UK, V> {
     }
 
     /// Sets `user_key` to `value` in `key`'s map.
-    pub fn put(
-        &self,
-        store: &mut StateStore,
-        key: Key<'_>,
-        user_key: &UK,
-        value: &V,
-    ) -> Result<()> {
+    pub fn put(&self, store: &mut StateStore, key: Key<'_>, user_key: &UK, value: &V) -> Result<()> {
         let k = ComposedKey::new(key.bytes, encode_suffix(user_key));
         let entry = Key { group: key.group, bytes: k.bytes() };
         let is_new = !store.contains(self.entries, entry)?;
@@ -345,8 +322,7 @@ impl<UK: KeyEncode, V: StateValue> MapState<UK, V> {
         for encoded in self.directory.iter(store, key)? {
             let encoded = encoded?.as_slice().to_vec();
             let k = ComposedKey::new(key.bytes, |out| out.extend_from_slice(&encoded));
-            if store.contains(self.entries, Key { group: key.group, bytes: k.bytes() })?
-                && seen.insert(encoded.clone())
+            if store.contains(self.entries, Key { group: key.group, bytes: k.bytes() })? && seen.insert(encoded.clone())
             {
                 live.push(encoded);
             }

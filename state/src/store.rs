@@ -44,8 +44,8 @@ use crate::index::Index;
 use crate::keygroup::{KeyGroup, KeyGroupRange};
 use crate::record::{self, FLAG_UNVALIDATED, RecordHeader, RecordKind, StateId};
 use crate::segment::{
-    SEGMENT_HEADER_BYTES, Segment, SegmentFlusher, SegmentHeader, SegmentId,
-    parse_segment_file_name, segment_file_name, sync_dir,
+    SEGMENT_HEADER_BYTES, Segment, SegmentFlusher, SegmentHeader, SegmentId, parse_segment_file_name,
+    segment_file_name, sync_dir,
 };
 
 /// A position in a store's log: segment id in the high 32 bits, byte offset in the low 32.
@@ -135,12 +135,15 @@ pub struct SegmentRef {
 }
 
 /// An index snapshot a checkpoint restores from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct IndexSnapshotRef {
     /// The checkpoint at which it was written (names the file `index-<id>.idx`).
     pub checkpoint_id: u64,
     /// The log address up to which it reflects the log.
     pub seal: LogAddress,
+    /// The segments its entries point into. A replay on top of the snapshot compares keys
+    /// against those records, so every checkpoint based on it keeps these segments.
+    pub segments: Vec<SegmentId>,
 }
 
 impl IndexSnapshotRef {
@@ -217,8 +220,7 @@ impl CheckpointHandle {
     pub fn decode(bytes: &[u8]) -> std::result::Result<CheckpointHandle, String> {
         let mut aligned = AlignedVec::<16>::with_capacity(bytes.len());
         aligned.extend_from_slice(bytes);
-        rkyv::from_bytes::<CheckpointHandle, rkyv::rancor::Error>(&aligned)
-            .map_err(|e| e.to_string())
+        rkyv::from_bytes::<CheckpointHandle, rkyv::rancor::Error>(&aligned).map_err(|e| e.to_string())
     }
 }
 
@@ -342,11 +344,7 @@ impl StateStore {
     /// Counters.
     pub fn stats(&self) -> StoreStats {
         let live = self.stats.iter().map(|s| s.live_bytes).sum();
-        let log = self
-            .stats
-            .iter()
-            .map(|s| u64::from(s.data_end.saturating_sub(SEGMENT_HEADER_BYTES)))
-            .sum();
+        let log = self.stats.iter().map(|s| u64::from(s.data_end.saturating_sub(SEGMENT_HEADER_BYTES))).sum();
         StoreStats {
             keys: self.index.len() as u64,
             live_bytes: live,
@@ -372,9 +370,9 @@ impl StateStore {
                 r.info.name
             ))),
             Some(r) => match (r.value_type, value_type) {
-                (Some(a), Some(b)) if a != b => Err(StateError::Misuse(format!(
-                    "state {name:?} is already registered with another value type"
-                ))),
+                (Some(a), Some(b)) if a != b => {
+                    Err(StateError::Misuse(format!("state {name:?} is already registered with another value type")))
+                }
                 (None, t) => {
                     r.value_type = t;
                     Ok(id)
@@ -382,10 +380,7 @@ impl StateStore {
                 _ => Ok(id),
             },
             None => {
-                self.states.insert(
-                    id,
-                    Registered { info: StateInfo { name: name.to_owned(), id }, value_type },
-                );
+                self.states.insert(id, Registered { info: StateInfo { name: name.to_owned(), id }, value_type });
                 Ok(id)
             }
         }
@@ -435,25 +430,14 @@ impl StateStore {
         };
         let end = self.stats[seg_id as usize].data_end as usize;
         if off < SEGMENT_HEADER_BYTES || off as usize >= end {
-            return Err(StateError::corrupt(
-                segment.path(),
-                u64::from(off),
-                "index points outside the log",
-            ));
+            return Err(StateError::corrupt(segment.path(), u64::from(off), "index points outside the log"));
         }
         let bytes = &segment.bytes()[off as usize..end];
-        let decoded = if addr < self.restored_upto {
-            record::decode_checked(bytes)
-        } else {
-            record::decode_header(bytes)
-        };
+        let decoded =
+            if addr < self.restored_upto { record::decode_checked(bytes) } else { record::decode_header(bytes) };
         match decoded {
             Ok(h) => Ok((&bytes[..h.len as usize], h)),
-            Err(e) => Err(StateError::corrupt(
-                segment.path(),
-                u64::from(off),
-                format!("bad record: {e:?}"),
-            )),
+            Err(e) => Err(StateError::corrupt(segment.path(), u64::from(off), format!("bad record: {e:?}"))),
         }
     }
 
@@ -467,8 +451,7 @@ impl StateStore {
     }
 
     fn find(&self, state: StateId, key: &[u8]) -> Result<Option<(usize, LogAddress)>> {
-        let slot =
-            self.index.find(Self::hash(state, key), |addr| self.key_matches(addr, state, key))?;
+        let slot = self.index.find(Self::hash(state, key), |addr| self.key_matches(addr, state, key))?;
         Ok(slot.map(|i| (i, self.index.addr_at(i))))
     }
 
@@ -592,7 +575,7 @@ impl StateStore {
             self.open_segment(self.tail_segment + 1)?;
         }
         let header = RecordHeader {
-            len: record::value_offset(key_len) + value_len,
+            len: slot,
             crc: 0,
             seq: self.next_seq,
             state,
@@ -629,21 +612,12 @@ impl StateStore {
     /// Calls `f(state, key group, key, value, needs_validation)` for every live entry. The order is
     /// unspecified. Used for rescaling, inspection and timer restore; it checks every index
     /// chunk first.
-    pub fn for_each(
-        &mut self,
-        mut f: impl FnMut(StateId, KeyGroup, &[u8], &[u8], bool),
-    ) -> Result<()> {
+    pub fn for_each(&mut self, mut f: impl FnMut(StateId, KeyGroup, &[u8], &[u8], bool)) -> Result<()> {
         let addrs: Vec<LogAddress> = self.index.entries()?.map(|s| s.addr).collect();
         for addr in addrs {
             let (rec, h) = self.record_at(addr)?;
             let unvalidated = addr < self.restored_upto || h.flags & FLAG_UNVALIDATED != 0;
-            f(
-                h.state,
-                h.key_group,
-                record::key_of(rec, &h),
-                record::value_of(rec, &h),
-                unvalidated,
-            );
+            f(h.state, h.key_group, record::key_of(rec, &h), record::value_of(rec, &h), unvalidated);
         }
         Ok(())
     }
@@ -654,41 +628,35 @@ impl StateStore {
         if let Some(prev) = self.last_checkpoint
             && checkpoint_id <= prev
         {
-            return Err(StateError::Misuse(format!(
-                "checkpoint {checkpoint_id} is not after {prev}"
-            )));
+            return Err(StateError::Misuse(format!("checkpoint {checkpoint_id} is not after {prev}")));
         }
         let (synced_upto, confirmed_index) = {
-            let ledger =
-                self.ledger.lock().map_err(|_| StateError::Misuse("ledger poisoned".into()))?;
+            let ledger = self.ledger.lock().map_err(|_| StateError::Misuse("ledger poisoned".into()))?;
             if let Some(failure) = &ledger.failed_sync {
                 return Err(StateError::Misuse(format!(
                     "an earlier sync failed ({failure}); the files are suspect: restore from the last complete checkpoint"
                 )));
             }
-            (ledger.synced_upto, ledger.confirmed_index)
+            (ledger.synced_upto, ledger.confirmed_index.clone())
         };
         let seal = self.tail();
         let take_index = self.checkpoints_since_index + 1 >= self.config.index_snapshot_every
             || self.bytes_since_index >= self.config.index_snapshot_tail_bytes;
         let index_write = if take_index {
+            let segments = (self.first_segment..=self.tail_segment)
+                .filter(|&id| self.segment(id).is_some() && self.stats[id as usize].live_bytes > 0)
+                .collect();
             Some(IndexWrite {
                 path: self.dir.join(index_file_name(checkpoint_id)),
                 bytes: self.index.snapshot(seal)?,
-                snapshot: IndexSnapshotRef { checkpoint_id, seal },
+                snapshot: IndexSnapshotRef { checkpoint_id, seal, segments },
             })
         } else {
             None
         };
-        let index_ref = index_write.as_ref().map(|w| w.snapshot).or(confirmed_index);
-        let replay_from =
-            index_ref.map_or(log_address(self.first_segment, SEGMENT_HEADER_BYTES), |r| r.seal);
+        let index_ref = index_write.as_ref().map(|w| w.snapshot.clone()).or(confirmed_index);
         let segments: Vec<SegmentRef> = (self.first_segment..=self.tail_segment)
-            .filter(|&id| {
-                self.segment(id).is_some()
-                    && (self.stats[id as usize].live_bytes > 0
-                        || id >= address_segment(replay_from))
-            })
+            .filter(|&id| self.segment(id).is_some() && self.needed_by(id, index_ref.as_ref()))
             .map(|id| {
                 let s = self.stats[id as usize];
                 SegmentRef { id, data_end: s.data_end, live_bytes: s.live_bytes }
@@ -732,20 +700,21 @@ impl StateStore {
         Ok(PendingCheckpoint { handle, task })
     }
 
+    /// Whether the current state, restored from `index` plus a replay, needs segment `id`.
+    fn needed_by(&self, id: SegmentId, index: Option<&IndexSnapshotRef>) -> bool {
+        let live = self.stats.get(id as usize).is_some_and(|s| s.live_bytes > 0);
+        live || match index {
+            None => true,
+            Some(r) => id >= address_segment(r.seal) || r.segments.contains(&id),
+        }
+    }
+
     fn ranges_to_sync(&self, from: LogAddress, to: LogAddress) -> Vec<(SegmentFlusher, u32, u32)> {
         let mut out = Vec::new();
         for id in address_segment(from).max(self.first_segment)..=address_segment(to) {
             let Some(segment) = self.segment(id) else { continue };
-            let start = if id == address_segment(from) {
-                address_offset(from)
-            } else {
-                SEGMENT_HEADER_BYTES
-            };
-            let end = if id == address_segment(to) {
-                address_offset(to)
-            } else {
-                self.stats[id as usize].data_end
-            };
+            let start = if id == address_segment(from) { address_offset(from) } else { SEGMENT_HEADER_BYTES };
+            let end = if id == address_segment(to) { address_offset(to) } else { self.stats[id as usize].data_end };
             if end > start {
                 out.push((segment.flusher(), start, end - start));
             }
@@ -781,21 +750,14 @@ impl StateStore {
             ..config
         };
         let Some(first) = handle.segments.first() else {
-            return Err(StateError::corrupt(
-                dir,
-                0,
-                format!("checkpoint {} lists no segment", handle.checkpoint_id),
-            ));
+            return Err(StateError::corrupt(dir, 0, format!("checkpoint {} lists no segment", handle.checkpoint_id)));
         };
         let tail_segment = address_segment(handle.seal);
         let mut segments: Vec<Option<Segment>> = Vec::new();
         let mut stats = Vec::new();
         for r in &handle.segments {
             let segment = Segment::open(dir, r.id)?;
-            if r.data_end > segment.len()
-                || r.data_end < SEGMENT_HEADER_BYTES
-                || r.id > tail_segment
-            {
+            if r.data_end > segment.len() || r.data_end < SEGMENT_HEADER_BYTES || r.id > tail_segment {
                 return Err(StateError::corrupt(
                     segment.path(),
                     u64::from(r.data_end),
@@ -812,21 +774,13 @@ impl StateStore {
         }
         let tail_offset = address_offset(handle.seal);
         if stats.get(tail_segment as usize).is_none_or(|s| s.data_end != tail_offset) {
-            return Err(StateError::corrupt(
-                dir,
-                handle.seal,
-                "checkpoint seal does not match its last segment",
-            ));
+            return Err(StateError::corrupt(dir, handle.seal, "checkpoint seal does not match its last segment"));
         }
-        let (index, replay_from) = match handle.index_snapshot {
+        let (index, replay_from) = match &handle.index_snapshot {
             Some(r) => {
                 let (index, seal) = Index::open_snapshot(&dir.join(r.file_name()))?;
                 if seal != r.seal || seal > handle.seal {
-                    return Err(StateError::corrupt(
-                        dir.join(r.file_name()),
-                        32,
-                        "index snapshot seal mismatch",
-                    ));
+                    return Err(StateError::corrupt(dir.join(r.file_name()), 32, "index snapshot seal mismatch"));
                 }
                 (index, seal)
             }
@@ -844,14 +798,10 @@ impl StateStore {
             next_seq: handle.next_seq,
             index,
             value_buf: AlignedVec::new(),
-            states: handle
-                .states
-                .iter()
-                .map(|s| (s.id, Registered { info: s.clone(), value_type: None }))
-                .collect(),
+            states: handle.states.iter().map(|s| (s.id, Registered { info: s.clone(), value_type: None })).collect(),
             ledger: Arc::new(Mutex::new(Ledger {
                 synced_upto: handle.seal,
-                confirmed_index: handle.index_snapshot,
+                confirmed_index: handle.index_snapshot.clone(),
                 failed_sync: None,
             })),
             checkpoints_since_index: 0,
@@ -866,11 +816,7 @@ impl StateStore {
             return Err(StateError::corrupt(
                 dir,
                 handle.seal,
-                format!(
-                    "restored {} keys, checkpoint says {}",
-                    store.index.len(),
-                    handle.key_count
-                ),
+                format!("restored {} keys, checkpoint says {}", store.index.len(), handle.key_count),
             ));
         }
         if options.verify_all {
@@ -890,21 +836,13 @@ impl StateStore {
                     "a segment the checkpoint replays is missing from it",
                 ));
             };
-            let mut off = if id == address_segment(from) {
-                address_offset(from)
-            } else {
-                SEGMENT_HEADER_BYTES
-            };
+            let mut off = if id == address_segment(from) { address_offset(from) } else { SEGMENT_HEADER_BYTES };
             while off < end {
                 let h = {
                     let Some(segment) = self.segment(id) else { break };
                     let bytes = &segment.bytes()[off as usize..end as usize];
                     let h = record::decode_checked(bytes).map_err(|e| {
-                        StateError::corrupt(
-                            segment.path(),
-                            u64::from(off),
-                            format!("bad record in replay: {e:?}"),
-                        )
+                        StateError::corrupt(segment.path(), u64::from(off), format!("bad record in replay: {e:?}"))
                     })?;
                     key.clear();
                     key.extend_from_slice(record::key_of(bytes, &h));
@@ -935,21 +873,11 @@ impl StateStore {
         let mut records = 0;
         for id in self.first_segment..=self.tail_segment {
             let Some(segment) = self.segment(id) else { continue };
-            let end = if id == self.tail_segment {
-                self.tail_offset
-            } else {
-                self.stats[id as usize].data_end
-            };
+            let end = if id == self.tail_segment { self.tail_offset } else { self.stats[id as usize].data_end };
             let mut off = SEGMENT_HEADER_BYTES;
             while off < end {
                 let h = record::decode_checked(&segment.bytes()[off as usize..end as usize])
-                    .map_err(|e| {
-                        StateError::corrupt(
-                            segment.path(),
-                            u64::from(off),
-                            format!("bad record: {e:?}"),
-                        )
-                    })?;
+                    .map_err(|e| StateError::corrupt(segment.path(), u64::from(off), format!("bad record: {e:?}")))?;
                 off += h.slot_bytes();
                 records += 1;
             }
@@ -970,9 +898,7 @@ impl StateStore {
         let mut target = StateStore::create(dir, config)?;
         for (source_dir, handle) in sources {
             if source_dir.as_path() == dir {
-                return Err(StateError::Misuse(
-                    "a rescaled store needs a directory of its own".into(),
-                ));
+                return Err(StateError::Misuse("a rescaled store needs a directory of its own".into()));
             }
             if !handle.key_groups().intersect(&range).is_empty() {
                 let mut source = StateStore::restore(
@@ -1016,7 +942,7 @@ impl StateStore {
     /// no retained checkpoint lists them.
     pub fn compact(&mut self, max_live_ratio: f64) -> Result<CompactionStats> {
         let started = Instant::now();
-        let replay_from = self.ledger.lock().ok().and_then(|l| l.confirmed_index).map(|r| r.seal);
+        let replay_from = self.ledger.lock().ok().and_then(|l| l.confirmed_index.clone()).map(|r| r.seal);
         let Some(replay_from) = replay_from else { return Ok(CompactionStats::default()) };
         let limit = address_segment(replay_from).min(address_segment(self.seal));
         let mut stats = CompactionStats::default();
@@ -1024,10 +950,7 @@ impl StateStore {
             let Some(segment) = self.segment(id) else { continue };
             let s = self.stats[id as usize];
             let data = u64::from(s.data_end - SEGMENT_HEADER_BYTES);
-            if s.live_bytes == 0
-                || data == 0
-                || (s.live_bytes as f64) / (data as f64) >= max_live_ratio
-            {
+            if s.live_bytes == 0 || data == 0 || (s.live_bytes as f64) / (data as f64) >= max_live_ratio {
                 continue;
             }
             let mut live = Vec::new();
@@ -1040,20 +963,9 @@ impl StateStore {
                 } else {
                     record::decode_header(bytes)
                 }
-                .map_err(|e| {
-                    StateError::corrupt(
-                        segment.path(),
-                        u64::from(off),
-                        format!("bad record: {e:?}"),
-                    )
-                })?;
+                .map_err(|e| StateError::corrupt(segment.path(), u64::from(off), format!("bad record: {e:?}")))?;
                 if h.kind == RecordKind::Put {
-                    live.push((
-                        addr,
-                        h,
-                        record::key_of(bytes, &h).to_vec(),
-                        record::value_of(bytes, &h).to_vec(),
-                    ));
+                    live.push((addr, h, record::key_of(bytes, &h).to_vec(), record::value_of(bytes, &h).to_vec()));
                 }
                 off += h.slot_bytes();
             }
@@ -1085,35 +997,29 @@ impl StateStore {
     /// restored, including one whose durability task is still running. Returns the number of
     /// files deleted.
     pub fn collect_garbage(&mut self, retained: &[&CheckpointHandle]) -> Result<usize> {
-        let confirmed = self.ledger.lock().ok().and_then(|l| l.confirmed_index);
-        let replay_from = confirmed.map_or(log_address(self.first_segment, 0), |r| r.seal);
+        let confirmed = self.ledger.lock().ok().and_then(|l| l.confirmed_index.clone());
         let mut deleted = 0;
-        let entries = std::fs::read_dir(&self.dir)
-            .map_err(|e| StateError::io("list store dir", &self.dir, e))?;
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| StateError::io("list store dir", &self.dir, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| StateError::io("list store dir", &self.dir, e))?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
             let keep = if let Some(id) = parse_segment_file_name(&name) {
-                let needed_now = self.segment(id).is_some()
-                    && (id >= address_segment(replay_from)
-                        || self.stats[id as usize].live_bytes > 0);
-                let keep =
-                    needed_now || retained.iter().any(|h| h.segments.iter().any(|s| s.id == id));
+                let needed_now = self.segment(id).is_some() && self.needed_by(id, confirmed.as_ref());
+                let keep = needed_now || retained.iter().any(|h| h.segments.iter().any(|s| s.id == id));
                 if !keep && let Some(slot) = self.segments.get_mut(id as usize) {
                     *slot = None;
                 }
                 keep
             } else if let Some(id) = parse_index_file_name(&name) {
-                retained.iter().any(|h| h.index_snapshot.is_some_and(|r| r.checkpoint_id == id))
-                    || confirmed.is_some_and(|r| r.checkpoint_id == id)
+                retained.iter().any(|h| h.index_snapshot.as_ref().is_some_and(|r| r.checkpoint_id == id))
+                    || confirmed.as_ref().is_some_and(|r| r.checkpoint_id == id)
                     || self.last_checkpoint.is_some_and(|last| id >= last)
             } else {
                 true
             };
             if !keep {
-                std::fs::remove_file(entry.path())
-                    .map_err(|e| StateError::io("delete", entry.path(), e))?;
+                std::fs::remove_file(entry.path()).map_err(|e| StateError::io("delete", entry.path(), e))?;
                 deleted += 1;
             }
         }
@@ -1220,17 +1126,12 @@ impl DurabilityTask {
         if let Ok(mut ledger) = self.ledger.lock() {
             ledger.synced_upto = ledger.synced_upto.max(self.seal);
             if let Some(w) = &self.index_write
-                && ledger.confirmed_index.is_none_or(|c| c.checkpoint_id < w.snapshot.checkpoint_id)
+                && ledger.confirmed_index.as_ref().is_none_or(|c| c.checkpoint_id < w.snapshot.checkpoint_id)
             {
-                ledger.confirmed_index = Some(w.snapshot);
+                ledger.confirmed_index = Some(w.snapshot.clone());
             }
         }
-        Ok(Durable {
-            checkpoint_id: self.checkpoint_id,
-            bytes_synced,
-            index_bytes,
-            duration: started.elapsed(),
-        })
+        Ok(Durable { checkpoint_id: self.checkpoint_id, bytes_synced, index_bytes, duration: started.elapsed() })
     }
 
     fn sync_log(&self) -> Result<()> {
@@ -1248,13 +1149,26 @@ impl DurabilityTask {
     }
 }
 
-/// Writes `bytes` to `path` and makes file and name durable (write, fsync, fsync of `dir`).
+/// Writes `bytes` to `path` durably and atomically: a temp file is written and fsynced, renamed
+/// over `path`, and `dir` fsynced. Readers see the old file or the whole new one, never a
+/// partial one, and an existing file at `path` is replaced (new inode), never truncated, so an
+/// older index snapshot that is still mapped copy-on-write is never cut short under its mapping.
 pub(crate) fn write_durably(path: &Path, bytes: &[u8], dir: &Path) -> Result<()> {
     use std::io::Write;
     crate::faults::check("state::write_file", path)?;
-    let mut file = std::fs::File::create(path).map_err(|e| StateError::io("create", path, e))?;
-    file.write_all(bytes).map_err(|e| StateError::io("write", path, e))?;
-    file.sync_all().map_err(|e| StateError::io("fsync", path, e))?;
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let written = (|| {
+        let mut file = std::fs::File::create(&tmp).map_err(|e| StateError::io("create", &tmp, e))?;
+        file.write_all(bytes).map_err(|e| StateError::io("write", &tmp, e))?;
+        file.sync_all().map_err(|e| StateError::io("fsync", &tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| StateError::io("rename", path, e))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     sync_dir(dir)
 }
 

@@ -1,0 +1,205 @@
+//! Model-based property test of the state store: random sequences of put, get, delete, list
+//! appends, checkpoint, restore (of any retained checkpoint), crash (everything after the last
+//! durable point is lost, including a torn partial record), compaction and garbage collection,
+//! checked against a `BTreeMap` model. After every restore the store equals the model as it was
+//! at that checkpoint.
+
+use std::collections::BTreeMap;
+use std::io::{Seek, SeekFrom, Write};
+
+use proptest::prelude::*;
+use weir_state::states::{ListState, ValueState};
+use weir_state::store::{CheckpointHandle, Key, RestoreOptions, address_offset, address_segment};
+use weir_state::{StateStore, StoreConfig, segment::segment_file_name};
+
+#[derive(Debug, Clone)]
+enum Op {
+    PutText(u8, String),
+    PutNumber(u8, u64),
+    Delete(u8),
+    ListAdd(u8, u32),
+    ListClear(u8),
+    Get(u8),
+    Checkpoint,
+    Restore(usize),
+    Crash(Vec<u8>),
+    Compact,
+    CollectGarbage,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0u8..40, "[a-z]{0,40}").prop_map(|(k, v)| Op::PutText(k, v)),
+        6 => (0u8..40, any::<u64>()).prop_map(|(k, v)| Op::PutNumber(k, v)),
+        2 => (0u8..40).prop_map(Op::Delete),
+        3 => (0u8..8, any::<u32>()).prop_map(|(k, v)| Op::ListAdd(k, v)),
+        1 => (0u8..8).prop_map(Op::ListClear),
+        3 => (0u8..40).prop_map(Op::Get),
+        2 => Just(Op::Checkpoint),
+        1 => (0usize..4).prop_map(Op::Restore),
+        1 => proptest::collection::vec(any::<u8>(), 1..60).prop_map(Op::Crash),
+        1 => Just(Op::Compact),
+        1 => Just(Op::CollectGarbage),
+    ]
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Model {
+    text: BTreeMap<u8, String>,
+    number: BTreeMap<u8, u64>,
+    lists: BTreeMap<u8, Vec<u32>>,
+}
+
+struct States {
+    text: ValueState<String>,
+    number: ValueState<u64>,
+    list: ListState<u32>,
+}
+
+fn states(store: &mut StateStore) -> States {
+    States {
+        text: ValueState::register(store, "op/text").unwrap(),
+        number: ValueState::register(store, "op/number").unwrap(),
+        list: ListState::register(store, "op/list").unwrap(),
+    }
+}
+
+fn config() -> StoreConfig {
+    StoreConfig {
+        segment_bytes: 8192,
+        index_snapshot_every: 3,
+        index_snapshot_tail_bytes: 6000,
+        max_parallelism: 128,
+        key_groups: weir_state::keygroup::KeyGroupRange::all(128),
+        ..StoreConfig::default()
+    }
+}
+
+fn key(k: u8) -> Vec<u8> {
+    vec![b'k', k]
+}
+
+fn check(store: &StateStore, s: &States, model: &Model) {
+    for k in 0..40u8 {
+        let kb = key(k);
+        let key = Key::new(&kb, 128);
+        let text = s.text.get(store, key).unwrap().map(|v| v.as_str().to_owned());
+        assert_eq!(text.as_ref(), model.text.get(&k), "text of key {k}");
+        let number = s.number.get_owned(store, key).unwrap();
+        assert_eq!(number.as_ref(), model.number.get(&k), "number of key {k}");
+        if k < 8 {
+            let list: Vec<u32> = s.list.iter(store, key).unwrap().map(|v| v.unwrap().to_native()).collect();
+            assert_eq!(&list, model.lists.get(&k).map_or(&[][..], |l| &l[..]), "list of key {k}");
+        }
+    }
+}
+
+fn run(ops: Vec<Op>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = StateStore::create(dir.path(), config()).unwrap();
+    let mut s = states(&mut store);
+    let mut model = Model::default();
+    // Retained checkpoints: (handle, model at that checkpoint), oldest first.
+    let mut retained: Vec<(CheckpointHandle, Model)> = Vec::new();
+    let mut next_id = 1u64;
+    for op in ops {
+        match op {
+            Op::PutText(k, v) => {
+                s.text.put(&mut store, Key::new(&key(k), 128), &v).unwrap();
+                model.text.insert(k, v);
+            }
+            Op::PutNumber(k, v) => {
+                s.number.put(&mut store, Key::new(&key(k), 128), &v).unwrap();
+                model.number.insert(k, v);
+            }
+            Op::Delete(k) => {
+                let kb = key(k);
+                let was = s.text.delete(&mut store, Key::new(&kb, 128)).unwrap();
+                assert_eq!(was, model.text.remove(&k).is_some());
+                s.number.delete(&mut store, Key::new(&kb, 128)).unwrap();
+                model.number.remove(&k);
+            }
+            Op::ListAdd(k, v) => {
+                s.list.add(&mut store, Key::new(&key(k), 128), &v).unwrap();
+                model.lists.entry(k).or_default().push(v);
+            }
+            Op::ListClear(k) => {
+                s.list.clear(&mut store, Key::new(&key(k), 128)).unwrap();
+                model.lists.remove(&k);
+            }
+            Op::Get(k) => {
+                let kb = key(k);
+                let got = s.text.get(&store, Key::new(&kb, 128)).unwrap().map(|v| v.as_str().to_owned());
+                assert_eq!(got.as_ref(), model.text.get(&k));
+            }
+            Op::Checkpoint => {
+                let pending = store.checkpoint(next_id).unwrap();
+                next_id += 1;
+                pending.task.run().unwrap();
+                retained.push((pending.handle, model.clone()));
+                if retained.len() > 4 {
+                    retained.remove(0);
+                }
+            }
+            Op::Restore(i) => {
+                if retained.is_empty() {
+                    continue;
+                }
+                let i = i % retained.len();
+                drop(store);
+                // As the coordinator does: checkpoints after the restored one are discarded.
+                retained.truncate(i + 1);
+                let (handle, at) = retained[i].clone();
+                store = StateStore::restore(dir.path(), &handle, config(), RestoreOptions::default()).unwrap();
+                s = states(&mut store);
+                model = at;
+                next_id = handle.checkpoint_id + 1;
+                check(&store, &s, &model);
+            }
+            Op::Crash(garbage) => {
+                let Some((handle, at)) = retained.last().cloned() else { continue };
+                let tail = store.tail();
+                drop(store);
+                // A torn write: a partial record at the tail of the log, after the seal.
+                let path = dir.path().join(segment_file_name(address_segment(tail)));
+                let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                let room = 8192u64.saturating_sub(u64::from(address_offset(tail)));
+                let n = (garbage.len() as u64).min(room) as usize;
+                f.seek(SeekFrom::Start(u64::from(address_offset(tail)))).unwrap();
+                f.write_all(&garbage[..n]).unwrap();
+                drop(f);
+                store =
+                    StateStore::restore(dir.path(), &handle, config(), RestoreOptions { verify_all: true }).unwrap();
+                s = states(&mut store);
+                model = at;
+                next_id = handle.checkpoint_id + 1;
+                check(&store, &s, &model);
+            }
+            Op::Compact => {
+                store.compact(0.5).unwrap();
+            }
+            Op::CollectGarbage => {
+                let handles: Vec<&CheckpointHandle> = retained.iter().map(|(h, _)| h).collect();
+                store.collect_garbage(&handles).unwrap();
+            }
+        }
+    }
+    check(&store, &s, &model);
+    // Every retained checkpoint still restores to its model, newest first, each fully verified.
+    drop(store);
+    for (handle, at) in retained.iter().rev().take(1) {
+        let mut store = StateStore::restore(dir.path(), handle, config(), RestoreOptions::default()).unwrap();
+        store.verify_all().unwrap();
+        let s = states(&mut store);
+        check(&store, &s, at);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn store_matches_model(ops in proptest::collection::vec(op(), 1..400)) {
+        run(ops);
+    }
+}
