@@ -1,1 +1,6 @@
-//! placeholder
+//! weir's benchmark crate: workloads, drivers and harnesses that exercise the runtime from
+//! outside.
+//!
+//! - [`nexmark`]: a faithful, deterministic Nexmark event generator, random access by offset.
+
+pub mod nexmark;

@@ -1,0 +1,84 @@
+//! Storage faults while checkpointing (run with `--features failpoints`): a failed sync fails
+//! the checkpoint and is never retried and then trusted; a full disk while writing the index
+//! snapshot fails that checkpoint, not the store.
+#![cfg(feature = "failpoints")]
+
+use weir_state::keygroup::KeyGroupRange;
+use weir_state::states::ValueState;
+use weir_state::store::{Key, RestoreOptions};
+use weir_state::{ErrorClass, StateStore, StoreConfig};
+
+fn config() -> StoreConfig {
+    StoreConfig {
+        segment_bytes: 64 * 1024,
+        max_parallelism: 16,
+        key_groups: KeyGroupRange::all(16),
+        index_snapshot_every: 1,
+        ..StoreConfig::default()
+    }
+}
+
+fn fill(store: &mut StateStore, v: ValueState<u64>, base: u64) {
+    for k in 0..200u64 {
+        v.put(store, Key::new(&k.to_be_bytes(), 16), &(base + k)).unwrap();
+    }
+}
+
+fn assert_values(store: &StateStore, v: ValueState<u64>, base: u64) {
+    for k in 0..200u64 {
+        assert_eq!(v.get_owned(store, Key::new(&k.to_be_bytes(), 16)).unwrap(), Some(base + k));
+    }
+}
+
+/// One test function: fail points are process-global.
+#[test]
+fn storage_faults_fail_the_checkpoint_not_the_data() {
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = StateStore::create(dir.path(), config()).unwrap();
+    let v: ValueState<u64> = ValueState::register(&mut store, "op/v").unwrap();
+    fill(&mut store, v, 0);
+    let good = store.checkpoint(1).unwrap();
+    good.task.run().unwrap();
+
+    // ENOSPC while writing the index snapshot: checkpoint 2 fails, no partial file is left,
+    // the store keeps working and checkpoint 3 succeeds.
+    fill(&mut store, v, 1000);
+    fail::cfg("state::write_file", "return(enospc)").unwrap();
+    let failed = store.checkpoint(2).unwrap();
+    let err = failed.task.run().unwrap_err();
+    assert_eq!(err.class(), ErrorClass::StorageFull, "{err}");
+    fail::remove("state::write_file");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("index-0000000002") || n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    fill(&mut store, v, 2000);
+    let third = store.checkpoint(3).unwrap();
+    third.task.run().unwrap();
+    let restored =
+        StateStore::restore(dir.path(), &third.handle, config(), RestoreOptions { verify_all: true }).unwrap();
+    assert_values(&restored, v, 2000);
+    drop(restored);
+
+    // EIO on msync: the checkpoint fails, and the store refuses to checkpoint again (after a
+    // failed fsync Linux may have marked the pages clean; retrying would be trusting a lie).
+    fill(&mut store, v, 3000);
+    fail::cfg("state::sync_segment", "return(eio)").unwrap();
+    let failed = store.checkpoint(4).unwrap();
+    assert_eq!(failed.task.run().unwrap_err().class(), ErrorClass::Io);
+    fail::remove("state::sync_segment");
+    let err = store.checkpoint(5).unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Misuse, "{err}");
+    assert!(err.to_string().contains("suspect"), "{err}");
+    // Reads and writes still work in memory; recovery is a restore from checkpoint 3.
+    assert_values(&store, v, 3000);
+    drop(store);
+    let mut restored = StateStore::restore(dir.path(), &third.handle, config(), RestoreOptions::default()).unwrap();
+    assert_values(&restored, v, 2000);
+    fill(&mut restored, v, 4000);
+    restored.checkpoint(4).unwrap().task.run().unwrap();
+    scenario.teardown();
+}
