@@ -4,3 +4,4 @@
 //! - [`nexmark`]: a faithful, deterministic Nexmark event generator, random access by offset.
 
 pub mod nexmark;
+pub mod state_bench;

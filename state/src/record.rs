@@ -158,7 +158,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<RecordHeader, RecordError> {
     let value_len = u32_at(bytes, 28);
     let value_end = u64::from(RECORD_HEADER_BYTES) + u64::from(key_len);
     let value_end = value_end.div_ceil(u64::from(RECORD_ALIGN)) * u64::from(RECORD_ALIGN) + u64::from(value_len);
-    if len % RECORD_ALIGN != 0 || value_end > u64::from(len) {
+    if !len.is_multiple_of(RECORD_ALIGN) || value_end > u64::from(len) {
         return Err(RecordError::BadHeader("lengths disagree"));
     }
     if len as usize > bytes.len() {
@@ -210,7 +210,7 @@ pub fn value_of<'a>(record: &'a [u8], header: &RecordHeader) -> &'a [u8] {
 pub fn encode(out: &mut [u8], header: &RecordHeader, key: &[u8], value: &[u8]) {
     let voff = header.value_offset() as usize;
     let slot = header.slot_bytes() as usize;
-    debug_assert!(voff + value.len() <= slot && slot % RECORD_ALIGN as usize == 0);
+    debug_assert!(voff + value.len() <= slot && slot.is_multiple_of(RECORD_ALIGN as usize));
     debug_assert!(out.len() >= slot);
     header.encode_into(&mut out[..RECORD_HEADER_BYTES as usize]);
     out[RECORD_HEADER_BYTES as usize..RECORD_HEADER_BYTES as usize + key.len()].copy_from_slice(key);

@@ -145,7 +145,7 @@ impl Segment {
     /// Creates `dir/seg-<id>.log` of `segment_bytes`, fully allocated, and maps it.
     /// An existing file of that name (left behind past the last checkpoint) is replaced.
     pub fn create(dir: &Path, header: SegmentHeader) -> Result<Segment> {
-        if header.segment_bytes < MIN_SEGMENT_BYTES || header.segment_bytes % SEGMENT_HEADER_BYTES != 0 {
+        if header.segment_bytes < MIN_SEGMENT_BYTES || !header.segment_bytes.is_multiple_of(SEGMENT_HEADER_BYTES) {
             return Err(StateError::Misuse(format!(
                 "segment size {} must be a multiple of {SEGMENT_HEADER_BYTES} and at least {MIN_SEGMENT_BYTES}",
                 header.segment_bytes

@@ -79,7 +79,7 @@ fn flipped_byte_in_sealed_data_is_caught_on_read_and_by_full_verification() {
     let dir = tempfile::tempdir().unwrap();
     let (_, c2) = two_checkpoints(dir.path(), 1000);
     // Corrupt the record of key 500 (written before checkpoint 1, covered by its index snapshot).
-    let mut store = StateStore::restore(dir.path(), &c2, config(1000), RestoreOptions::default()).unwrap();
+    let store = StateStore::restore(dir.path(), &c2, config(1000), RestoreOptions::default()).unwrap();
     let raw = store.get_raw(weir_state::store::state_id_of("op/v"), Key::new(&key(500), 64)).unwrap().unwrap();
     let addr = raw.addr;
     drop(store);

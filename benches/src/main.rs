@@ -1,0 +1,119 @@
+//! `weir-bench`: the benchmark harness. Run `weir-bench --help`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use weir_bench::state_bench;
+
+/// Weir's benchmark harness: plain programs that print numbers, each with its baseline.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Directory for state and checkpoints (created; a fresh subdirectory per run).
+    #[arg(long, default_value = "weir-data")]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Quick tour: state ops at 1M keys, checkpoint and restore at 100 MiB (the default).
+    Demo,
+    /// State put/get throughput against HashMap<u64, u64>.
+    StateOps {
+        /// Key counts, comma separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1_000_000u64, 10_000_000])]
+        keys: Vec<u64>,
+    },
+    /// Checkpoint duration with a state size and a share of keys changed per checkpoint.
+    StateCheckpoint {
+        /// State size in MiB.
+        #[arg(long, default_value_t = 1024)]
+        state_mib: u64,
+        /// Percent of keys changed between checkpoints.
+        #[arg(long, default_value_t = 1.0)]
+        changed_percent: f64,
+        /// Checkpoints to take.
+        #[arg(long, default_value_t = 40)]
+        rounds: u32,
+    },
+    /// Restore time until the store answers reads, across state sizes.
+    StateRestore {
+        /// State sizes in MiB, comma separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [100u64, 1024, 4096])]
+        state_mib: Vec<u64>,
+    },
+}
+
+fn run_dir(base: &std::path::Path, name: &str) -> Result<tempfile::TempDir, String> {
+    std::fs::create_dir_all(base).map_err(|e| format!("cannot create {}: {e}", base.display()))?;
+    tempfile::Builder::new().prefix(name).tempdir_in(base).map_err(|e| format!("cannot create run dir: {e}"))
+}
+
+fn state_ops(base: &std::path::Path, keys: &[u64]) -> Result<(), String> {
+    for &n in keys {
+        let dir = run_dir(base, "ops")?;
+        let r = state_bench::ops(dir.path(), n).map_err(|e| e.to_string())?;
+        for (what, (w, h)) in [("insert", r.insert_mops), ("get", r.get_mops), ("update", r.update_mops)] {
+            println!(
+                "state-ops keys={n:>9} {what:<6} weir={w:6.2} Mops/s  HashMap={h:6.2} Mops/s  ratio={:.2}",
+                w / h
+            );
+        }
+    }
+    Ok(())
+}
+
+fn state_checkpoint(base: &std::path::Path, mib: u64, pct: f64, rounds: u32) -> Result<(), String> {
+    let dir = run_dir(base, "checkpoint")?;
+    let r = state_bench::checkpoint(dir.path(), mib << 20, pct, rounds).map_err(|e| e.to_string())?;
+    println!(
+        "state-checkpoint state={}MiB keys={} changed={pct}% synced/checkpoint={:.1}MiB",
+        r.state_bytes >> 20,
+        r.keys,
+        r.bytes_synced_mean as f64 / 1048576.0
+    );
+    println!("  seal (caller thread)       {}", state_bench::percentiles_us(&r.seal_us));
+    println!("  durability task            {}", state_bench::percentiles_us(&r.sync_us));
+    println!("  total, incremental only    {}", state_bench::percentiles_us(&r.total_us_incremental));
+    println!("  total, with index snapshot {}", state_bench::percentiles_us(&r.total_us_with_index));
+    Ok(())
+}
+
+fn state_restore(base: &std::path::Path, sizes: &[u64]) -> Result<(), String> {
+    let mut first: Option<f64> = None;
+    for &mib in sizes {
+        let dir = run_dir(base, "restore")?;
+        let r = state_bench::restore(dir.path(), mib << 20).map_err(|e| e.to_string())?;
+        let ms = r.until_first_read.as_secs_f64() * 1000.0;
+        let ratio = ms / *first.get_or_insert(ms);
+        println!(
+            "state-restore state={:>5}MiB keys={:>9} until-first-read={ms:7.3}ms (x{ratio:.2} of smallest) first-1000-reads-mean={:.1}us verify-all={:.0}ms",
+            r.state_bytes >> 20,
+            r.keys,
+            r.first_reads_mean.as_secs_f64() * 1e6,
+            r.verify_all.as_secs_f64() * 1000.0
+        );
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let base = cli.data_dir;
+    let result = match cli.command.unwrap_or(Command::Demo) {
+        Command::Demo => state_ops(&base, &[1_000_000])
+            .and_then(|_| state_checkpoint(&base, 100, 1.0, 20))
+            .and_then(|_| state_restore(&base, &[100])),
+        Command::StateOps { keys } => state_ops(&base, &keys),
+        Command::StateCheckpoint { state_mib, changed_percent, rounds } => {
+            state_checkpoint(&base, state_mib, changed_percent, rounds)
+        }
+        Command::StateRestore { state_mib } => state_restore(&base, &state_mib),
+    };
+    if let Err(e) = result {
+        eprintln!("weir-bench: {e}");
+        std::process::exit(1);
+    }
+}
