@@ -56,10 +56,7 @@ fn state_ops(base: &std::path::Path, keys: &[u64]) -> Result<(), String> {
         let dir = run_dir(base, "ops")?;
         let r = state_bench::ops(dir.path(), n).map_err(|e| e.to_string())?;
         for (what, (w, h)) in [("insert", r.insert_mops), ("get", r.get_mops), ("update", r.update_mops)] {
-            println!(
-                "state-ops keys={n:>9} {what:<6} weir={w:6.2} Mops/s  HashMap={h:6.2} Mops/s  ratio={:.2}",
-                w / h
-            );
+            println!("state-ops keys={n:>9} {what:<6} weir={w:6.2} Mops/s  HashMap={h:6.2} Mops/s  ratio={:.2}", w / h);
         }
     }
     Ok(())

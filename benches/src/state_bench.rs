@@ -84,7 +84,8 @@ pub fn ops(dir: &Path, keys: u64) -> weir_state::Result<OpsResult> {
     let started = Instant::now();
     let mut sum = 0u64;
     for k in &order {
-        sum = sum.wrapping_add(v.get(&store, Key::new(&k.to_be_bytes(), MAX_PARALLELISM))?.map_or(0, |x| x.to_native()));
+        sum =
+            sum.wrapping_add(v.get(&store, Key::new(&k.to_be_bytes(), MAX_PARALLELISM))?.map_or(0, |x| x.to_native()));
     }
     black_box(sum);
     let w_get = started.elapsed();
@@ -152,7 +153,12 @@ pub struct CheckpointResult {
 
 /// Checkpoint duration with `state_bytes` of state and `changed_percent`% of keys changed
 /// between checkpoints, over `rounds` checkpoints.
-pub fn checkpoint(dir: &Path, state_bytes: u64, changed_percent: f64, rounds: u32) -> weir_state::Result<CheckpointResult> {
+pub fn checkpoint(
+    dir: &Path,
+    state_bytes: u64,
+    changed_percent: f64,
+    rounds: u32,
+) -> weir_state::Result<CheckpointResult> {
     let keys = state_bytes / 128;
     let mut store = StateStore::create(dir, store_config())?;
     let v: ValueState<Payload> = ValueState::register(&mut store, "bench/payload")?;

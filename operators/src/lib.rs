@@ -1,1 +1,15 @@
-//! placeholder
+//! `weir-operators`: the operator contract and the built-in operators of weir.
+//!
+//! An operator is single-threaded logic over keyed state ([`weir_state`]); it never sees a
+//! thread, a channel or a file. The runtime drives it through the [`operator::Operator`] trait,
+//! whose output collector is a generic parameter, so chained operators compile into direct
+//! calls. [`harness::OperatorHarness`] drives one operator by hand for tests, the way Flink's
+//! operator test harnesses do.
+
+pub mod error;
+pub mod harness;
+pub mod operator;
+pub mod process;
+pub mod timers;
+
+pub use error::{OperatorError, Result};
