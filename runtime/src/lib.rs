@@ -1,1 +1,3 @@
-//! placeholder
+//! `weir`: the crate a service depends on.
+pub mod error;
+pub use error::{Result, RuntimeError};
