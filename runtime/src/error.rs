@@ -46,6 +46,14 @@ pub enum RuntimeError {
         /// What went wrong.
         reason: String,
     },
+    /// A sink could not write its output.
+    #[error("sink {sink}: {reason}")]
+    Sink {
+        /// The sink (its uid or file).
+        sink: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// The job description is invalid (for example two operators with one uid).
     #[error("invalid job: {0}")]
     InvalidJob(String),

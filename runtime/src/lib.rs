@@ -1,3 +1,6 @@
 //! `weir`: the crate a service depends on.
 pub mod error;
 pub use error::{Result, RuntimeError};
+pub mod chain;
+pub mod sink;
+pub mod source;

@@ -1,0 +1,350 @@
+//! Operator chains: the operators between two exchanges, composed at compile time.
+//!
+//! A chain is a stack of [`Node`]s, each holding the next one by value, so a record passes
+//! down the chain by direct (inlinable) calls: no queue, no allocation, no dynamic dispatch.
+//! Stateless steps (`map`, `filter`, `flat_map`) are fused nodes that never touch the store.
+//! A stateful operator borrows the shard's store only for its own call, emits into a reused
+//! buffer, and then hands the buffered records to the next node, so every operator of the
+//! chain can borrow the one store in turn.
+//!
+//! [`ChainSpec`] describes a chain in the job builder (`Clone + Send + Sync`), and
+//! [`ChainSpec::build`] instantiates it on each shard in front of the chain's terminal node
+//! (an exchange, a sink). Every user call is wrapped in `catch_unwind`, which costs nothing
+//! when nothing panics, so a panic is reported with the operator and shard that raised it.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use weir_operators::operator::{Collector, Operator, OperatorContext, Timestamp};
+use weir_state::StateStore;
+
+use crate::error::{Result, RuntimeError};
+
+/// What a node sees of its shard while handling one element.
+pub struct Env<'a> {
+    /// The shard's state store.
+    pub store: &'a mut StateStore,
+    /// This shard.
+    pub shard: usize,
+    /// Number of shards.
+    pub parallelism: usize,
+    /// Processing time now, epoch milliseconds.
+    pub now: Timestamp,
+    /// Side outputs emitted by operators of this chain, by tag name.
+    pub side: &'a mut dyn FnMut(&'static str, Box<dyn std::any::Any + Send>),
+}
+
+/// One step of a chain, receiving the elements of a stream.
+pub trait Node<T>: 'static {
+    /// One record.
+    fn record(&mut self, env: &mut Env<'_>, value: T, timestamp: Timestamp) -> Result<()>;
+    /// Event time advanced to `watermark`.
+    fn watermark(&mut self, env: &mut Env<'_>, watermark: Timestamp) -> Result<()>;
+    /// Processing time advanced to `env.now`.
+    fn tick(&mut self, env: &mut Env<'_>) -> Result<()>;
+    /// The input ended (after the final watermark): flush.
+    fn end(&mut self, env: &mut Env<'_>) -> Result<()>;
+}
+
+/// Turns a caught panic payload into a message.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+fn guard<R>(uid: &str, shard: usize, f: impl FnOnce() -> R) -> Result<R> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| RuntimeError::Panic {
+        operator: uid.to_owned(),
+        shard,
+        message: panic_message(payload.as_ref()),
+    })
+}
+
+/// A fused `map`.
+pub struct MapNode<F, N> {
+    pub(crate) uid: &'static str,
+    pub(crate) f: F,
+    pub(crate) next: N,
+}
+
+impl<In, Out, F, N> Node<In> for MapNode<F, N>
+where
+    F: FnMut(In) -> Out + 'static,
+    N: Node<Out>,
+{
+    #[inline]
+    fn record(&mut self, env: &mut Env<'_>, value: In, ts: Timestamp) -> Result<()> {
+        let out = guard(self.uid, env.shard, || (self.f)(value))?;
+        self.next.record(env, out, ts)
+    }
+    fn watermark(&mut self, env: &mut Env<'_>, wm: Timestamp) -> Result<()> {
+        self.next.watermark(env, wm)
+    }
+    fn tick(&mut self, env: &mut Env<'_>) -> Result<()> {
+        self.next.tick(env)
+    }
+    fn end(&mut self, env: &mut Env<'_>) -> Result<()> {
+        self.next.end(env)
+    }
+}
+
+/// A fused `filter`.
+pub struct FilterNode<F, N> {
+    pub(crate) uid: &'static str,
+    pub(crate) f: F,
+    pub(crate) next: N,
+}
+
+impl<T, F, N> Node<T> for FilterNode<F, N>
+where
+    F: FnMut(&T) -> bool + 'static,
+    N: Node<T>,
+{
+    #[inline]
+    fn record(&mut self, env: &mut Env<'_>, value: T, ts: Timestamp) -> Result<()> {
+        if guard(self.uid, env.shard, || (self.f)(&value))? {
+            self.next.record(env, value, ts)?;
+        }
+        Ok(())
+    }
+    fn watermark(&mut self, env: &mut Env<'_>, wm: Timestamp) -> Result<()> {
+        self.next.watermark(env, wm)
+    }
+    fn tick(&mut self, env: &mut Env<'_>) -> Result<()> {
+        self.next.tick(env)
+    }
+    fn end(&mut self, env: &mut Env<'_>) -> Result<()> {
+        self.next.end(env)
+    }
+}
+
+/// A fused `flat_map`: the function returns an iterator of outputs.
+pub struct FlatMapNode<F, N> {
+    pub(crate) uid: &'static str,
+    pub(crate) f: F,
+    pub(crate) next: N,
+}
+
+impl<In, I, F, N> Node<In> for FlatMapNode<F, N>
+where
+    F: FnMut(In) -> I + 'static,
+    I: IntoIterator,
+    N: Node<I::Item>,
+{
+    #[inline]
+    fn record(&mut self, env: &mut Env<'_>, value: In, ts: Timestamp) -> Result<()> {
+        let outputs = guard(self.uid, env.shard, || (self.f)(value))?;
+        let mut iter = outputs.into_iter();
+        loop {
+            match guard(self.uid, env.shard, || iter.next())? {
+                Some(v) => self.next.record(env, v, ts)?,
+                None => return Ok(()),
+            }
+        }
+    }
+    fn watermark(&mut self, env: &mut Env<'_>, wm: Timestamp) -> Result<()> {
+        self.next.watermark(env, wm)
+    }
+    fn tick(&mut self, env: &mut Env<'_>) -> Result<()> {
+        self.next.tick(env)
+    }
+    fn end(&mut self, env: &mut Env<'_>) -> Result<()> {
+        self.next.end(env)
+    }
+}
+
+/// Buffers an operator's output for the next node.
+struct Buffer<T>(Vec<(T, Timestamp)>);
+
+impl<T> Collector<T> for Buffer<T> {
+    #[inline]
+    fn collect(&mut self, value: T, timestamp: Timestamp) {
+        self.0.push((value, timestamp));
+    }
+}
+
+/// A stateful [`Operator`] in a chain.
+pub struct OpNode<O: Operator, N> {
+    pub(crate) uid: &'static str,
+    pub(crate) op: O,
+    pub(crate) next: N,
+    pub(crate) watermark: Timestamp,
+    pub(crate) opened: bool,
+    buf: Buffer<O::Out>,
+}
+
+impl<O: Operator, N> OpNode<O, N> {
+    /// `op` in front of `next`.
+    pub fn new(uid: &'static str, op: O, next: N) -> Self {
+        OpNode { uid, op, next, watermark: Timestamp::MIN, opened: false, buf: Buffer(Vec::new()) }
+    }
+}
+
+impl<O: Operator, N: Node<O::Out>> OpNode<O, N> {
+    fn call(
+        &mut self,
+        env: &mut Env<'_>,
+        f: impl FnOnce(&mut O, &mut OperatorContext<'_>, &mut Buffer<O::Out>) -> weir_operators::Result<()>,
+    ) -> Result<()> {
+        let (uid, shard) = (self.uid, env.shard);
+        let mut ctx = OperatorContext {
+            store: env.store,
+            shard,
+            parallelism: env.parallelism,
+            uid,
+            processing_time: env.now,
+            watermark: self.watermark,
+        };
+        let op = &mut self.op;
+        let buf = &mut self.buf;
+        if !self.opened {
+            guard(uid, shard, || op.open(&mut ctx))?.map_err(|source| RuntimeError::Operator {
+                operator: uid.to_owned(),
+                shard,
+                source,
+            })?;
+            self.opened = true;
+        }
+        guard(uid, shard, || f(op, &mut ctx, buf))?.map_err(|source| RuntimeError::Operator {
+            operator: uid.to_owned(),
+            shard,
+            source,
+        })?;
+        self.op.drain_side_outputs(&mut |name, record| (env.side)(name, record));
+        for (v, ts) in self.buf.0.drain(..) {
+            self.next.record(env, v, ts)?;
+        }
+        Ok(())
+    }
+}
+
+impl<O: Operator, N: Node<O::Out>> Node<O::In> for OpNode<O, N> {
+    #[inline]
+    fn record(&mut self, env: &mut Env<'_>, value: O::In, ts: Timestamp) -> Result<()> {
+        self.call(env, |op, ctx, out| op.process(value, ts, ctx, out))
+    }
+    fn watermark(&mut self, env: &mut Env<'_>, wm: Timestamp) -> Result<()> {
+        if wm <= self.watermark {
+            return Ok(());
+        }
+        self.watermark = wm;
+        self.call(env, |op, ctx, out| op.on_watermark(wm, ctx, out))?;
+        self.next.watermark(env, wm)
+    }
+    fn tick(&mut self, env: &mut Env<'_>) -> Result<()> {
+        self.call(env, |op, ctx, out| op.on_processing_time(ctx, out))?;
+        self.next.tick(env)
+    }
+    fn end(&mut self, env: &mut Env<'_>) -> Result<()> {
+        self.call(env, |_, _, _| Ok(()))?;
+        self.next.end(env)
+    }
+}
+
+/// Describes a chain in the job builder; instantiated per shard by [`ChainSpec::build`].
+pub trait ChainSpec<In>: Clone + Send + Sync + 'static {
+    /// The type the chain emits.
+    type Out: 'static;
+    /// Builds this shard's instance of the chain in front of `next`.
+    fn build<N: Node<Self::Out>>(&self, next: N) -> impl Node<In>;
+}
+
+/// The empty chain.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Identity;
+
+impl<T: 'static> ChainSpec<T> for Identity {
+    type Out = T;
+    fn build<N: Node<T>>(&self, next: N) -> impl Node<T> {
+        next
+    }
+}
+
+/// `map` appended to a chain.
+#[derive(Clone)]
+pub struct MapSpec<C, F> {
+    pub(crate) chain: C,
+    pub(crate) uid: &'static str,
+    pub(crate) f: F,
+}
+
+impl<In, C, F, U> ChainSpec<In> for MapSpec<C, F>
+where
+    C: ChainSpec<In>,
+    F: Fn(C::Out) -> U + Clone + Send + Sync + 'static,
+    U: 'static,
+{
+    type Out = U;
+    fn build<N: Node<U>>(&self, next: N) -> impl Node<In> {
+        self.chain.build(MapNode { uid: self.uid, f: self.f.clone(), next })
+    }
+}
+
+/// `filter` appended to a chain.
+#[derive(Clone)]
+pub struct FilterSpec<C, F> {
+    pub(crate) chain: C,
+    pub(crate) uid: &'static str,
+    pub(crate) f: F,
+}
+
+impl<In, C, F> ChainSpec<In> for FilterSpec<C, F>
+where
+    C: ChainSpec<In>,
+    F: Fn(&C::Out) -> bool + Clone + Send + Sync + 'static,
+{
+    type Out = C::Out;
+    fn build<N: Node<C::Out>>(&self, next: N) -> impl Node<In> {
+        self.chain.build(FilterNode { uid: self.uid, f: self.f.clone(), next })
+    }
+}
+
+/// `flat_map` appended to a chain.
+#[derive(Clone)]
+pub struct FlatMapSpec<C, F> {
+    pub(crate) chain: C,
+    pub(crate) uid: &'static str,
+    pub(crate) f: F,
+}
+
+impl<In, C, F, I> ChainSpec<In> for FlatMapSpec<C, F>
+where
+    C: ChainSpec<In>,
+    F: Fn(C::Out) -> I + Clone + Send + Sync + 'static,
+    I: IntoIterator + 'static,
+    I::Item: 'static,
+{
+    type Out = I::Item;
+    fn build<N: Node<I::Item>>(&self, next: N) -> impl Node<In> {
+        self.chain.build(FlatMapNode { uid: self.uid, f: self.f.clone(), next })
+    }
+}
+
+/// A stateful operator appended to a chain; `factory` makes one instance per shard.
+pub struct OperatorSpec<C, F> {
+    pub(crate) chain: C,
+    pub(crate) uid: &'static str,
+    pub(crate) factory: std::sync::Arc<F>,
+}
+
+impl<C: Clone, F> Clone for OperatorSpec<C, F> {
+    fn clone(&self) -> Self {
+        OperatorSpec { chain: self.chain.clone(), uid: self.uid, factory: std::sync::Arc::clone(&self.factory) }
+    }
+}
+
+impl<In, C, F, O> ChainSpec<In> for OperatorSpec<C, F>
+where
+    C: ChainSpec<In>,
+    F: Fn() -> O + Send + Sync + 'static,
+    O: Operator<In = C::Out>,
+{
+    type Out = O::Out;
+    fn build<N: Node<O::Out>>(&self, next: N) -> impl Node<In> {
+        self.chain.build(OpNode::new(self.uid, (self.factory)(), next))
+    }
+}
