@@ -34,7 +34,15 @@ impl<O: Operator> std::fmt::Debug for OperatorHarness<O> {
 }
 
 fn context<'a>(store: &'a mut StateStore, uid: &'a str, now: Timestamp, watermark: Timestamp) -> OperatorContext<'a> {
-    OperatorContext { store, shard: 0, parallelism: 1, uid, processing_time: now, watermark }
+    OperatorContext {
+        store,
+        shard: 0,
+        parallelism: 1,
+        max_parallelism: HARNESS_MAX_PARALLELISM,
+        uid,
+        processing_time: now,
+        watermark,
+    }
 }
 
 /// Key groups used by harnesses.

@@ -10,6 +10,7 @@ pub mod error;
 pub mod harness;
 pub mod operator;
 pub mod process;
+pub mod reduce;
 pub mod timers;
 
 pub use error::{OperatorError, Result};

@@ -66,6 +66,8 @@ pub struct OperatorContext<'a> {
     pub shard: usize,
     /// Number of shards.
     pub parallelism: usize,
+    /// Number of key groups of the job.
+    pub max_parallelism: u16,
     /// The operator's stable id; state names start with it.
     pub uid: &'a str,
     /// Processing time now, epoch milliseconds (from the runtime's clock seam).

@@ -224,11 +224,11 @@ impl<F: KeyedProcessFunction> std::fmt::Debug for KeyedProcessOperator<F> {
 
 impl<F: KeyedProcessFunction> KeyedProcessOperator<F> {
     /// Wraps `function`.
-    pub fn new(function: F, max_parallelism: u16) -> Self {
+    pub fn new(function: F) -> Self {
         KeyedProcessOperator {
             function,
             timers: None,
-            max_parallelism,
+            max_parallelism: weir_state::keygroup::DEFAULT_MAX_PARALLELISM,
             key_buf: Vec::new(),
             out: Vec::new(),
             side: SideOutputs::default(),
@@ -277,6 +277,7 @@ impl<F: KeyedProcessFunction> Operator for KeyedProcessOperator<F> {
     type Out = F::Out;
 
     fn open(&mut self, ctx: &mut OperatorContext<'_>) -> Result<()> {
+        self.max_parallelism = ctx.max_parallelism;
         self.timers = Some(TimerService::open(ctx.store, ctx.uid)?);
         self.function.open(&mut StateRegistry::new(ctx.store, ctx.uid))
     }

@@ -70,8 +70,7 @@ fn tx(account: u64, amount: f64) -> Keyed<u64, f64> {
 #[test]
 fn fraud_detector_alerts_small_then_large_within_a_minute() {
     let dir = tempfile::tempdir().unwrap();
-    let mut h =
-        OperatorHarness::new(dir.path(), "fraud", KeyedProcessOperator::new(FraudDetector::default(), 128)).unwrap();
+    let mut h = OperatorHarness::new(dir.path(), "fraud", KeyedProcessOperator::new(FraudDetector::default())).unwrap();
     h.set_processing_time(1_000).unwrap();
     h.process(tx(1, 0.5), 0).unwrap();
     h.process(tx(2, 0.5), 0).unwrap();
@@ -86,15 +85,14 @@ fn fraud_detector_alerts_small_then_large_within_a_minute() {
 #[test]
 fn flags_and_timers_survive_snapshot_and_restore() {
     let dir = tempfile::tempdir().unwrap();
-    let mut h =
-        OperatorHarness::new(dir.path(), "fraud", KeyedProcessOperator::new(FraudDetector::default(), 128)).unwrap();
+    let mut h = OperatorHarness::new(dir.path(), "fraud", KeyedProcessOperator::new(FraudDetector::default())).unwrap();
     h.set_processing_time(1_000).unwrap();
     h.process(tx(1, 0.1), 0).unwrap();
     h.process(tx(2, 0.1), 0).unwrap();
     let handle = h.snapshot().unwrap();
     // After the snapshot, account 1 is cleared; a crash loses that.
     h.process(tx(1, 5.0), 0).unwrap();
-    let mut h = h.restore(&handle, KeyedProcessOperator::new(FraudDetector::default(), 128)).unwrap();
+    let mut h = h.restore(&handle, KeyedProcessOperator::new(FraudDetector::default())).unwrap();
     h.process(tx(1, 600.0), 0).unwrap(); // the flag came back with the snapshot
     assert_eq!(h.take_output().into_iter().map(|(a, _)| a).collect::<Vec<_>>(), vec![1]);
     // Account 2's processing-time timer came back too: it fires and clears the flag.
@@ -134,14 +132,14 @@ impl KeyedProcessFunction for Delay {
 #[test]
 fn event_timers_fire_in_order_once_and_survive_restore() {
     let dir = tempfile::tempdir().unwrap();
-    let mut h = OperatorHarness::new(dir.path(), "delay", KeyedProcessOperator::new(Delay, 128)).unwrap();
+    let mut h = OperatorHarness::new(dir.path(), "delay", KeyedProcessOperator::new(Delay)).unwrap();
     h.process(Keyed { key: "a".into(), value: 30 }, 100).unwrap();
     h.process(Keyed { key: "b".into(), value: 10 }, 100).unwrap();
     h.process(Keyed { key: "c".into(), value: 50 }, 100).unwrap();
     h.watermark(115).unwrap();
     assert_eq!(h.take_output(), vec![(("b".to_string(), 110), 110)]);
     let handle = h.snapshot().unwrap();
-    let mut h = h.restore(&handle, KeyedProcessOperator::new(Delay, 128)).unwrap();
+    let mut h = h.restore(&handle, KeyedProcessOperator::new(Delay)).unwrap();
     h.watermark(i64::MAX).unwrap();
     assert_eq!(h.take_output(), vec![(("a".to_string(), 130), 130), (("c".to_string(), 150), 150)]);
     h.watermark(i64::MAX).unwrap();

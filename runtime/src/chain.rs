@@ -27,6 +27,8 @@ pub struct Env<'a> {
     pub shard: usize,
     /// Number of shards.
     pub parallelism: usize,
+    /// Number of key groups of the job.
+    pub max_parallelism: u16,
     /// Processing time now, epoch milliseconds.
     pub now: Timestamp,
     /// Side outputs emitted by operators of this chain, by tag name.
@@ -195,6 +197,7 @@ impl<O: Operator, N: Node<O::Out>> OpNode<O, N> {
             store: env.store,
             shard,
             parallelism: env.parallelism,
+            max_parallelism: env.max_parallelism,
             uid,
             processing_time: env.now,
             watermark: self.watermark,

@@ -2,5 +2,6 @@
 pub mod error;
 pub use error::{Result, RuntimeError};
 pub mod chain;
+pub mod clock;
 pub mod sink;
 pub mod source;
