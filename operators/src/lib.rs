@@ -5,12 +5,19 @@
 //! whose output collector is a generic parameter, so chained operators compile into direct
 //! calls. [`harness::OperatorHarness`] drives one operator by hand for tests, the way Flink's
 //! operator test harnesses do.
+//!
+//! Event time and windowing rest on pure, clock-free logic: [`time`] holds watermarks, the
+//! watermark generators and idleness of sources, and the valve that combines an operator's
+//! inputs into one watermark; [`window`] holds windows, assigners, triggers, allowed lateness and
+//! the merging of session windows. Neither touches state, threads or files.
 
 pub mod error;
 pub mod harness;
 pub mod operator;
 pub mod process;
 pub mod reduce;
+pub mod time;
 pub mod timers;
+pub mod window;
 
 pub use error::{OperatorError, Result};

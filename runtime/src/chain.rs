@@ -41,6 +41,8 @@ pub trait Node<T>: 'static {
     fn record(&mut self, env: &mut Env<'_>, value: T, timestamp: Timestamp) -> Result<()>;
     /// Event time advanced to `watermark`.
     fn watermark(&mut self, env: &mut Env<'_>, watermark: Timestamp) -> Result<()>;
+    /// The input became idle (true: leave it out of event time downstream) or active again.
+    fn idle(&mut self, env: &mut Env<'_>, idle: bool) -> Result<()>;
     /// Processing time advanced to `env.now`.
     fn tick(&mut self, env: &mut Env<'_>) -> Result<()>;
     /// The input ended (after the final watermark): flush.
@@ -86,6 +88,9 @@ where
     fn watermark(&mut self, env: &mut Env<'_>, wm: Timestamp) -> Result<()> {
         self.next.watermark(env, wm)
     }
+    fn idle(&mut self, env: &mut Env<'_>, idle: bool) -> Result<()> {
+        self.next.idle(env, idle)
+    }
     fn tick(&mut self, env: &mut Env<'_>) -> Result<()> {
         self.next.tick(env)
     }
@@ -115,6 +120,9 @@ where
     }
     fn watermark(&mut self, env: &mut Env<'_>, wm: Timestamp) -> Result<()> {
         self.next.watermark(env, wm)
+    }
+    fn idle(&mut self, env: &mut Env<'_>, idle: bool) -> Result<()> {
+        self.next.idle(env, idle)
     }
     fn tick(&mut self, env: &mut Env<'_>) -> Result<()> {
         self.next.tick(env)
@@ -150,6 +158,9 @@ where
     }
     fn watermark(&mut self, env: &mut Env<'_>, wm: Timestamp) -> Result<()> {
         self.next.watermark(env, wm)
+    }
+    fn idle(&mut self, env: &mut Env<'_>, idle: bool) -> Result<()> {
+        self.next.idle(env, idle)
     }
     fn tick(&mut self, env: &mut Env<'_>) -> Result<()> {
         self.next.tick(env)
@@ -237,6 +248,9 @@ impl<O: Operator, N: Node<O::Out>> Node<O::In> for OpNode<O, N> {
         self.watermark = wm;
         self.call(env, |op, ctx, out| op.on_watermark(wm, ctx, out))?;
         self.next.watermark(env, wm)
+    }
+    fn idle(&mut self, env: &mut Env<'_>, idle: bool) -> Result<()> {
+        self.next.idle(env, idle)
     }
     fn tick(&mut self, env: &mut Env<'_>) -> Result<()> {
         self.call(env, |op, ctx, out| op.on_processing_time(ctx, out))?;

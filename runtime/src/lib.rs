@@ -3,5 +3,8 @@ pub mod error;
 pub use error::{Result, RuntimeError};
 pub mod chain;
 pub mod clock;
+pub mod job;
+pub mod runner;
 pub mod sink;
 pub mod source;
+pub mod stage;

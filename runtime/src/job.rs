@@ -1,0 +1,391 @@
+//! The job API: what a service writes. In the spirit of Flink's DataStream API:
+//!
+//! ```no_run
+//! use weir::job::{Job, JobConfig};
+//! use weir::sink::CollectSink;
+//! use weir::source::VecSource;
+//!
+//! let job = Job::new("word-count");
+//! let counts = CollectSink::new();
+//! job.source("lines", VecSource::new(vec!["a b".to_string(), "b c".to_string()]))
+//!     .flat_map("split", |line: String| line.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+//!     .key_by("by-word", |word: &String| word.clone())
+//!     .reduce("count", |word: &String| (word.clone(), 0u64), |(w, n): (String, u64), _word: String| (w, n + 1))
+//!     .sink("out", counts.clone());
+//! job.run(JobConfig::default()).unwrap().wait().unwrap();
+//! ```
+//!
+//! A [`Stream`] carries its chain as a type ([`crate::chain::ChainSpec`]): `map`, `filter` and
+//! `flat_map` extend the chain; `key_by`, `rebalance`, `broadcast` and sinks end it, closing a
+//! *stage* (a chain between two exchanges). Each stage runs as one task on every shard.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::marker::PhantomData;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use weir_operators::operator::{Keyed, Operator};
+use weir_operators::process::{KeyedProcessFunction, KeyedProcessOperator};
+use weir_operators::time::{RecordTimestamp, TimestampAssigner, WatermarkGenerator, WatermarkStrategy};
+use weir_state::keygroup::KeyEncode;
+use weir_state::states::StateValue;
+
+use crate::chain::{ChainSpec, FilterSpec, FlatMapSpec, Identity, MapSpec, OperatorSpec};
+use crate::clock::{Clock, SystemClock};
+use crate::error::{Result, RuntimeError};
+use crate::sink::Sink;
+use crate::source::Source;
+use crate::stage::{
+    ConnectionId, ExchangeInput, Partitioner, Route, RouteSpec, SinkSpec, SourceInput, StageFactory, StageInput,
+    StageSpec, TerminalSpec,
+};
+use weir_operators::reduce::ReduceOperator;
+
+/// How a job runs.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    /// Number of shards (executors). Default: the cores available.
+    pub parallelism: usize,
+    /// Number of key groups; fixed for the life of a job's state. Default 4096.
+    pub max_parallelism: u16,
+    /// Where shards keep their state stores (a fresh subdirectory per run).
+    pub data_dir: PathBuf,
+    /// Records per exchange batch.
+    pub batch_len: usize,
+    /// Batches a channel holds before the sender waits (backpressure).
+    pub channel_capacity: usize,
+    /// Records a source reads per step.
+    pub source_batch: usize,
+    /// Interval of periodic watermark emission and processing-time ticks, milliseconds.
+    pub tick_interval_ms: i64,
+    /// Size of state segment files.
+    pub segment_bytes: u32,
+    /// Keep the state directories after the job ends (they are removed by default).
+    pub keep_state: bool,
+    /// The processing-time clock.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        JobConfig {
+            parallelism: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            max_parallelism: weir_state::keygroup::DEFAULT_MAX_PARALLELISM,
+            data_dir: PathBuf::from("weir-data"),
+            batch_len: 256,
+            channel_capacity: 16,
+            source_batch: 512,
+            tick_interval_ms: 50,
+            segment_bytes: 64 << 20,
+            keep_state: false,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+impl JobConfig {
+    /// This configuration with `parallelism` shards.
+    pub fn with_parallelism(mut self, parallelism: usize) -> Self {
+        self.parallelism = parallelism.max(1);
+        self
+    }
+}
+
+/// The job graph while it is being built.
+#[derive(Default)]
+pub(crate) struct Graph {
+    pub(crate) stages: Vec<Arc<dyn StageFactory>>,
+    pub(crate) connections: Vec<(ConnectionId, crate::runner::MeshMaker, bool)>,
+    uids: HashSet<&'static str>,
+    errors: Vec<String>,
+}
+
+impl Graph {
+    fn claim_uid(&mut self, uid: &'static str) {
+        if !self.uids.insert(uid) {
+            self.errors.push(format!("uid {uid:?} is used twice"));
+        }
+    }
+
+    /// A new connection carrying `T`; `forward` when every shard only sends to itself.
+    fn connection<T: Send + 'static>(&mut self, forward: bool) -> ConnectionId {
+        let id = ConnectionId(self.connections.len());
+        self.connections.push((id, crate::runner::mesh_maker::<T>(), forward));
+        id
+    }
+}
+
+/// A job under construction. Cheap to clone (a handle on one graph).
+#[derive(Clone)]
+pub struct Job {
+    name: String,
+    graph: Rc<RefCell<Graph>>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").field("name", &self.name).finish()
+    }
+}
+
+impl Job {
+    /// An empty job.
+    pub fn new(name: &str) -> Job {
+        Job { name: name.to_owned(), graph: Rc::new(RefCell::new(Graph::default())) }
+    }
+
+    /// The job's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A parallel source without event time (timestamps are `i64::MIN`; only the end of input
+    /// advances event time). Use [`Job::source_with_watermarks`] for event time.
+    pub fn source<S: Source>(&self, uid: &'static str, source: S) -> Stream<S::Out, Identity>
+    where
+        S::Out: 'static,
+    {
+        self.source_with_watermarks(uid, source, WatermarkStrategy::new(NoWatermarks))
+    }
+
+    /// A parallel source with a watermark strategy (timestamps, watermarks, idleness).
+    pub fn source_with_watermarks<S, G, A>(
+        &self,
+        uid: &'static str,
+        source: S,
+        strategy: WatermarkStrategy<G, A>,
+    ) -> Stream<S::Out, Identity>
+    where
+        S: Source,
+        G: WatermarkGenerator<S::Out> + Clone + Send + Sync + 'static,
+        A: TimestampAssigner<S::Out> + Clone + Send + Sync + 'static,
+    {
+        self.graph.borrow_mut().claim_uid(uid);
+        let input: Box<dyn StageInput<S::Out>> = Box::new(SourceInput::new(uid, source, strategy));
+        Stream { job: self.clone(), input: Some(input), chain: Identity, _t: PhantomData }
+    }
+
+    /// Starts the job on its shards and returns at once.
+    pub fn run(&self, config: JobConfig) -> Result<crate::runner::JobHandle> {
+        let graph = self.graph.borrow();
+        if let Some(e) = graph.errors.first() {
+            return Err(RuntimeError::InvalidJob(e.clone()));
+        }
+        if graph.stages.is_empty() {
+            return Err(RuntimeError::InvalidJob("the job has no sink".into()));
+        }
+        let connections = graph.connections.iter().map(|(id, _, forward)| (*id, *forward)).collect();
+        crate::runner::start(&self.name, graph.stages.clone(), connections, &graph.connections, config)
+    }
+
+    fn add_stage(&self, stage: Arc<dyn StageFactory>) {
+        self.graph.borrow_mut().stages.push(stage);
+    }
+}
+
+/// A watermark generator that never emits: records keep the timestamp their source gives
+/// (none), and event time only ends with the input.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoWatermarks;
+
+impl<T> WatermarkGenerator<T> for NoWatermarks {
+    fn on_event(&mut self, _: &T, _: i64, _: &mut weir_operators::time::WatermarkOutput) {}
+    fn on_periodic_emit(&mut self, _: i64, _: &mut weir_operators::time::WatermarkOutput) {}
+}
+
+/// Marker to keep [`RecordTimestamp`] in the public vocabulary of sources without event time.
+pub type NoTimestamps = RecordTimestamp;
+
+/// A stream of `C::Out` whose stage started with elements of type `In`.
+pub struct Stream<In: 'static, C> {
+    job: Job,
+    input: Option<Box<dyn StageInput<In>>>,
+    chain: C,
+    _t: PhantomData<fn(In)>,
+}
+
+impl<In: 'static, C: ChainSpec<In>> Stream<In, C> {
+    fn with<D>(mut self, chain: impl FnOnce(C) -> D) -> Stream<In, D> {
+        Stream { job: self.job.clone(), input: self.input.take(), chain: chain(self.chain), _t: PhantomData }
+    }
+
+    fn claim(&self, uid: &'static str) {
+        self.job.graph.borrow_mut().claim_uid(uid);
+    }
+
+    /// One output per record.
+    pub fn map<U, F>(self, uid: &'static str, f: F) -> Stream<In, MapSpec<C, F>>
+    where
+        F: Fn(C::Out) -> U + Clone + Send + Sync + 'static,
+        U: 'static,
+    {
+        self.claim(uid);
+        self.with(|chain| MapSpec { chain, uid, f })
+    }
+
+    /// Keeps the records for which `f` holds.
+    pub fn filter<F>(self, uid: &'static str, f: F) -> Stream<In, FilterSpec<C, F>>
+    where
+        F: Fn(&C::Out) -> bool + Clone + Send + Sync + 'static,
+    {
+        self.claim(uid);
+        self.with(|chain| FilterSpec { chain, uid, f })
+    }
+
+    /// Any number of outputs per record.
+    pub fn flat_map<I, F>(self, uid: &'static str, f: F) -> Stream<In, FlatMapSpec<C, F>>
+    where
+        F: Fn(C::Out) -> I + Clone + Send + Sync + 'static,
+        I: IntoIterator + 'static,
+        I::Item: 'static,
+    {
+        self.claim(uid);
+        self.with(|chain| FlatMapSpec { chain, uid, f })
+    }
+
+    /// A custom single-input operator, one instance per shard made by `factory`.
+    pub fn operator<O, F>(self, uid: &'static str, factory: F) -> Stream<In, OperatorSpec<C, F>>
+    where
+        F: Fn() -> O + Send + Sync + 'static,
+        O: Operator<In = C::Out>,
+    {
+        self.claim(uid);
+        self.with(|chain| OperatorSpec { chain, uid, factory: Arc::new(factory) })
+    }
+
+    fn close<Term: TerminalSpec<C::Out>>(mut self, terminal: Term, output: Option<ConnectionId>, forward: bool) -> Job {
+        let Some(input) = self.input.take() else {
+            self.job.graph.borrow_mut().errors.push("a stream was closed twice".into());
+            return self.job;
+        };
+        let stage: Arc<dyn StageFactory> =
+            Arc::new(StageSpec::new(input, self.chain.clone(), terminal, output, forward));
+        self.job.add_stage(stage);
+        self.job
+    }
+
+    /// Partitions the stream by key: each record goes to the shard that owns its key's key
+    /// group, together with its key.
+    pub fn key_by<K, F>(self, uid: &'static str, key: F) -> KeyedStream<K, C::Out>
+    where
+        K: KeyEncode + Clone + Send + 'static,
+        C::Out: Send,
+        F: Fn(&C::Out) -> K + Clone + Send + Sync + 'static,
+    {
+        self.claim(uid);
+        let conn = self.job.graph.borrow_mut().connection::<Keyed<K, C::Out>>(false);
+        let job = self.close(Partitioner::by_key(uid, key), Some(conn), false);
+        KeyedStream { job, conns: vec![conn], _t: PhantomData }
+    }
+
+    /// Redistributes records round-robin over all shards.
+    pub fn rebalance(self, uid: &'static str) -> Stream<C::Out, Identity>
+    where
+        C::Out: Send + Clone,
+    {
+        self.claim(uid);
+        let conn = self.job.graph.borrow_mut().connection::<C::Out>(false);
+        let job = self.close(RouteSpec::new(Route::RoundRobin), Some(conn), false);
+        let input: Box<dyn StageInput<C::Out>> = Box::new(ExchangeInput::new(uid, vec![conn]));
+        Stream { job, input: Some(input), chain: Identity, _t: PhantomData }
+    }
+
+    /// Sends every record to every shard.
+    pub fn broadcast(self, uid: &'static str) -> Stream<C::Out, Identity>
+    where
+        C::Out: Send + Clone,
+    {
+        self.claim(uid);
+        let conn = self.job.graph.borrow_mut().connection::<C::Out>(false);
+        let job = self.close(RouteSpec::new(Route::Broadcast), Some(conn), false);
+        let input: Box<dyn StageInput<C::Out>> = Box::new(ExchangeInput::new(uid, vec![conn]));
+        Stream { job, input: Some(input), chain: Identity, _t: PhantomData }
+    }
+
+    /// Merges this stream with `other` (same type): the result reads both, on each shard, and
+    /// its watermark is the minimum of both.
+    pub fn union<C2: ChainSpec<In2, Out = C::Out>, In2: 'static>(
+        self,
+        uid: &'static str,
+        other: Stream<In2, C2>,
+    ) -> Stream<C::Out, Identity>
+    where
+        C::Out: Send + Clone,
+    {
+        self.claim(uid);
+        let (a, b) = {
+            let mut graph = self.job.graph.borrow_mut();
+            (graph.connection::<C::Out>(true), graph.connection::<C::Out>(true))
+        };
+        let job = self.close(RouteSpec::new(Route::Forward), Some(a), true);
+        other.close(RouteSpec::new(Route::Forward), Some(b), true);
+        let input: Box<dyn StageInput<C::Out>> = Box::new(ExchangeInput::new(uid, vec![a, b]));
+        Stream { job, input: Some(input), chain: Identity, _t: PhantomData }
+    }
+
+    /// Ends the stream in `sink`.
+    pub fn sink<S: Sink<In = C::Out>>(self, uid: &'static str, sink: S) -> Job {
+        self.claim(uid);
+        self.close(SinkSpec::new(uid, sink), None, false)
+    }
+}
+
+/// The stream after a keyed operator: its stage reads [`Keyed`] records, `F` makes the operator.
+pub type KeyedOperatorStream<K, T, F> = Stream<Keyed<K, T>, OperatorSpec<Identity, F>>;
+
+/// A stream partitioned by key: what keyed state, timers and windows work on.
+pub struct KeyedStream<K, T> {
+    job: Job,
+    conns: Vec<ConnectionId>,
+    _t: PhantomData<fn(K, T)>,
+}
+
+impl<K, T> KeyedStream<K, T>
+where
+    K: KeyEncode + Clone + Send + 'static,
+    T: Send + 'static,
+{
+    fn input(&self, uid: &'static str) -> Stream<Keyed<K, T>, Identity> {
+        let input: Box<dyn StageInput<Keyed<K, T>>> = Box::new(ExchangeInput::new(uid, self.conns.clone()));
+        Stream { job: self.job.clone(), input: Some(input), chain: Identity, _t: PhantomData }
+    }
+
+    /// Runs a keyed process function (state and timers per key); `factory` makes one per shard.
+    pub fn process<F, P>(
+        self,
+        uid: &'static str,
+        factory: F,
+    ) -> KeyedOperatorStream<K, T, impl Fn() -> KeyedProcessOperator<P> + Send + Sync + 'static>
+    where
+        F: Fn() -> P + Send + Sync + 'static,
+        P: KeyedProcessFunction<Key = K, In = T>,
+        K: StateValue,
+    {
+        self.input(uid).operator(uid, move || KeyedProcessOperator::new(factory()))
+    }
+
+    /// A rolling reduce per key: the accumulator starts at `init(key)` and every record folds
+    /// into it; each update is emitted (Flink's `reduce`/`sum` on a keyed stream).
+    pub fn reduce<A, I, R>(
+        self,
+        uid: &'static str,
+        init: I,
+        fold: R,
+    ) -> KeyedOperatorStream<K, T, impl Fn() -> ReduceOperator<K, T, A, I, R> + Send + Sync + 'static>
+    where
+        K: StateValue,
+        A: StateValue + Clone,
+        I: Fn(&K) -> A + Clone + Send + Sync + 'static,
+        R: Fn(A, T) -> A + Clone + Send + Sync + 'static,
+    {
+        self.input(uid).operator(uid, move || ReduceOperator::new(init.clone(), fold.clone()))
+    }
+
+    /// The keyed stream's records as a plain stream of [`Keyed`] (key and value).
+    pub fn into_stream(self, uid: &'static str) -> Stream<Keyed<K, T>, Identity> {
+        self.job.graph.borrow_mut().claim_uid(uid);
+        self.input(uid)
+    }
+}

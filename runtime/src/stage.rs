@@ -1,0 +1,747 @@
+//! Stages: a chain between two exchanges, run as one task on every shard.
+//!
+//! A stage has an *input pump* (a source reader, or the receiving end of one or more
+//! exchange connections), a chain (statically composed, see [`crate::chain`]) and a
+//! *terminal* (an exchange sender or a sink). The loop takes a batch of elements from the pump,
+//! pushes them down the chain synchronously with the shard's state store borrowed, and then
+//! awaits the terminal's sends (where backpressure applies). Type erasure happens once per
+//! stage and once per batch, never per record.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::rc::Rc;
+
+use weir_operators::operator::{END_OF_TIME, Keyed, Timestamp};
+use weir_operators::time::{
+    TimestampAssigner, Watermark, WatermarkEvent, WatermarkGenerator, WatermarkOutput, WatermarkStatus,
+    WatermarkStrategy, WatermarkValve,
+};
+use weir_state::keygroup::{KeyEncode, KeyGroupRange, key_group_of_encoded};
+
+use crate::chain::{ChainSpec, Env, Node};
+use crate::error::{Result, RuntimeError};
+use crate::runner::ShardRuntime;
+use crate::sink::{Sink, SinkWriter};
+use crate::source::{ReadStatus, Source, SourceReader};
+
+/// A boxed, shard-local future.
+pub type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// Identifies one exchange connection (one producing stage to one consuming stage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnectionId(pub usize);
+
+/// What travels between stages, and out of input pumps.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Element<T> {
+    /// A record with its event time.
+    Record(T, Timestamp),
+    /// Event time advanced.
+    Watermark(Timestamp),
+    /// The stream became idle (true) or active again (false).
+    Idle(bool),
+    /// The stream ended.
+    End,
+}
+
+/// Produces a stage's input elements on one shard, a batch at a time.
+pub trait InputPump<T> {
+    /// Appends the next elements to `out` (at least one, unless the input is waiting).
+    fn next<'a>(&'a mut self, out: &'a mut Vec<Element<T>>, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<()>>;
+}
+
+/// Makes a stage's input pump on each shard.
+pub trait StageInput<T>: Send + Sync + 'static {
+    /// The uid of the source, or of the step that created the exchange.
+    fn uid(&self) -> &'static str;
+    /// The connections the input reads (empty for sources).
+    fn connections(&self) -> Vec<ConnectionId>;
+    /// This shard's pump.
+    fn pump(&self, rt: &ShardRuntime) -> Result<Box<dyn InputPump<T>>>;
+}
+
+// ---------------------------------------------------------------------------------------
+// Source input
+// ---------------------------------------------------------------------------------------
+
+/// A source with its watermark strategy.
+pub struct SourceInput<S, G, A> {
+    uid: &'static str,
+    source: S,
+    strategy: WatermarkStrategy<G, A>,
+}
+
+impl<S, G, A> SourceInput<S, G, A> {
+    /// Wraps `source`.
+    pub fn new(uid: &'static str, source: S, strategy: WatermarkStrategy<G, A>) -> Self {
+        SourceInput { uid, source, strategy }
+    }
+}
+
+struct SourcePump<R: SourceReader, G, A> {
+    uid: &'static str,
+    reader: R,
+    generator: weir_operators::time::WithIdleness<G>,
+    assigner: A,
+    output: WatermarkOutput,
+    buf: Vec<R::Out>,
+    dead: Vec<crate::source::DeadLetter>,
+    last_emit_ms: i64,
+    ended: bool,
+}
+
+impl<S, G, A> StageInput<S::Out> for SourceInput<S, G, A>
+where
+    S: Source,
+    G: WatermarkGenerator<S::Out> + Clone + Send + Sync + 'static,
+    A: TimestampAssigner<S::Out> + Clone + Send + Sync + 'static,
+{
+    fn uid(&self) -> &'static str {
+        self.uid
+    }
+    fn connections(&self) -> Vec<ConnectionId> {
+        Vec::new()
+    }
+    fn pump(&self, rt: &ShardRuntime) -> Result<Box<dyn InputPump<S::Out>>> {
+        let reader = self.source.reader(rt.shard, rt.parallelism)?;
+        Ok(Box::new(SourcePump {
+            uid: self.uid,
+            reader,
+            generator: self.strategy.create_generator(),
+            assigner: self.strategy.create_timestamp_assigner(),
+            output: WatermarkOutput::new(),
+            buf: Vec::new(),
+            dead: Vec::new(),
+            last_emit_ms: i64::MIN,
+            ended: false,
+        }))
+    }
+}
+
+fn push_watermark_events<T>(output: &mut WatermarkOutput, out: &mut Vec<Element<T>>) {
+    for event in output.take_update().events() {
+        match event {
+            WatermarkEvent::Watermark(Watermark(w)) => out.push(Element::Watermark(w)),
+            WatermarkEvent::Status(status) => out.push(Element::Idle(status == WatermarkStatus::Idle)),
+        }
+    }
+}
+
+impl<R, G, A> InputPump<R::Out> for SourcePump<R, G, A>
+where
+    R: SourceReader,
+    G: WatermarkGenerator<R::Out> + 'static,
+    A: TimestampAssigner<R::Out> + 'static,
+{
+    fn next<'a>(&'a mut self, out: &'a mut Vec<Element<R::Out>>, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if self.ended {
+                out.push(Element::End);
+                return Ok(());
+            }
+            if rt.cancelled() {
+                self.ended = true;
+                out.push(Element::End);
+                return Ok(());
+            }
+            self.buf.clear();
+            let status =
+                self.reader.read(&mut self.buf, &mut self.dead, rt.config.source_batch).map_err(|e| match e {
+                    RuntimeError::Source { reason, .. } => {
+                        RuntimeError::Source { source_name: self.uid.to_owned(), reason }
+                    }
+                    other => other,
+                })?;
+            if !self.dead.is_empty() {
+                rt.dead_letters(self.uid, &mut self.dead);
+            }
+            for value in self.buf.drain(..) {
+                let ts = self.assigner.timestamp(&value, None);
+                self.generator.on_event(&value, ts, &mut self.output);
+                out.push(Element::Record(value, ts));
+            }
+            let now = rt.now();
+            if status != ReadStatus::More || now.saturating_sub(self.last_emit_ms) >= rt.config.tick_interval_ms {
+                self.generator.on_periodic_emit(now, &mut self.output);
+                self.last_emit_ms = now;
+            }
+            push_watermark_events(&mut self.output, out);
+            match status {
+                ReadStatus::End => {
+                    self.ended = true;
+                    out.push(Element::End);
+                }
+                ReadStatus::Idle => rt.idle_wait().await,
+                ReadStatus::More => rt.yield_now().await,
+            }
+            Ok(())
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Exchange input
+// ---------------------------------------------------------------------------------------
+
+/// The receiving end of one or more connections (several for `union`).
+pub struct ExchangeInput<T> {
+    uid: &'static str,
+    conns: Vec<ConnectionId>,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T> ExchangeInput<T> {
+    /// Reads `conns`.
+    pub fn new(uid: &'static str, conns: Vec<ConnectionId>) -> Self {
+        ExchangeInput { uid, conns, _t: PhantomData }
+    }
+}
+
+/// One shard's receiving side of its connections: which input a batch came from, and the batch.
+pub trait ExchangeRx<T> {
+    /// Number of inputs (connections x producing shards).
+    fn inputs(&self) -> usize;
+    /// The next batch from any input, or `None` when every input has closed.
+    fn recv<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, Option<(usize, Vec<Element<T>>)>>;
+}
+
+struct ExchangePump<T> {
+    rx: Box<dyn ExchangeRx<T>>,
+    valve: WatermarkValve,
+    idle: bool,
+    ended: bool,
+}
+
+impl<T: Send + 'static> StageInput<T> for ExchangeInput<T> {
+    fn uid(&self) -> &'static str {
+        self.uid
+    }
+    fn connections(&self) -> Vec<ConnectionId> {
+        self.conns.clone()
+    }
+    fn pump(&self, rt: &ShardRuntime) -> Result<Box<dyn InputPump<T>>> {
+        let rx = rt.receiver::<T>(&self.conns)?;
+        let valve = WatermarkValve::new(rx.inputs());
+        Ok(Box::new(ExchangePump { rx, valve, idle: false, ended: false }))
+    }
+}
+
+impl<T: 'static> ExchangePump<T> {
+    fn apply(&mut self, update: weir_operators::time::WatermarkUpdate, out: &mut Vec<Element<T>>) {
+        for event in update.events() {
+            match event {
+                WatermarkEvent::Watermark(Watermark(w)) => out.push(Element::Watermark(w)),
+                WatermarkEvent::Status(status) => {
+                    let idle = status == WatermarkStatus::Idle;
+                    if idle != self.idle {
+                        self.idle = idle;
+                        out.push(Element::Idle(idle));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<T: 'static> InputPump<T> for ExchangePump<T> {
+    fn next<'a>(&'a mut self, out: &'a mut Vec<Element<T>>, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if self.ended {
+                out.push(Element::End);
+                return Ok(());
+            }
+            let Some((input, batch)) = self.rx.recv(rt).await else {
+                if !self.valve.is_ended() {
+                    return Err(RuntimeError::Shard {
+                        shard: rt.shard,
+                        reason: "an upstream shard went away before its stream ended".into(),
+                    });
+                }
+                self.ended = true;
+                out.push(Element::End);
+                return Ok(());
+            };
+            for element in batch {
+                match element {
+                    Element::Record(v, ts) => out.push(Element::Record(v, ts)),
+                    Element::Watermark(w) => {
+                        let update = self.valve.on_watermark(input, Watermark(w));
+                        self.apply(update, out);
+                    }
+                    Element::Idle(true) => {
+                        let update = self.valve.on_idle(input);
+                        self.apply(update, out);
+                    }
+                    Element::Idle(false) => {
+                        let update = self.valve.on_active(input);
+                        self.apply(update, out);
+                    }
+                    Element::End => {
+                        let update = self.valve.on_end_of_input(input);
+                        self.apply(update, out);
+                        if self.valve.is_ended() {
+                            self.ended = true;
+                            out.push(Element::End);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Terminals
+// ---------------------------------------------------------------------------------------
+
+/// One shard's sending side of a connection: batches per target shard.
+pub trait ExchangeTx<T> {
+    /// Queues `element` for `target` (never waits).
+    fn push(&mut self, target: usize, element: Element<T>);
+    /// Sends full batches, waiting while channels are full (backpressure).
+    fn send_full<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<()>>;
+    /// Sends every queued element (before the shard would idle, and at the end).
+    fn flush<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<()>>;
+}
+
+/// How an exchange terminal routes records.
+pub enum Partitioner<T, K, F> {
+    /// By the key group of `key(record)`; records travel as [`Keyed`].
+    ByKey {
+        /// The key_by step's uid.
+        uid: &'static str,
+        /// The key selector.
+        key: F,
+        /// Types.
+        _t: PhantomData<fn(T) -> K>,
+    },
+}
+
+impl<T, K, F> Partitioner<T, K, F> {
+    /// Routes by `key`.
+    pub fn by_key(uid: &'static str, key: F) -> Self {
+        Partitioner::ByKey { uid, key, _t: PhantomData }
+    }
+}
+
+/// Routing of a non-keyed exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Round-robin over all shards.
+    RoundRobin,
+    /// Every record to every shard.
+    Broadcast,
+    /// Each shard to itself (union).
+    Forward,
+}
+
+/// What ends a stage: describes the last node of the chain.
+pub trait TerminalSpec<T>: Send + Sync + 'static {
+    /// The node type.
+    type Node: Node<T>;
+    /// What crosses the connection (for sinks: what they consume).
+    type Out: 'static;
+    /// This shard's node, and the sender it queues into (for exchanges), over connection `conn`.
+    fn build(&self, rt: &ShardRuntime, conn: Option<ConnectionId>) -> Result<BuiltTerminal<Self::Node, Self::Out>>;
+}
+
+/// A terminal's node and, for exchanges, the sender it queues into.
+pub type BuiltTerminal<N, T> = (N, Option<SharedTx<T>>);
+
+/// A sender shared by a terminal node (which queues) and the stage loop (which sends).
+pub type SharedTx<T> = Rc<RefCell<Box<dyn ExchangeTx<T>>>>;
+
+fn sender_for<T: Send + 'static>(rt: &ShardRuntime, conn: Option<ConnectionId>) -> Result<SharedTx<T>> {
+    let conn = conn.ok_or_else(|| RuntimeError::InvalidJob("an exchange terminal without a connection".into()))?;
+    Ok(Rc::new(RefCell::new(rt.sender::<T>(conn)?)))
+}
+
+fn broadcast<T: Clone>(tx: &SharedTx<T>, parallelism: usize, element: Element<T>) {
+    let mut tx = tx.borrow_mut();
+    for target in 0..parallelism {
+        tx.push(target, element.clone());
+    }
+}
+
+fn control<T>(element: &Element<T>) -> Option<Element<()>> {
+    match element {
+        Element::Record(..) => None,
+        Element::Watermark(w) => Some(Element::Watermark(*w)),
+        Element::Idle(b) => Some(Element::Idle(*b)),
+        Element::End => Some(Element::End),
+    }
+}
+
+fn to_typed<T>(control: &Element<()>) -> Element<T> {
+    match control {
+        Element::Watermark(w) => Element::Watermark(*w),
+        Element::Idle(b) => Element::Idle(*b),
+        _ => Element::End,
+    }
+}
+
+/// The last node of a `key_by` stage.
+pub struct KeyByNode<T, K, F> {
+    key: F,
+    uid: &'static str,
+    max_parallelism: u16,
+    parallelism: usize,
+    buf: Vec<u8>,
+    tx: SharedTx<Keyed<K, T>>,
+}
+
+impl<T, K, F> KeyByNode<T, K, F> {
+    fn send_control(&mut self, element: Element<()>) {
+        let mut tx = self.tx.borrow_mut();
+        for target in 0..self.parallelism {
+            tx.push(target, to_typed(&element));
+        }
+    }
+}
+
+impl<T: 'static, K: KeyEncode + 'static, F: Fn(&T) -> K + 'static> Node<T> for KeyByNode<T, K, F> {
+    #[inline]
+    fn record(&mut self, env: &mut Env<'_>, value: T, ts: Timestamp) -> Result<()> {
+        let key = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.key)(&value))).map_err(|p| {
+            RuntimeError::Panic {
+                operator: self.uid.to_owned(),
+                shard: env.shard,
+                message: crate::chain::panic_message(p.as_ref()),
+            }
+        })?;
+        self.buf.clear();
+        key.encode_key(&mut self.buf);
+        let group = key_group_of_encoded(&self.buf, self.max_parallelism);
+        let target = KeyGroupRange::shard_for(group, self.parallelism, self.max_parallelism);
+        self.tx.borrow_mut().push(target, Element::Record(Keyed { key, value }, ts));
+        Ok(())
+    }
+    fn watermark(&mut self, _: &mut Env<'_>, wm: Timestamp) -> Result<()> {
+        self.send_control(Element::Watermark(wm));
+        Ok(())
+    }
+    fn idle(&mut self, _: &mut Env<'_>, idle: bool) -> Result<()> {
+        self.send_control(Element::Idle(idle));
+        Ok(())
+    }
+    fn tick(&mut self, _: &mut Env<'_>) -> Result<()> {
+        Ok(())
+    }
+    fn end(&mut self, _: &mut Env<'_>) -> Result<()> {
+        self.send_control(Element::End);
+        Ok(())
+    }
+}
+
+impl<T, K, F> TerminalSpec<T> for Partitioner<T, K, F>
+where
+    T: Send + 'static,
+    K: KeyEncode + Send + 'static,
+    F: Fn(&T) -> K + Clone + Send + Sync + 'static,
+{
+    type Node = KeyByNode<T, K, F>;
+    type Out = Keyed<K, T>;
+    fn build(&self, rt: &ShardRuntime, conn: Option<ConnectionId>) -> Result<BuiltTerminal<Self::Node, Keyed<K, T>>> {
+        let Partitioner::ByKey { uid, key, .. } = self;
+        let tx = sender_for::<Keyed<K, T>>(rt, conn)?;
+        let node = KeyByNode {
+            key: key.clone(),
+            uid,
+            max_parallelism: rt.config.max_parallelism,
+            parallelism: rt.parallelism,
+            buf: Vec::new(),
+            tx: Rc::clone(&tx),
+        };
+        Ok((node, Some(tx)))
+    }
+}
+
+/// The last node of a round-robin, broadcast or forward stage.
+pub struct RouteNode<T> {
+    route: Route,
+    next: usize,
+    shard: usize,
+    parallelism: usize,
+    tx: SharedTx<T>,
+}
+
+impl<T: Clone + 'static> Node<T> for RouteNode<T> {
+    #[inline]
+    fn record(&mut self, _: &mut Env<'_>, value: T, ts: Timestamp) -> Result<()> {
+        match self.route {
+            Route::RoundRobin => {
+                self.next = (self.next + 1) % self.parallelism;
+                self.tx.borrow_mut().push(self.next, Element::Record(value, ts));
+            }
+            Route::Forward => self.tx.borrow_mut().push(self.shard, Element::Record(value, ts)),
+            Route::Broadcast => broadcast(&self.tx, self.parallelism, Element::Record(value, ts)),
+        }
+        Ok(())
+    }
+    fn watermark(&mut self, _: &mut Env<'_>, wm: Timestamp) -> Result<()> {
+        self.control(Element::Watermark(wm));
+        Ok(())
+    }
+    fn idle(&mut self, _: &mut Env<'_>, idle: bool) -> Result<()> {
+        self.control(Element::Idle(idle));
+        Ok(())
+    }
+    fn tick(&mut self, _: &mut Env<'_>) -> Result<()> {
+        Ok(())
+    }
+    fn end(&mut self, _: &mut Env<'_>) -> Result<()> {
+        self.control(Element::End);
+        Ok(())
+    }
+}
+
+impl<T: 'static> RouteNode<T> {
+    /// Control elements go to every target that may receive records from this shard.
+    fn control(&mut self, element: Element<T>) {
+        let Some(c) = control(&element) else { return };
+        let mut tx = self.tx.borrow_mut();
+        match self.route {
+            Route::Forward => tx.push(self.shard, to_typed(&c)),
+            _ => {
+                for target in 0..self.parallelism {
+                    tx.push(target, to_typed(&c));
+                }
+            }
+        }
+    }
+}
+
+/// A non-keyed exchange terminal.
+pub struct RouteSpec<T> {
+    route: Route,
+    _t: PhantomData<fn(T)>,
+}
+
+impl<T> RouteSpec<T> {
+    /// Routes by `route`.
+    pub fn new(route: Route) -> Self {
+        RouteSpec { route, _t: PhantomData }
+    }
+}
+
+impl<T: Clone + Send + 'static> TerminalSpec<T> for RouteSpec<T> {
+    type Node = RouteNode<T>;
+    type Out = T;
+    fn build(&self, rt: &ShardRuntime, conn: Option<ConnectionId>) -> Result<BuiltTerminal<RouteNode<T>, T>> {
+        let tx = sender_for::<T>(rt, conn)?;
+        let node = RouteNode {
+            route: self.route,
+            next: rt.shard,
+            shard: rt.shard,
+            parallelism: rt.parallelism,
+            tx: Rc::clone(&tx),
+        };
+        Ok((node, Some(tx)))
+    }
+}
+
+/// The last node of a sink stage: the shard's sink writer, called directly.
+pub struct SinkNode<W> {
+    uid: &'static str,
+    writer: W,
+}
+
+impl<W: SinkWriter> Node<W::In> for SinkNode<W> {
+    #[inline]
+    fn record(&mut self, env: &mut Env<'_>, value: W::In, ts: Timestamp) -> Result<()> {
+        let uid = self.uid;
+        let writer = &mut self.writer;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.write(value, ts))).map_err(|p| {
+            RuntimeError::Panic {
+                operator: uid.to_owned(),
+                shard: env.shard,
+                message: crate::chain::panic_message(p.as_ref()),
+            }
+        })?
+    }
+    fn watermark(&mut self, _: &mut Env<'_>, _: Timestamp) -> Result<()> {
+        Ok(())
+    }
+    fn idle(&mut self, _: &mut Env<'_>, _: bool) -> Result<()> {
+        Ok(())
+    }
+    fn tick(&mut self, _: &mut Env<'_>) -> Result<()> {
+        Ok(())
+    }
+    fn end(&mut self, _: &mut Env<'_>) -> Result<()> {
+        self.writer.flush()
+    }
+}
+
+/// A sink terminal.
+pub struct SinkSpec<S> {
+    uid: &'static str,
+    sink: S,
+}
+
+impl<S> SinkSpec<S> {
+    /// Ends a stage in `sink`.
+    pub fn new(uid: &'static str, sink: S) -> Self {
+        SinkSpec { uid, sink }
+    }
+}
+
+impl<S: Sink> TerminalSpec<S::In> for SinkSpec<S> {
+    type Node = SinkNode<S::Writer>;
+    type Out = S::In;
+    fn build(&self, rt: &ShardRuntime, _: Option<ConnectionId>) -> Result<BuiltTerminal<Self::Node, S::In>> {
+        Ok((SinkNode { uid: self.uid, writer: self.sink.writer(rt.shard, rt.parallelism)? }, None))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Stage
+// ---------------------------------------------------------------------------------------
+
+/// A stage, type-erased for the runner.
+pub trait StageFactory: Send + Sync + 'static {
+    /// A name for errors (the input's uid).
+    fn name(&self) -> &'static str;
+    /// Connections this stage reads.
+    fn inputs(&self) -> Vec<ConnectionId>;
+    /// The connection this stage writes, if it ends in an exchange.
+    fn output(&self) -> Option<ConnectionId>;
+    /// Whether the output connection only ever goes shard-to-itself.
+    fn output_is_forward(&self) -> bool;
+    /// This shard's task.
+    fn spawn(&self, rt: Rc<ShardRuntime>) -> Result<LocalFuture<'static, Result<()>>>;
+}
+
+/// A stage: input, chain, terminal.
+pub struct StageSpec<In: 'static, C, Term> {
+    input: Box<dyn StageInput<In>>,
+    chain: C,
+    terminal: Term,
+    output: Option<ConnectionId>,
+    forward: bool,
+}
+
+impl<In: 'static, C, Term> StageSpec<In, C, Term> {
+    /// Assembles a stage.
+    pub fn new(
+        input: Box<dyn StageInput<In>>,
+        chain: C,
+        terminal: Term,
+        output: Option<ConnectionId>,
+        forward: bool,
+    ) -> Self {
+        StageSpec { input, chain, terminal, output, forward }
+    }
+}
+
+impl<In, C, Term> StageFactory for StageSpec<In, C, Term>
+where
+    In: 'static,
+    C: ChainSpec<In>,
+    Term: TerminalSpec<C::Out>,
+{
+    fn name(&self) -> &'static str {
+        self.input.uid()
+    }
+    fn inputs(&self) -> Vec<ConnectionId> {
+        self.input.connections()
+    }
+    fn output(&self) -> Option<ConnectionId> {
+        self.output
+    }
+    fn output_is_forward(&self) -> bool {
+        self.forward
+    }
+    fn spawn(&self, rt: Rc<ShardRuntime>) -> Result<LocalFuture<'static, Result<()>>> {
+        let pump = self.input.pump(&rt)?;
+        let (node, tx) = self.terminal.build(&rt, self.output)?;
+        let chain = self.chain.build(node);
+        Ok(Box::pin(run_stage(pump, chain, tx, rt, self.name())))
+    }
+}
+
+async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
+    mut pump: Box<dyn InputPump<In>>,
+    mut chain: N,
+    tx: Option<SharedTx<Out>>,
+    rt: Rc<ShardRuntime>,
+    name: &'static str,
+) -> Result<()> {
+    let mut batch = Vec::with_capacity(rt.config.source_batch.max(rt.config.batch_len) + 8);
+    let mut last_tick = i64::MIN;
+    loop {
+        batch.clear();
+        pump.next(&mut batch, &rt).await?;
+        let mut done = false;
+        {
+            let mut store = rt.store.borrow_mut();
+            let now = rt.now();
+            let mut side = |tag: &'static str, record: Box<dyn std::any::Any + Send>| rt.side_output(tag, record);
+            let mut env = Env {
+                store: &mut store,
+                shard: rt.shard,
+                parallelism: rt.parallelism,
+                max_parallelism: rt.config.max_parallelism,
+                now,
+                side: &mut side,
+            };
+            for element in batch.drain(..) {
+                match element {
+                    Element::Record(v, ts) => chain.record(&mut env, v, ts)?,
+                    Element::Watermark(w) => chain.watermark(&mut env, w)?,
+                    Element::Idle(idle) => chain.idle(&mut env, idle)?,
+                    Element::End => {
+                        chain.watermark(&mut env, END_OF_TIME)?;
+                        chain.tick(&mut env)?;
+                        chain.end(&mut env)?;
+                        done = true;
+                        break;
+                    }
+                }
+            }
+            if !done && now.saturating_sub(last_tick) >= rt.config.tick_interval_ms {
+                last_tick = now;
+                chain.tick(&mut env)?;
+            }
+        }
+        rt.count_batch(name);
+        if let Some(tx) = &tx {
+            // The terminal node only queues; sends (and backpressure) happen here, between
+            // batches, so no borrow of the store or the chain is held across an await.
+            let mut sender = take_sender(tx);
+            let sent = if done { sender.flush(&rt).await } else { sender.send_full(&rt).await };
+            restore_sender(tx, sender);
+            sent?;
+        }
+        if done {
+            return Ok(());
+        }
+    }
+}
+
+/// Moves the sender out of its cell for the duration of an await.
+fn take_sender<T: 'static>(tx: &SharedTx<T>) -> Box<dyn ExchangeTx<T>> {
+    std::mem::replace(&mut *tx.borrow_mut(), Box::new(Detached(PhantomData)))
+}
+
+fn restore_sender<T: 'static>(tx: &SharedTx<T>, sender: Box<dyn ExchangeTx<T>>) {
+    *tx.borrow_mut() = sender;
+}
+
+/// Stands in for a sender while it is being awaited; nothing pushes then (the chain is idle).
+struct Detached<T>(PhantomData<fn(T)>);
+
+impl<T> ExchangeTx<T> for Detached<T> {
+    fn push(&mut self, _: usize, _: Element<T>) {
+        debug_assert!(false, "a record was pushed while the stage awaited its sends");
+    }
+    fn send_full<'a>(&'a mut self, _: &'a ShardRuntime) -> LocalFuture<'a, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn flush<'a>(&'a mut self, _: &'a ShardRuntime) -> LocalFuture<'a, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
