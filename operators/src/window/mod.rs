@@ -66,6 +66,7 @@
 pub mod assigner;
 pub mod lateness;
 pub mod merging;
+pub mod operator;
 pub mod trigger;
 
 use std::fmt::Debug;
