@@ -29,6 +29,10 @@ use std::sync::Arc;
 use weir_operators::operator::{Keyed, Operator};
 use weir_operators::process::{KeyedProcessFunction, KeyedProcessOperator};
 use weir_operators::time::{RecordTimestamp, TimestampAssigner, WatermarkGenerator, WatermarkStrategy};
+use weir_operators::window::TimeWindow;
+use weir_operators::window::assigner::WindowAssigner;
+use weir_operators::window::lateness::AllowedLateness;
+use weir_operators::window::operator::{AggregateFunction, CountWindowOperator, Reduce, WindowOperator};
 use weir_state::keygroup::KeyEncode;
 use weir_state::states::StateValue;
 
@@ -332,6 +336,64 @@ impl<In: 'static, C: ChainSpec<In>> Stream<In, C> {
     }
 }
 
+/// A keyed stream with a window assigner, waiting for its aggregation.
+pub struct WindowedStream<K, T, W> {
+    keyed: KeyedStream<K, T>,
+    uid: &'static str,
+    assigner: W,
+    lateness: AllowedLateness,
+}
+
+impl<K, T, W> WindowedStream<K, T, W>
+where
+    K: KeyEncode + StateValue + Clone + Send + 'static,
+    T: Clone + Send + 'static,
+    W: WindowAssigner<Window = TimeWindow> + Clone + Send + Sync + 'static,
+{
+    /// Keeps each window's state `lateness_ms` past its end: later records update it and fire
+    /// it again; records later than that go to the [`weir_operators::window::operator::LATE`] side output.
+    pub fn allowed_lateness(mut self, lateness_ms: i64) -> Self {
+        self.lateness = AllowedLateness::from_ms(lateness_ms);
+        self
+    }
+
+    /// Aggregates each window incrementally with `aggregate` and emits
+    /// `window_fn(key, window, result)` when it fires.
+    pub fn aggregate<A, F, R>(
+        self,
+        aggregate: A,
+        window_fn: F,
+    ) -> KeyedOperatorStream<K, T, impl Fn() -> WindowOperator<K, A, W, F> + Send + Sync + 'static>
+    where
+        A: AggregateFunction<In = T> + Clone,
+        A::Acc: Clone,
+        F: Fn(&K, TimeWindow, A::Out) -> R + Clone + Send + Sync + 'static,
+        R: 'static,
+    {
+        let WindowedStream { keyed, uid, assigner, lateness } = self;
+        keyed.input(uid).operator(uid, move || {
+            WindowOperator::new(uid, assigner.clone(), aggregate.clone(), window_fn.clone(), lateness)
+        })
+    }
+
+    /// Reduces each window with `f` and emits `(key, window, reduced)`.
+    pub fn reduce<F>(
+        self,
+        f: F,
+    ) -> KeyedOperatorStream<
+        K,
+        T,
+        impl Fn() -> WindowOperator<K, Reduce<T, F>, W, fn(&K, TimeWindow, T) -> (K, TimeWindow, T)> + Send + Sync + 'static,
+    >
+    where
+        T: StateValue,
+        F: Fn(T, T) -> T + Clone + Send + Sync + 'static,
+    {
+        let labelled: fn(&K, TimeWindow, T) -> (K, TimeWindow, T) = |k, w, v| (k.clone(), w, v);
+        self.aggregate(Reduce::new(f), labelled)
+    }
+}
+
 /// The stream after a keyed operator: its stage reads [`Keyed`] records, `F` makes the operator.
 pub type KeyedOperatorStream<K, T, F> = Stream<Keyed<K, T>, OperatorSpec<Identity, F>>;
 
@@ -381,6 +443,33 @@ where
         R: Fn(A, T) -> A + Clone + Send + Sync + 'static,
     {
         self.input(uid).operator(uid, move || ReduceOperator::new(init.clone(), fold.clone()))
+    }
+
+    /// Windows of this keyed stream, assigned by `assigner` (tumbling, sliding, session, in
+    /// event or processing time); finish with [`WindowedStream::aggregate`] or
+    /// [`WindowedStream::reduce`].
+    pub fn window<W>(self, uid: &'static str, assigner: W) -> WindowedStream<K, T, W>
+    where
+        W: WindowAssigner<Window = TimeWindow> + Clone + Send + Sync + 'static,
+    {
+        WindowedStream { keyed: self, uid, assigner, lateness: AllowedLateness::ZERO }
+    }
+
+    /// Global windows of `size` records per key (a count trigger that fires and purges).
+    pub fn count_window<A, F, R>(
+        self,
+        uid: &'static str,
+        size: u64,
+        aggregate: A,
+        window_fn: F,
+    ) -> KeyedOperatorStream<K, T, impl Fn() -> CountWindowOperator<K, A, F> + Send + Sync + 'static>
+    where
+        A: AggregateFunction<In = T> + Clone,
+        (u64, A::Acc): StateValue,
+        F: Fn(&K, A::Out) -> R + Clone + Send + Sync + 'static,
+        R: 'static,
+    {
+        self.input(uid).operator(uid, move || CountWindowOperator::new(size, aggregate.clone(), window_fn.clone()))
     }
 
     /// The keyed stream's records as a plain stream of [`Keyed`] (key and value).

@@ -28,7 +28,7 @@ use weir_state::{StateStore, StoreConfig};
 use crate::error::{Result, RuntimeError};
 use crate::job::JobConfig;
 use crate::source::DeadLetter;
-use crate::stage::{ConnectionId, Element, ExchangeRx, ExchangeTx, LocalFuture, StageFactory};
+use crate::stage::{ConnectionId, Element, ExchangeRx, ExchangeTx, LocalFuture, Received, StageFactory};
 
 /// io_uring memory registered per executor. glommio registers it against the locked-memory
 /// limit (`ulimit -l`); 1 MiB each keeps parallelism 4 well inside an 8 MiB limit.
@@ -97,11 +97,18 @@ impl ShardRuntime {
         glommio::yield_if_needed().await;
     }
 
-    /// Waits a little when a source has nothing to read.
+    /// Waits a little when a source has nothing to read: longer the longer it stays idle, at
+    /// most one tick interval.
     pub async fn idle_wait(&self) {
         let polls = self.idle_polls.get().saturating_add(1);
         self.idle_polls.set(polls);
-        glommio::timer::sleep(Duration::from_millis(u64::from(polls.min(10)))).await;
+        let cap = self.config.tick_interval_ms.clamp(1, 10) as u64;
+        glommio::timer::sleep(Duration::from_millis(u64::from(polls).min(cap))).await;
+    }
+
+    /// A source produced records: the next idle wait starts short again.
+    pub fn note_busy(&self) {
+        self.idle_polls.set(0);
     }
 
     /// Records undecodable input.
@@ -175,7 +182,14 @@ impl ShardRuntime {
             }
         }
         let inputs = unconnected.len();
-        Ok(Box::new(MeshReceiver { unconnected: Some(unconnected), queue: None, inputs, open: inputs }))
+        Ok(Box::new(MeshReceiver {
+            unconnected: Some(unconnected),
+            queue: None,
+            stashed: None,
+            closed: false,
+            inputs,
+            open: inputs,
+        }))
     }
 
     fn take_local<T: 'static>(&self, conn: ConnectionId) -> Option<LocalReceiver<Batch<T>>> {
@@ -254,7 +268,9 @@ impl<T: Send + 'static> ExchangeTx<T> for MeshSender<T> {
 
 struct MeshReceiver<T: Send + 'static> {
     unconnected: Option<Vec<Input<T>>>,
-    queue: Option<LocalReceiver<(usize, Option<Batch<T>>)>>,
+    queue: Option<Rc<LocalReceiver<(usize, Option<Batch<T>>)>>>,
+    stashed: Option<(usize, Option<Batch<T>>)>,
+    closed: bool,
     inputs: usize,
     open: usize,
 }
@@ -295,7 +311,7 @@ impl<T: Send + 'static> MeshReceiver<T> {
                 }
             }
         }
-        self.queue = Some(rx);
+        self.queue = Some(Rc::new(rx));
     }
 }
 
@@ -303,17 +319,51 @@ impl<T: Send + 'static> ExchangeRx<T> for MeshReceiver<T> {
     fn inputs(&self) -> usize {
         self.inputs
     }
-    fn recv<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, Option<(usize, Vec<Element<T>>)>> {
+    fn try_recv<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, Received<T>> {
         Box::pin(async move {
             self.start(rt).await;
             loop {
-                if self.open == 0 {
-                    return None;
+                if self.open == 0 || self.closed {
+                    return Received::Closed;
                 }
-                match self.queue.as_ref()?.recv().await? {
-                    (i, Some(batch)) => return Some((i, batch)),
+                let item = match self.stashed.take() {
+                    Some(item) => item,
+                    None => {
+                        let Some(queue) = self.queue.clone() else { return Received::Closed };
+                        match futures_lite::future::poll_once(queue.recv()).await {
+                            None => return Received::Empty,
+                            Some(None) => {
+                                self.closed = true;
+                                return Received::Closed;
+                            }
+                            Some(Some(item)) => item,
+                        }
+                    }
+                };
+                match item {
+                    (i, Some(batch)) => return Received::Batch(i, batch),
                     (_, None) => self.open -= 1,
                 }
+            }
+        })
+    }
+
+    fn wait<'a>(&'a mut self, rt: &'a ShardRuntime, timeout: Duration) -> LocalFuture<'a, ()> {
+        Box::pin(async move {
+            self.start(rt).await;
+            if self.stashed.is_some() || self.closed || self.open == 0 {
+                return;
+            }
+            let Some(queue) = self.queue.clone() else { return };
+            let received = async { Some(queue.recv().await) };
+            let timed_out = async {
+                glommio::timer::sleep(timeout).await;
+                None
+            };
+            match futures_lite::future::or(received, timed_out).await {
+                Some(Some(item)) => self.stashed = Some(item),
+                Some(None) => self.closed = true,
+                None => {}
             }
         })
     }

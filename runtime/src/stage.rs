@@ -46,10 +46,21 @@ pub enum Element<T> {
     End,
 }
 
+/// Whether an input pump has more right away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pumped {
+    /// More input is (or may be) available at once.
+    More,
+    /// Nothing is available now: the stage flushes its output and waits.
+    Drained,
+}
+
 /// Produces a stage's input elements on one shard, a batch at a time.
 pub trait InputPump<T> {
-    /// Appends the next elements to `out` (at least one, unless the input is waiting).
-    fn next<'a>(&'a mut self, out: &'a mut Vec<Element<T>>, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<()>>;
+    /// Appends the elements available now to `out`, without waiting for more.
+    fn next<'a>(&'a mut self, out: &'a mut Vec<Element<T>>, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<Pumped>>;
+    /// Waits until input may be available, or at most one tick interval.
+    fn wait<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, ()>;
 }
 
 /// Makes a stage's input pump on each shard.
@@ -135,16 +146,20 @@ where
     G: WatermarkGenerator<R::Out> + 'static,
     A: TimestampAssigner<R::Out> + 'static,
 {
-    fn next<'a>(&'a mut self, out: &'a mut Vec<Element<R::Out>>, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<()>> {
+    fn wait<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, ()> {
+        Box::pin(rt.idle_wait())
+    }
+
+    fn next<'a>(
+        &'a mut self,
+        out: &'a mut Vec<Element<R::Out>>,
+        rt: &'a ShardRuntime,
+    ) -> LocalFuture<'a, Result<Pumped>> {
         Box::pin(async move {
-            if self.ended {
-                out.push(Element::End);
-                return Ok(());
-            }
-            if rt.cancelled() {
+            if self.ended || rt.cancelled() {
                 self.ended = true;
                 out.push(Element::End);
-                return Ok(());
+                return Ok(Pumped::More);
             }
             self.buf.clear();
             let status =
@@ -168,15 +183,19 @@ where
                 self.last_emit_ms = now;
             }
             push_watermark_events(&mut self.output, out);
-            match status {
+            Ok(match status {
                 ReadStatus::End => {
                     self.ended = true;
                     out.push(Element::End);
+                    Pumped::More
                 }
-                ReadStatus::Idle => rt.idle_wait().await,
-                ReadStatus::More => rt.yield_now().await,
-            }
-            Ok(())
+                ReadStatus::Idle => Pumped::Drained,
+                ReadStatus::More => {
+                    rt.note_busy();
+                    rt.yield_now().await;
+                    Pumped::More
+                }
+            })
         })
     }
 }
@@ -199,12 +218,25 @@ impl<T> ExchangeInput<T> {
     }
 }
 
+/// What a receive attempt found.
+#[derive(Debug)]
+pub enum Received<T> {
+    /// A batch from input `.0`.
+    Batch(usize, Vec<Element<T>>),
+    /// Nothing right now.
+    Empty,
+    /// Every input has closed.
+    Closed,
+}
+
 /// One shard's receiving side of its connections: which input a batch came from, and the batch.
 pub trait ExchangeRx<T> {
     /// Number of inputs (connections x producing shards).
     fn inputs(&self) -> usize;
-    /// The next batch from any input, or `None` when every input has closed.
-    fn recv<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, Option<(usize, Vec<Element<T>>)>>;
+    /// The next batch if one is there, without waiting.
+    fn try_recv<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, Received<T>>;
+    /// Waits until a batch is there (or every input closed), at most `timeout`.
+    fn wait<'a>(&'a mut self, rt: &'a ShardRuntime, timeout: std::time::Duration) -> LocalFuture<'a, ()>;
 }
 
 struct ExchangePump<T> {
@@ -246,22 +278,31 @@ impl<T: 'static> ExchangePump<T> {
 }
 
 impl<T: 'static> InputPump<T> for ExchangePump<T> {
-    fn next<'a>(&'a mut self, out: &'a mut Vec<Element<T>>, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<()>> {
+    fn wait<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, ()> {
+        let timeout = std::time::Duration::from_millis(rt.config.tick_interval_ms.max(1) as u64);
+        self.rx.wait(rt, timeout)
+    }
+
+    fn next<'a>(&'a mut self, out: &'a mut Vec<Element<T>>, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<Pumped>> {
         Box::pin(async move {
             if self.ended {
                 out.push(Element::End);
-                return Ok(());
+                return Ok(Pumped::More);
             }
-            let Some((input, batch)) = self.rx.recv(rt).await else {
-                if !self.valve.is_ended() {
-                    return Err(RuntimeError::Shard {
-                        shard: rt.shard,
-                        reason: "an upstream shard went away before its stream ended".into(),
-                    });
+            let (input, batch) = match self.rx.try_recv(rt).await {
+                Received::Batch(input, batch) => (input, batch),
+                Received::Empty => return Ok(Pumped::Drained),
+                Received::Closed => {
+                    if !self.valve.is_ended() {
+                        return Err(RuntimeError::Shard {
+                            shard: rt.shard,
+                            reason: "an upstream shard went away before its stream ended".into(),
+                        });
+                    }
+                    self.ended = true;
+                    out.push(Element::End);
+                    return Ok(Pumped::More);
                 }
-                self.ended = true;
-                out.push(Element::End);
-                return Ok(());
             };
             for element in batch {
                 match element {
@@ -288,7 +329,7 @@ impl<T: 'static> InputPump<T> for ExchangePump<T> {
                     }
                 }
             }
-            Ok(())
+            Ok(Pumped::More)
         })
     }
 }
@@ -674,7 +715,7 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
     let mut last_tick = i64::MIN;
     loop {
         batch.clear();
-        pump.next(&mut batch, &rt).await?;
+        let pumped = pump.next(&mut batch, &rt).await?;
         let mut done = false;
         {
             let mut store = rt.store.borrow_mut();
@@ -711,13 +752,19 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
         if let Some(tx) = &tx {
             // The terminal node only queues; sends (and backpressure) happen here, between
             // batches, so no borrow of the store or the chain is held across an await.
+            // Partial batches go out when the input is drained: records never wait for a
+            // batch to fill while this stage waits for input.
             let mut sender = take_sender(tx);
-            let sent = if done { sender.flush(&rt).await } else { sender.send_full(&rt).await };
+            let flush = done || pumped == Pumped::Drained;
+            let sent = if flush { sender.flush(&rt).await } else { sender.send_full(&rt).await };
             restore_sender(tx, sender);
             sent?;
         }
         if done {
             return Ok(());
+        }
+        if pumped == Pumped::Drained {
+            pump.wait(&rt).await;
         }
     }
 }

@@ -58,3 +58,280 @@ fn word_count_equals_sequential_reference_at_every_parallelism() {
         assert_eq!(finals, expected, "parallelism {p}");
     }
 }
+
+use weir::prelude::*;
+
+/// Events (key, event time) with bounded disorder: each is at most `disorder_ms` behind the
+/// largest time seen before it.
+fn events(n: usize, keys: usize, disorder_ms: i64) -> Vec<(String, i64)> {
+    let mut seed = 42u64;
+    let mut next = || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) as i64
+    };
+    (0..n)
+        .map(|i| {
+            let ts = i as i64 * 100 - next() % disorder_ms.max(1);
+            (format!("key-{}", next() as usize % keys), ts.max(0))
+        })
+        .collect()
+}
+
+fn event_time()
+-> WatermarkStrategy<weir::operators::time::BoundedOutOfOrderness, fn(&(String, i64), Option<i64>) -> i64> {
+    WatermarkStrategy::bounded_out_of_orderness(1_000).with_timestamp_assigner(|e: &(String, i64), _| e.1)
+}
+
+fn window_reference(events: &[(String, i64)], size: i64, slide: i64) -> BTreeMap<(String, i64), u64> {
+    let mut out = BTreeMap::new();
+    for (k, ts) in events {
+        let last_start = ts - ts.rem_euclid(slide);
+        let mut start = last_start;
+        while start > ts - size {
+            *out.entry((k.clone(), start)).or_default() += 1;
+            start -= slide;
+        }
+    }
+    out
+}
+
+fn run_windows(p: usize, assigner_size: i64, slide: Option<i64>) -> BTreeMap<(String, i64), u64> {
+    let input = events(5_000, 13, 900);
+    let job = Job::new("windows");
+    let out = CollectSink::new();
+    let keyed = job
+        .source_with_watermarks("events", VecSource::new(input), event_time())
+        .key_by("by-key", |e: &(String, i64)| e.0.clone());
+    let label = |k: &String, w: TimeWindow, n: u64| (k.clone(), w.start(), n);
+    match slide {
+        None => keyed
+            .window("tumbling", TumblingWindows::event_time(assigner_size))
+            .aggregate(Count::new(), label)
+            .sink("out", out.clone()),
+        Some(s) => keyed
+            .window("sliding", SlidingWindows::event_time(assigner_size, s))
+            .aggregate(Count::new(), label)
+            .sink("out", out.clone()),
+    };
+    let mut report = run_with_timeout(job, config(p), Duration::from_secs(60)).unwrap();
+    assert!(report.side_output(LATE).is_empty(), "disorder is within the bound: nothing is late");
+    let mut got = BTreeMap::new();
+    for ((k, start, n), _) in out.take() {
+        assert!(got.insert((k, start), n).is_none(), "a window fired twice");
+    }
+    got
+}
+
+#[test]
+fn event_time_windows_equal_reference_at_every_parallelism() {
+    let input = events(5_000, 13, 900);
+    let tumbling = window_reference(&input, 2_000, 2_000);
+    let sliding = window_reference(&input, 3_000, 1_000);
+    for p in [1, 2, 4] {
+        assert_eq!(run_windows(p, 2_000, None), tumbling, "tumbling, parallelism {p}");
+        assert_eq!(run_windows(p, 3_000, Some(1_000)), sliding, "sliding, parallelism {p}");
+    }
+}
+
+#[test]
+fn session_windows_equal_reference_at_every_parallelism() {
+    // Per key, bursts separated by quiet periods longer than the gap.
+    let mut input = Vec::new();
+    for k in 0..7 {
+        for burst in 0..20i64 {
+            for i in 0..(3 + (k + burst as usize) % 4) as i64 {
+                input.push((format!("user-{k}"), burst * 10_000 + i * 700 + k as i64 * 13));
+            }
+        }
+    }
+    let mut reference: BTreeMap<(String, i64), (i64, u64)> = BTreeMap::new();
+    let mut by_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for (k, ts) in &input {
+        by_key.entry(k.clone()).or_default().push(*ts);
+    }
+    for (k, mut stamps) in by_key {
+        stamps.sort();
+        let (mut start, mut end, mut n) = (stamps[0], stamps[0] + 2_000, 0u64);
+        for ts in stamps {
+            if ts > end {
+                reference.insert((k.clone(), start), (end, n));
+                (start, n) = (ts, 0);
+            }
+            end = end.max(ts + 2_000);
+            n += 1;
+        }
+        reference.insert((k, start), (end, n));
+    }
+    // In event-time order, then shuffled within the out-of-orderness bound.
+    let mut shuffled = input.clone();
+    shuffled.sort_by_key(|e| e.1);
+    for chunk in shuffled.chunks_mut(3) {
+        chunk.reverse();
+    }
+    for p in [1, 2, 4] {
+        let job = Job::new("sessions");
+        let out = CollectSink::new();
+        job.source_with_watermarks("events", VecSource::new(shuffled.clone()), event_time())
+            .key_by("by-user", |e: &(String, i64)| e.0.clone())
+            .window("sessions", SessionWindows::event_time(2_000))
+            .aggregate(Count::new(), |k: &String, w: TimeWindow, n: u64| (k.clone(), w.start(), w.end(), n))
+            .sink("out", out.clone());
+        run_with_timeout(job, config(p), Duration::from_secs(60)).unwrap();
+        let got: BTreeMap<(String, i64), (i64, u64)> =
+            out.take().into_iter().map(|((k, s, e, n), _)| ((k, s), (e, n))).collect();
+        assert_eq!(got, reference, "parallelism {p}");
+    }
+}
+
+#[test]
+fn records_later_than_allowed_lateness_go_to_the_side_output() {
+    // In order, then three records from far in the past.
+    let mut input: Vec<(String, i64)> = (0..100).map(|i| ("k".to_string(), i * 1_000)).collect();
+    input.extend([("k".to_string(), 5), ("k".to_string(), 6), ("k".to_string(), 95_500)]);
+    let job = Job::new("late");
+    let out = CollectSink::new();
+    job.source_with_watermarks(
+        "events",
+        IterSource::new(move |shard, _| if shard == 0 { input.clone().into_iter() } else { Vec::new().into_iter() }),
+        WatermarkStrategy::monotonic().with_timestamp_assigner(|e: &(String, i64), _| e.1),
+    )
+    .key_by("by-key", |e: &(String, i64)| e.0.clone())
+    .window("tumbling", TumblingWindows::event_time(10_000))
+    .allowed_lateness(1_000)
+    .aggregate(Count::new(), |_: &String, w: TimeWindow, n: u64| (w.start(), n))
+    .sink("out", out.clone());
+    let mut config = config(2);
+    config.source_batch = 1; // so watermarks advance record by record
+    config.tick_interval_ms = 0;
+    let mut report = run_with_timeout(job, config, Duration::from_secs(60)).unwrap();
+    let late = report.side_output(LATE);
+    assert_eq!(late.iter().map(|(r, _)| r.timestamp).collect::<Vec<_>>(), vec![5, 6]);
+    // 95_500 was within the lateness of window [90_000, 100_000): no loss, no extra output.
+    let finals: BTreeMap<i64, u64> = out.take().into_iter().map(|((s, n), _)| (s, n)).collect();
+    assert_eq!(finals.values().sum::<u64>(), 101);
+}
+
+/// Shard 0 produces events; shard 1 has nothing for a long time (it is idle, not finished).
+struct HalfIdle {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct HalfIdleReader {
+    shard: usize,
+    next: i64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Source for HalfIdle {
+    type Out = (String, i64);
+    type Reader = HalfIdleReader;
+    fn reader(&self, shard: usize, _: usize) -> weir::Result<HalfIdleReader> {
+        Ok(HalfIdleReader { shard, next: 0, stop: Arc::clone(&self.stop) })
+    }
+}
+
+impl SourceReader for HalfIdleReader {
+    type Out = (String, i64);
+    fn read(
+        &mut self,
+        out: &mut Vec<(String, i64)>,
+        _: &mut Vec<weir::source::DeadLetter>,
+        _: usize,
+    ) -> weir::Result<weir::source::ReadStatus> {
+        if self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(weir::source::ReadStatus::End);
+        }
+        if self.shard == 0 && self.next < 50 {
+            out.push(("k".into(), self.next * 1_000));
+            self.next += 1;
+            return Ok(weir::source::ReadStatus::More);
+        }
+        Ok(weir::source::ReadStatus::Idle)
+    }
+    fn offset(&self) -> u64 {
+        self.next as u64
+    }
+    fn seek(&mut self, offset: u64) -> weir::Result<()> {
+        self.next = offset as i64;
+        Ok(())
+    }
+}
+
+use std::sync::Arc;
+
+#[test]
+fn an_idle_source_does_not_stall_windows() {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let job = Job::new("idle");
+    job.source_with_watermarks(
+        "half-idle",
+        HalfIdle { stop: Arc::clone(&stop) },
+        WatermarkStrategy::monotonic().with_timestamp_assigner(|e: &(String, i64), _| e.1).with_idleness(100),
+    )
+    .key_by("by-key", |e: &(String, i64)| e.0.clone())
+    .window("tumbling", TumblingWindows::event_time(10_000))
+    .aggregate(Count::new(), |_: &String, w: TimeWindow, n: u64| (w.start(), n))
+    .sink(
+        "out",
+        CallbackSink::new(move |v: (i64, u64), _, _| {
+            let _ = tx.lock().map(|tx| tx.send(v));
+        }),
+    );
+    let handle = job.run(config(2)).unwrap();
+    // Windows complete while shard 1's source is still open: idleness took it out of event time.
+    let first = rx.recv_timeout(Duration::from_secs(20)).expect("a window fired while a source was idle");
+    assert_eq!(first, (0, 10));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    handle.wait().unwrap();
+}
+
+#[test]
+fn a_slow_sink_under_backpressure_loses_nothing() {
+    let job = Job::new("backpressure");
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen2 = Arc::clone(&seen);
+    job.source("numbers", VecSource::new((0..20_000u64).collect()))
+        .key_by("spread", |n: &u64| *n)
+        .into_stream("records")
+        .map("value", |k: Keyed<u64, u64>| k.value)
+        .sink(
+            "slow",
+            CallbackSink::new(move |n: u64, _, _| {
+                if n % 2_000 == 0 {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                seen2.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+            }),
+        );
+    let mut cfg = config(4);
+    cfg.channel_capacity = 1;
+    cfg.batch_len = 8;
+    run_with_timeout(job, cfg, Duration::from_secs(120)).unwrap();
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), (0..20_000u64).sum::<u64>());
+}
+
+#[test]
+fn a_panic_in_a_user_function_names_operator_and_shard() {
+    for p in [1, 2, 4] {
+        let job = Job::new("panic");
+        job.source("numbers", VecSource::new((0..10_000u64).collect()))
+            .key_by("by-n", |n: &u64| *n % 100)
+            .into_stream("keyed")
+            .map("explode", |k: Keyed<u64, u64>| {
+                assert!(k.value != 7_777, "boom at 7777");
+                k.value
+            })
+            .sink("out", CollectSink::new());
+        let err = run_with_timeout(job, config(p), Duration::from_secs(60)).unwrap_err();
+        match err {
+            RuntimeError::Panic { operator, shard, message } => {
+                assert_eq!(operator, "explode");
+                assert!(shard < p);
+                assert!(message.contains("boom at 7777"), "{message}");
+            }
+            other => panic!("unexpected error {other}"),
+        }
+    }
+}

@@ -61,7 +61,7 @@ pub trait AggregateFunction: Send + Sync + 'static {
 }
 
 /// `reduce` as an aggregate: the accumulator is the running reduced value.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct Reduce<T, F> {
     f: F,
     _t: PhantomData<fn(T)>,
@@ -104,8 +104,15 @@ where
 }
 
 /// Counts records.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Default)]
 pub struct Count<T>(PhantomData<fn(T)>);
+
+impl<T> Clone for Count<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Count<T> {}
 
 impl<T> Count<T> {
     /// A counter.
