@@ -12,8 +12,9 @@ use weir_operators::window::operator::{Count, CountWindowOperator, LATE, Reduce,
 
 type Out = (String, i64, i64, u64);
 
+#[allow(clippy::ptr_arg)] // the window function receives the key type itself
 fn label(k: &String, w: TimeWindow, n: u64) -> Out {
-    (k.clone(), w.start(), w.end(), n)
+    (k.to_string(), w.start(), w.end(), n)
 }
 
 fn rec(k: &str, v: u64) -> Keyed<String, u64> {

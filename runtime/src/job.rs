@@ -336,6 +336,12 @@ impl<In: 'static, C: ChainSpec<In>> Stream<In, C> {
     }
 }
 
+/// The window function of [`WindowedStream::reduce`]: labels a result with key and window.
+pub type Labelled<K, T> = fn(&K, TimeWindow, T) -> (K, TimeWindow, T);
+
+/// The operator behind [`WindowedStream::reduce`].
+pub type ReduceWindow<K, T, W, F> = WindowOperator<K, Reduce<T, F>, W, Labelled<K, T>>;
+
 /// A keyed stream with a window assigner, waiting for its aggregation.
 pub struct WindowedStream<K, T, W> {
     keyed: KeyedStream<K, T>,
@@ -380,16 +386,12 @@ where
     pub fn reduce<F>(
         self,
         f: F,
-    ) -> KeyedOperatorStream<
-        K,
-        T,
-        impl Fn() -> WindowOperator<K, Reduce<T, F>, W, fn(&K, TimeWindow, T) -> (K, TimeWindow, T)> + Send + Sync + 'static,
-    >
+    ) -> KeyedOperatorStream<K, T, impl Fn() -> ReduceWindow<K, T, W, F> + Send + Sync + 'static>
     where
         T: StateValue,
         F: Fn(T, T) -> T + Clone + Send + Sync + 'static,
     {
-        let labelled: fn(&K, TimeWindow, T) -> (K, TimeWindow, T) = |k, w, v| (k.clone(), w, v);
+        let labelled: Labelled<K, T> = |k, w, v| (k.clone(), w, v);
         self.aggregate(Reduce::new(f), labelled)
     }
 }

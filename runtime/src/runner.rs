@@ -266,10 +266,13 @@ impl<T: Send + 'static> ExchangeTx<T> for MeshSender<T> {
     }
 }
 
+/// A batch tagged with its input; `None` when that input closed.
+type Tagged<T> = (usize, Option<Batch<T>>);
+
 struct MeshReceiver<T: Send + 'static> {
     unconnected: Option<Vec<Input<T>>>,
-    queue: Option<Rc<LocalReceiver<(usize, Option<Batch<T>>)>>>,
-    stashed: Option<(usize, Option<Batch<T>>)>,
+    queue: Option<Rc<LocalReceiver<Tagged<T>>>>,
+    stashed: Option<Tagged<T>>,
     closed: bool,
     inputs: usize,
     open: usize,
