@@ -77,8 +77,9 @@ fn events(n: usize, keys: usize, disorder_ms: i64) -> Vec<(String, i64)> {
         .collect()
 }
 
-fn event_time()
--> WatermarkStrategy<weir::operators::time::BoundedOutOfOrderness, fn(&(String, i64), Option<i64>) -> i64> {
+type EventTimestamps = fn(&(String, i64), Option<i64>) -> i64;
+
+fn event_time() -> WatermarkStrategy<weir::operators::time::BoundedOutOfOrderness, EventTimestamps> {
     WatermarkStrategy::bounded_out_of_orderness(1_000).with_timestamp_assigner(|e: &(String, i64), _| e.1)
 }
 
@@ -301,7 +302,7 @@ fn a_slow_sink_under_backpressure_loses_nothing() {
         .sink(
             "slow",
             CallbackSink::new(move |n: u64, _, _| {
-                if n % 2_000 == 0 {
+                if n.is_multiple_of(2_000) {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 seen2.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
