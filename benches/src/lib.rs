@@ -4,4 +4,5 @@
 //! - [`nexmark`]: a faithful, deterministic Nexmark event generator, random access by offset.
 
 pub mod nexmark;
+pub mod pipeline_bench;
 pub mod state_bench;

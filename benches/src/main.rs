@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use weir_bench::state_bench;
+use weir_bench::{pipeline_bench, state_bench};
 
 /// Weir's benchmark harness: plain programs that print numbers, each with its baseline.
 #[derive(Parser, Debug)]
@@ -18,7 +18,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Quick tour: state ops at 1M keys, checkpoint and restore at 100 MiB (the default).
+    /// Quick tour (the default): chain, keyed count, latency, state ops, checkpoint, restore.
     Demo,
     /// State put/get throughput against HashMap<u64, u64>.
     StateOps {
@@ -37,6 +37,30 @@ enum Command {
         /// Checkpoints to take.
         #[arg(long, default_value_t = 40)]
         rounds: u32,
+    },
+    /// A chained stateless pipeline on the engine against a hand-written loop.
+    Chain {
+        /// Records.
+        #[arg(long, default_value_t = 50_000_000)]
+        records: u64,
+    },
+    /// Keyed count through key_by at parallelism 1 and 2.
+    Keyed {
+        /// Records.
+        #[arg(long, default_value_t = 10_000_000)]
+        records: u64,
+        /// Distinct keys.
+        #[arg(long, default_value_t = 100_000)]
+        keys: u64,
+    },
+    /// Source-to-sink latency at half the measured peak rate of the same pipeline.
+    Latency {
+        /// Seconds of paced input.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Parallelism.
+        #[arg(long, default_value_t = 2)]
+        parallelism: usize,
     },
     /// Restore time until the store answers reads, across state sizes.
     StateRestore {
@@ -96,13 +120,59 @@ fn state_restore(base: &std::path::Path, sizes: &[u64]) -> Result<(), String> {
     Ok(())
 }
 
+fn chain(base: &std::path::Path, records: u64) -> Result<(), String> {
+    let r = pipeline_bench::chain(records, base).map_err(|e| e.to_string())?;
+    println!(
+        "chain records={} engine={:.1} M/s  hand-written-loop={:.1} M/s  ratio={:.2}",
+        r.records,
+        r.engine_per_s / 1e6,
+        r.loop_per_s / 1e6,
+        r.engine_per_s / r.loop_per_s
+    );
+    Ok(())
+}
+
+fn keyed(base: &std::path::Path, records: u64, keys: u64) -> Result<f64, String> {
+    let p1 = pipeline_bench::keyed(records, keys, 1, base).map_err(|e| e.to_string())?;
+    pipeline_bench::settle();
+    let p2 = pipeline_bench::keyed(records, keys, 2, base).map_err(|e| e.to_string())?;
+    println!(
+        "keyed-count records={records} keys={keys} P=1 {:.2} M events/s  P=2 {:.2} M events/s  scaling={:.2}",
+        p1 / 1e6,
+        p2 / 1e6,
+        p2 / p1
+    );
+    Ok(p1.max(p2))
+}
+
+fn latency(base: &std::path::Path, seconds: f64, parallelism: usize) -> Result<(), String> {
+    // The peak of the same keyed pipeline, measured now, then half of it.
+    let peak = pipeline_bench::keyed(2_000_000, 10_000, parallelism, base).map_err(|e| e.to_string())?;
+    pipeline_bench::settle();
+    let rate = peak / 2.0;
+    let h = pipeline_bench::latency(rate, seconds, parallelism, base).map_err(|e| e.to_string())?;
+    println!(
+        "latency P={parallelism} rate={:.0} events/s (half of measured peak {:.0}) {}",
+        rate,
+        peak,
+        pipeline_bench::latency_percentiles(&h)
+    );
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let base = cli.data_dir;
     let result = match cli.command.unwrap_or(Command::Demo) {
-        Command::Demo => state_ops(&base, &[1_000_000])
+        Command::Demo => chain(&base, 10_000_000)
+            .and_then(|_| keyed(&base, 2_000_000, 100_000).map(|_| ()))
+            .and_then(|_| latency(&base, 3.0, 2))
+            .and_then(|_| state_ops(&base, &[1_000_000]))
             .and_then(|_| state_checkpoint(&base, 100, 1.0, 20))
             .and_then(|_| state_restore(&base, &[100])),
+        Command::Chain { records } => chain(&base, records),
+        Command::Keyed { records, keys } => keyed(&base, records, keys).map(|_| ()),
+        Command::Latency { seconds, parallelism } => latency(&base, seconds, parallelism),
         Command::StateOps { keys } => state_ops(&base, &keys),
         Command::StateCheckpoint { state_mib, changed_percent, rounds } => {
             state_checkpoint(&base, state_mib, changed_percent, rounds)

@@ -9,10 +9,12 @@
 //!
 //! [`ChainSpec`] describes a chain in the job builder (`Clone + Send + Sync`), and
 //! [`ChainSpec::build`] instantiates it on each shard in front of the chain's terminal node
-//! (an exchange, a sink). Every user call is wrapped in `catch_unwind`, which costs nothing
-//! when nothing panics, so a panic is reported with the operator and shard that raised it.
+//! (an exchange, a sink). Before calling user code a node records its uid in
+//! [`Env::current`]; the stage processes each batch inside one `catch_unwind`, so a panic is
+//! reported with the operator and shard that raised it, at the cost of one store per call
+//! (a `catch_unwind` per call would keep the chain from being inlined into one loop).
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::cell::Cell;
 
 use weir_operators::operator::{Collector, Operator, OperatorContext, Timestamp};
 use weir_state::StateStore;
@@ -33,6 +35,8 @@ pub struct Env<'a> {
     pub now: Timestamp,
     /// Side outputs emitted by operators of this chain, by tag name.
     pub side: &'a mut dyn FnMut(&'static str, Box<dyn std::any::Any + Send>),
+    /// The uid of the operator running user code now (named if it panics).
+    pub current: &'a Cell<&'static str>,
 }
 
 /// One step of a chain, receiving the elements of a stream.
@@ -60,14 +64,6 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-fn guard<R>(uid: &str, shard: usize, f: impl FnOnce() -> R) -> Result<R> {
-    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| RuntimeError::Panic {
-        operator: uid.to_owned(),
-        shard,
-        message: panic_message(payload.as_ref()),
-    })
-}
-
 /// A fused `map`.
 pub struct MapNode<F, N> {
     pub(crate) uid: &'static str,
@@ -82,7 +78,8 @@ where
 {
     #[inline]
     fn record(&mut self, env: &mut Env<'_>, value: In, ts: Timestamp) -> Result<()> {
-        let out = guard(self.uid, env.shard, || (self.f)(value))?;
+        env.current.set(self.uid);
+        let out = (self.f)(value);
         self.next.record(env, out, ts)
     }
     fn watermark(&mut self, env: &mut Env<'_>, wm: Timestamp) -> Result<()> {
@@ -113,7 +110,8 @@ where
 {
     #[inline]
     fn record(&mut self, env: &mut Env<'_>, value: T, ts: Timestamp) -> Result<()> {
-        if guard(self.uid, env.shard, || (self.f)(&value))? {
+        env.current.set(self.uid);
+        if (self.f)(&value) {
             self.next.record(env, value, ts)?;
         }
         Ok(())
@@ -147,14 +145,12 @@ where
 {
     #[inline]
     fn record(&mut self, env: &mut Env<'_>, value: In, ts: Timestamp) -> Result<()> {
-        let outputs = guard(self.uid, env.shard, || (self.f)(value))?;
-        let mut iter = outputs.into_iter();
-        loop {
-            match guard(self.uid, env.shard, || iter.next())? {
-                Some(v) => self.next.record(env, v, ts)?,
-                None => return Ok(()),
-            }
+        env.current.set(self.uid);
+        for v in (self.f)(value) {
+            self.next.record(env, v, ts)?;
+            env.current.set(self.uid);
         }
+        Ok(())
     }
     fn watermark(&mut self, env: &mut Env<'_>, wm: Timestamp) -> Result<()> {
         self.next.watermark(env, wm)
@@ -204,6 +200,7 @@ impl<O: Operator, N: Node<O::Out>> OpNode<O, N> {
         f: impl FnOnce(&mut O, &mut OperatorContext<'_>, &mut Buffer<O::Out>) -> weir_operators::Result<()>,
     ) -> Result<()> {
         let (uid, shard) = (self.uid, env.shard);
+        env.current.set(uid);
         let mut ctx = OperatorContext {
             store: env.store,
             shard,
@@ -216,18 +213,10 @@ impl<O: Operator, N: Node<O::Out>> OpNode<O, N> {
         let op = &mut self.op;
         let buf = &mut self.buf;
         if !self.opened {
-            guard(uid, shard, || op.open(&mut ctx))?.map_err(|source| RuntimeError::Operator {
-                operator: uid.to_owned(),
-                shard,
-                source,
-            })?;
+            op.open(&mut ctx).map_err(|source| RuntimeError::Operator { operator: uid.to_owned(), shard, source })?;
             self.opened = true;
         }
-        guard(uid, shard, || f(op, &mut ctx, buf))?.map_err(|source| RuntimeError::Operator {
-            operator: uid.to_owned(),
-            shard,
-            source,
-        })?;
+        f(op, &mut ctx, buf).map_err(|source| RuntimeError::Operator { operator: uid.to_owned(), shard, source })?;
         self.op.drain_side_outputs(&mut |name, record| (env.side)(name, record));
         for (v, ts) in self.buf.0.drain(..) {
             self.next.record(env, v, ts)?;

@@ -161,16 +161,12 @@ impl<G: Generator> Source for GeneratorSource<G> {
 impl<G: Generator> SourceReader for GeneratorReader<G> {
     type Out = G::Out;
     fn read(&mut self, out: &mut Vec<G::Out>, _: &mut Vec<DeadLetter>, max: usize) -> Result<ReadStatus> {
-        for _ in 0..max {
-            match self.generator.generate(self.shard + self.produced * self.stride) {
-                Some(item) => {
-                    out.push(item);
-                    self.produced += 1;
-                }
-                None => return Ok(ReadStatus::End),
-            }
-        }
-        Ok(ReadStatus::More)
+        let before = out.len();
+        let (generator, shard, stride, start) = (&self.generator, self.shard, self.stride, self.produced);
+        out.extend((start..start + max as u64).map_while(|i| generator.generate(shard + i * stride)));
+        let n = (out.len() - before) as u64;
+        self.produced += n;
+        Ok(if n < max as u64 { ReadStatus::End } else { ReadStatus::More })
     }
     fn offset(&self) -> u64 {
         self.produced

@@ -172,11 +172,12 @@ where
             if !self.dead.is_empty() {
                 rt.dead_letters(self.uid, &mut self.dead);
             }
-            for value in self.buf.drain(..) {
-                let ts = self.assigner.timestamp(&value, None);
-                self.generator.on_event(&value, ts, &mut self.output);
-                out.push(Element::Record(value, ts));
-            }
+            let (assigner, generator, output) = (&mut self.assigner, &mut self.generator, &mut self.output);
+            out.extend(self.buf.drain(..).map(|value| {
+                let ts = assigner.timestamp(&value, None);
+                generator.on_event(&value, ts, output);
+                Element::Record(value, ts)
+            }));
             let now = rt.now();
             if status != ReadStatus::More || now.saturating_sub(self.last_emit_ms) >= rt.config.tick_interval_ms {
                 self.generator.on_periodic_emit(now, &mut self.output);
@@ -446,13 +447,8 @@ impl<T, K, F> KeyByNode<T, K, F> {
 impl<T: 'static, K: KeyEncode + 'static, F: Fn(&T) -> K + 'static> Node<T> for KeyByNode<T, K, F> {
     #[inline]
     fn record(&mut self, env: &mut Env<'_>, value: T, ts: Timestamp) -> Result<()> {
-        let key = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.key)(&value))).map_err(|p| {
-            RuntimeError::Panic {
-                operator: self.uid.to_owned(),
-                shard: env.shard,
-                message: crate::chain::panic_message(p.as_ref()),
-            }
-        })?;
+        env.current.set(self.uid);
+        let key = (self.key)(&value);
         self.buf.clear();
         key.encode_key(&mut self.buf);
         let group = key_group_of_encoded(&self.buf, self.max_parallelism);
@@ -593,15 +589,8 @@ pub struct SinkNode<W> {
 impl<W: SinkWriter> Node<W::In> for SinkNode<W> {
     #[inline]
     fn record(&mut self, env: &mut Env<'_>, value: W::In, ts: Timestamp) -> Result<()> {
-        let uid = self.uid;
-        let writer = &mut self.writer;
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.write(value, ts))).map_err(|p| {
-            RuntimeError::Panic {
-                operator: uid.to_owned(),
-                shard: env.shard,
-                message: crate::chain::panic_message(p.as_ref()),
-            }
-        })?
+        env.current.set(self.uid);
+        self.writer.write(value, ts)
     }
     fn watermark(&mut self, _: &mut Env<'_>, _: Timestamp) -> Result<()> {
         Ok(())
@@ -612,7 +601,8 @@ impl<W: SinkWriter> Node<W::In> for SinkNode<W> {
     fn tick(&mut self, _: &mut Env<'_>) -> Result<()> {
         Ok(())
     }
-    fn end(&mut self, _: &mut Env<'_>) -> Result<()> {
+    fn end(&mut self, env: &mut Env<'_>) -> Result<()> {
+        env.current.set(self.uid);
         self.writer.flush()
     }
 }
@@ -717,6 +707,7 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
         batch.clear();
         let pumped = pump.next(&mut batch, &rt).await?;
         let mut done = false;
+        let current = std::cell::Cell::new(name);
         {
             let mut store = rt.store.borrow_mut();
             let now = rt.now();
@@ -728,24 +719,39 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
                 max_parallelism: rt.config.max_parallelism,
                 now,
                 side: &mut side,
+                current: &current,
             };
-            for element in batch.drain(..) {
-                match element {
-                    Element::Record(v, ts) => chain.record(&mut env, v, ts)?,
-                    Element::Watermark(w) => chain.watermark(&mut env, w)?,
-                    Element::Idle(idle) => chain.idle(&mut env, idle)?,
-                    Element::End => {
-                        chain.watermark(&mut env, END_OF_TIME)?;
-                        chain.tick(&mut env)?;
-                        chain.end(&mut env)?;
-                        done = true;
-                        break;
+            // One unwind guard per batch; the chain records which operator is running.
+            let processed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
+                for element in batch.drain(..) {
+                    match element {
+                        Element::Record(v, ts) => chain.record(&mut env, v, ts)?,
+                        Element::Watermark(w) => chain.watermark(&mut env, w)?,
+                        Element::Idle(idle) => chain.idle(&mut env, idle)?,
+                        Element::End => {
+                            chain.watermark(&mut env, END_OF_TIME)?;
+                            chain.tick(&mut env)?;
+                            chain.end(&mut env)?;
+                            done = true;
+                            break;
+                        }
                     }
                 }
-            }
-            if !done && now.saturating_sub(last_tick) >= rt.config.tick_interval_ms {
-                last_tick = now;
-                chain.tick(&mut env)?;
+                if !done && now.saturating_sub(last_tick) >= rt.config.tick_interval_ms {
+                    last_tick = now;
+                    chain.tick(&mut env)?;
+                }
+                Ok(())
+            }));
+            match processed {
+                Ok(result) => result?,
+                Err(payload) => {
+                    return Err(RuntimeError::Panic {
+                        operator: current.get().to_owned(),
+                        shard: rt.shard,
+                        message: crate::chain::panic_message(payload.as_ref()),
+                    });
+                }
             }
         }
         rt.count_batch(name);
