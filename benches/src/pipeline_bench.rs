@@ -222,20 +222,53 @@ pub fn latency(
     job.source("paced", Paced { rate_per_s, total, epoch })
         .key_by("by-key", |e: &(u64, u64)| e.0 % 10_000)
         .process("stamp", || Stamp { count: None })
-        .sink(
-            "latency",
-            CallbackSink::new(move |created_ns: u64, _, _| {
-                let latency_us = (epoch.elapsed().as_nanos() as u64).saturating_sub(created_ns) / 1_000;
-                if let Ok(mut h) = sink_hist.lock() {
-                    h.saturating_record(latency_us.max(1));
-                }
-            }),
-        );
+        .sink("latency", LatencySink { merged: sink_hist, epoch });
     let mut cfg = config(parallelism, data_dir);
     cfg.source_batch = 64;
     job.run(cfg)?.wait()?;
     let h = merged.lock().map(|h| h.clone()).unwrap_or_else(|p| p.into_inner().clone());
     Ok(h)
+}
+
+/// Records end-to-end latency into a per-shard histogram, merged into the shared one on flush
+/// (so the measurement itself takes no lock per record).
+struct LatencySink {
+    merged: Arc<Mutex<Histogram<u64>>>,
+    epoch: Instant,
+}
+
+struct LatencyWriter {
+    merged: Arc<Mutex<Histogram<u64>>>,
+    local: Histogram<u64>,
+    epoch: Instant,
+}
+
+impl Sink for LatencySink {
+    type In = u64;
+    type Writer = LatencyWriter;
+    fn writer(&self, _: usize, _: usize) -> weir::Result<LatencyWriter> {
+        Ok(LatencyWriter {
+            merged: Arc::clone(&self.merged),
+            local: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+            epoch: self.epoch,
+        })
+    }
+}
+
+impl SinkWriter for LatencyWriter {
+    type In = u64;
+    fn write(&mut self, created_ns: u64, _: i64) -> weir::Result<()> {
+        let latency_us = (self.epoch.elapsed().as_nanos() as u64).saturating_sub(created_ns) / 1_000;
+        self.local.saturating_record(latency_us.max(1));
+        Ok(())
+    }
+    fn flush(&mut self) -> weir::Result<()> {
+        if let Ok(mut merged) = self.merged.lock() {
+            let _ = merged.add(&self.local);
+        }
+        self.local.reset();
+        Ok(())
+    }
 }
 
 /// A stateful step on the latency path: counts per key, passes the creation stamp on.
