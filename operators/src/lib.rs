@@ -11,8 +11,10 @@
 //! inputs into one watermark; [`window`] holds windows, assigners, triggers, allowed lateness and
 //! the merging of session windows. Neither touches state, threads or files.
 
+pub mod coprocess;
 pub mod error;
 pub mod harness;
+pub mod join;
 pub mod operator;
 pub mod process;
 pub mod reduce;

@@ -83,6 +83,24 @@ pub struct ProcessContext<'a, K, Out> {
     side: &'a mut SideOutputs,
 }
 
+impl<'a, K, Out> ProcessContext<'a, K, Out> {
+    /// A context over the given parts (for operators built on process functions).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: &'a mut StateStore,
+        timers: &'a mut TimerService,
+        key: CurrentKey<'a>,
+        typed_key: &'a K,
+        timestamp: Option<Timestamp>,
+        watermark: Timestamp,
+        processing_time: Timestamp,
+        out: &'a mut Vec<(Out, Timestamp)>,
+        side: &'a mut SideOutputs,
+    ) -> Self {
+        ProcessContext { store, timers, key, typed_key, timestamp, watermark, processing_time, out, side }
+    }
+}
+
 impl<'a, K: StateValue, Out> ProcessContext<'a, K, Out> {
     /// The current key.
     pub fn key(&self) -> &K {

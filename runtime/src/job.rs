@@ -271,17 +271,16 @@ impl<In: 'static, C: ChainSpec<In>> Stream<In, C> {
     }
 
     /// Partitions the stream by key: each record goes to the shard that owns its key's key
-    /// group, together with its key.
-    pub fn key_by<K, F>(self, uid: &'static str, key: F) -> KeyedStream<K, C::Out>
+    /// group, together with its key. What reads the keyed stream decides what crosses the
+    /// exchange (a keyed operator, a window, or one side of a connected stream).
+    pub fn key_by<K, F>(self, uid: &'static str, key: F) -> KeyedStream<K, C::Out, In, C, F>
     where
         K: KeyEncode + Clone + Send + 'static,
         C::Out: Send,
         F: Fn(&C::Out) -> K + Clone + Send + Sync + 'static,
     {
         self.claim(uid);
-        let conn = self.job.graph.borrow_mut().connection::<Keyed<K, C::Out>>(false);
-        let job = self.close(Partitioner::by_key(uid, key), Some(conn), false);
-        KeyedStream { job, conns: vec![conn], _t: PhantomData }
+        KeyedStream { upstream: self, uid, key, _t: PhantomData }
     }
 
     /// Redistributes records round-robin over all shards.
@@ -343,17 +342,20 @@ pub type Labelled<K, T> = fn(&K, TimeWindow, T) -> (K, TimeWindow, T);
 pub type ReduceWindow<K, T, W, F> = WindowOperator<K, Reduce<T, F>, W, Labelled<K, T>>;
 
 /// A keyed stream with a window assigner, waiting for its aggregation.
-pub struct WindowedStream<K, T, W> {
-    keyed: KeyedStream<K, T>,
+pub struct WindowedStream<K, T, In: 'static, C, KF, W> {
+    keyed: KeyedStream<K, T, In, C, KF>,
     uid: &'static str,
     assigner: W,
     lateness: AllowedLateness,
 }
 
-impl<K, T, W> WindowedStream<K, T, W>
+impl<K, T, In, C, KF, W> WindowedStream<K, T, In, C, KF, W>
 where
     K: KeyEncode + StateValue + Clone + Send + 'static,
     T: Clone + Send + 'static,
+    In: 'static,
+    C: ChainSpec<In, Out = T>,
+    KF: Fn(&T) -> K + Clone + Send + Sync + 'static,
     W: WindowAssigner<Window = TimeWindow> + Clone + Send + Sync + 'static,
 {
     /// Keeps each window's state `lateness_ms` past its end: later records update it and fire
@@ -396,24 +398,141 @@ where
     }
 }
 
+/// Two keyed streams connected for a two-input operator.
+pub struct ConnectedStreams<K, A, B> {
+    job: Job,
+    conns: Vec<ConnectionId>,
+    _t: PhantomData<fn(K, A, B)>,
+}
+
+/// The stream after a two-input operator.
+pub type CoOperatorStream<K, A, B, F> = Stream<CoInput<K, A, B>, OperatorSpec<Identity, F>>;
+
+impl<K, A, B> ConnectedStreams<K, A, B>
+where
+    K: KeyEncode + StateValue + Clone + Send + 'static,
+    A: Send + 'static,
+    B: Send + 'static,
+{
+    fn input(self, uid: &'static str) -> Stream<CoInput<K, A, B>, Identity> {
+        let input: Box<dyn StageInput<CoInput<K, A, B>>> = Box::new(ExchangeInput::new(uid, self.conns));
+        Stream { job: self.job, input: Some(input), chain: Identity, _t: PhantomData }
+    }
+
+    /// Runs a keyed co-process function over both inputs (shared keyed state and timers).
+    pub fn process<F, P>(
+        self,
+        uid: &'static str,
+        factory: F,
+    ) -> CoOperatorStream<K, A, B, impl Fn() -> KeyedCoProcessOperator<P> + Send + Sync + 'static>
+    where
+        F: Fn() -> P + Send + Sync + 'static,
+        P: KeyedCoProcessFunction<Key = K, In1 = A, In2 = B>,
+    {
+        self.input(uid).operator(uid, move || KeyedCoProcessOperator::new(factory()))
+    }
+
+    /// Pairs records of both inputs with the same key in the same event-time window
+    /// (`slide_ms == size_ms`: tumbling), emitting `f(key, a, b)` when the window completes.
+    pub fn window_join<R, J>(
+        self,
+        uid: &'static str,
+        size_ms: i64,
+        slide_ms: i64,
+        f: J,
+    ) -> CoOperatorStream<K, A, B, impl Fn() -> KeyedCoProcessOperator<WindowJoin<K, A, B, J>> + Send + Sync + 'static>
+    where
+        A: StateValue + Clone,
+        B: StateValue + Clone,
+        J: Fn(&K, &A, &B) -> R + Clone + Send + Sync + 'static,
+        R: 'static,
+    {
+        self.process(uid, move || WindowJoin::new(uid, size_ms, slide_ms, f.clone()))
+    }
+
+    /// Pairs each record `a` of the first input with every record `b` of the second input of
+    /// the same key whose time lies in `[t_a + lower_ms, t_a + upper_ms]`, emitting
+    /// `f(key, a, b)`.
+    pub fn interval_join<R, J>(
+        self,
+        uid: &'static str,
+        lower_ms: i64,
+        upper_ms: i64,
+        f: J,
+    ) -> CoOperatorStream<K, A, B, impl Fn() -> KeyedCoProcessOperator<IntervalJoin<K, A, B, J>> + Send + Sync + 'static>
+    where
+        A: StateValue + Clone,
+        B: StateValue + Clone,
+        (i64, A): StateValue,
+        (i64, B): StateValue,
+        J: Fn(&K, &A, &B) -> R + Clone + Send + Sync + 'static,
+        R: 'static,
+    {
+        self.process(uid, move || IntervalJoin::new(uid, lower_ms, upper_ms, f.clone()))
+    }
+}
+
 /// The stream after a keyed operator: its stage reads [`Keyed`] records, `F` makes the operator.
 pub type KeyedOperatorStream<K, T, F> = Stream<Keyed<K, T>, OperatorSpec<Identity, F>>;
 
-/// A stream partitioned by key: what keyed state, timers and windows work on.
-pub struct KeyedStream<K, T> {
-    job: Job,
-    conns: Vec<ConnectionId>,
+use weir_operators::coprocess::{CoInput, KeyedCoProcessFunction, KeyedCoProcessOperator};
+use weir_operators::join::{IntervalJoin, WindowJoin};
+
+/// A stream partitioned by key: what keyed state, timers and windows work on. The upstream
+/// stage stays open until a consumer decides what crosses the exchange.
+pub struct KeyedStream<K, T, In: 'static, C, F> {
+    upstream: Stream<In, C>,
+    uid: &'static str,
+    key: F,
     _t: PhantomData<fn(K, T)>,
 }
 
-impl<K, T> KeyedStream<K, T>
+fn keep_keyed<K, T>(k: Keyed<K, T>) -> Keyed<K, T> {
+    k
+}
+
+impl<K, T, In, C, KF> KeyedStream<K, T, In, C, KF>
 where
     K: KeyEncode + Clone + Send + 'static,
     T: Send + 'static,
+    In: 'static,
+    C: ChainSpec<In, Out = T>,
+    KF: Fn(&T) -> K + Clone + Send + Sync + 'static,
 {
-    fn input(&self, uid: &'static str) -> Stream<Keyed<K, T>, Identity> {
-        let input: Box<dyn StageInput<Keyed<K, T>>> = Box::new(ExchangeInput::new(uid, self.conns.clone()));
-        Stream { job: self.job.clone(), input: Some(input), chain: Identity, _t: PhantomData }
+    /// Closes the upstream stage into a keyed exchange whose records travel as `wrap(keyed)`.
+    fn close_keyed<E: Send + 'static, W>(self, conn: ConnectionId, wrap: W) -> Job
+    where
+        W: Fn(Keyed<K, T>) -> E + Clone + Send + Sync + 'static,
+    {
+        let KeyedStream { upstream, uid, key, .. } = self;
+        upstream.close(Partitioner::by_key(uid, key, wrap), Some(conn), false)
+    }
+
+    fn input(self, uid: &'static str) -> Stream<Keyed<K, T>, Identity> {
+        let conn = self.upstream.job.graph.borrow_mut().connection::<Keyed<K, T>>(false);
+        let job = self.close_keyed(conn, keep_keyed::<K, T> as fn(Keyed<K, T>) -> Keyed<K, T>);
+        let input: Box<dyn StageInput<Keyed<K, T>>> = Box::new(ExchangeInput::new(uid, vec![conn]));
+        Stream { job, input: Some(input), chain: Identity, _t: PhantomData }
+    }
+
+    /// Connects this keyed stream with `other` (keyed by the same key type): both meet, per
+    /// key, in one two-input operator ([`ConnectedStreams::process`], or a join).
+    pub fn connect<B, In2, C2, F2>(self, other: KeyedStream<K, B, In2, C2, F2>) -> ConnectedStreams<K, T, B>
+    where
+        B: Send + 'static,
+        In2: 'static,
+        C2: ChainSpec<In2, Out = B>,
+        F2: Fn(&B) -> K + Clone + Send + Sync + 'static,
+    {
+        let (a, b) = {
+            let mut graph = self.upstream.job.graph.borrow_mut();
+            (graph.connection::<CoInput<K, T, B>>(false), graph.connection::<CoInput<K, T, B>>(false))
+        };
+        let first: fn(Keyed<K, T>) -> CoInput<K, T, B> = CoInput::First;
+        let second: fn(Keyed<K, B>) -> CoInput<K, T, B> = CoInput::Second;
+        let job = self.close_keyed(a, first);
+        other.close_keyed(b, second);
+        ConnectedStreams { job, conns: vec![a, b], _t: PhantomData }
     }
 
     /// Runs a keyed process function (state and timers per key); `factory` makes one per shard.
@@ -450,7 +569,7 @@ where
     /// Windows of this keyed stream, assigned by `assigner` (tumbling, sliding, session, in
     /// event or processing time); finish with [`WindowedStream::aggregate`] or
     /// [`WindowedStream::reduce`].
-    pub fn window<W>(self, uid: &'static str, assigner: W) -> WindowedStream<K, T, W>
+    pub fn window<W>(self, uid: &'static str, assigner: W) -> WindowedStream<K, T, In, C, KF, W>
     where
         W: WindowAssigner<Window = TimeWindow> + Clone + Send + Sync + 'static,
     {
@@ -476,7 +595,7 @@ where
 
     /// The keyed stream's records as a plain stream of [`Keyed`] (key and value).
     pub fn into_stream(self, uid: &'static str) -> Stream<Keyed<K, T>, Identity> {
-        self.job.graph.borrow_mut().claim_uid(uid);
+        self.upstream.job.graph.borrow_mut().claim_uid(uid);
         self.input(uid)
     }
 }

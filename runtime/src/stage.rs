@@ -349,23 +349,20 @@ pub trait ExchangeTx<T> {
     fn flush<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<()>>;
 }
 
-/// How an exchange terminal routes records.
-pub enum Partitioner<T, K, F> {
-    /// By the key group of `key(record)`; records travel as [`Keyed`].
-    ByKey {
-        /// The key_by step's uid.
-        uid: &'static str,
-        /// The key selector.
-        key: F,
-        /// Types.
-        _t: PhantomData<fn(T) -> K>,
-    },
+/// A keyed exchange terminal: routes each record to the shard owning the key group of
+/// `key(record)`; it travels as `wrap(Keyed { key, value })` (the wire type `E`: a [`Keyed`],
+/// or one side of a connected stream).
+pub struct Partitioner<T, K, F, W, E> {
+    uid: &'static str,
+    key: F,
+    wrap: W,
+    _t: PhantomData<fn(T) -> (K, E)>,
 }
 
-impl<T, K, F> Partitioner<T, K, F> {
-    /// Routes by `key`.
-    pub fn by_key(uid: &'static str, key: F) -> Self {
-        Partitioner::ByKey { uid, key, _t: PhantomData }
+impl<T, K, F, W, E> Partitioner<T, K, F, W, E> {
+    /// Routes by `key`, sending `wrap(keyed)`.
+    pub fn by_key(uid: &'static str, key: F, wrap: W) -> Self {
+        Partitioner { uid, key, wrap, _t: PhantomData }
     }
 }
 
@@ -426,16 +423,18 @@ fn to_typed<T>(control: &Element<()>) -> Element<T> {
 }
 
 /// The last node of a `key_by` stage.
-pub struct KeyByNode<T, K, F> {
+pub struct KeyByNode<T, K, F, W, E> {
     key: F,
+    wrap: W,
     uid: &'static str,
     max_parallelism: u16,
     parallelism: usize,
     buf: Vec<u8>,
-    tx: SharedTx<Keyed<K, T>>,
+    tx: SharedTx<E>,
+    _t: PhantomData<fn(T, K)>,
 }
 
-impl<T, K, F> KeyByNode<T, K, F> {
+impl<T, K, F, W, E: 'static> KeyByNode<T, K, F, W, E> {
     fn send_control(&mut self, element: Element<()>) {
         let mut tx = self.tx.borrow_mut();
         for target in 0..self.parallelism {
@@ -444,7 +443,14 @@ impl<T, K, F> KeyByNode<T, K, F> {
     }
 }
 
-impl<T: 'static, K: KeyEncode + 'static, F: Fn(&T) -> K + 'static> Node<T> for KeyByNode<T, K, F> {
+impl<T, K, F, W, E> Node<T> for KeyByNode<T, K, F, W, E>
+where
+    T: 'static,
+    K: KeyEncode + 'static,
+    F: Fn(&T) -> K + 'static,
+    W: Fn(Keyed<K, T>) -> E + 'static,
+    E: 'static,
+{
     #[inline]
     fn record(&mut self, env: &mut Env<'_>, value: T, ts: Timestamp) -> Result<()> {
         env.current.set(self.uid);
@@ -453,7 +459,7 @@ impl<T: 'static, K: KeyEncode + 'static, F: Fn(&T) -> K + 'static> Node<T> for K
         key.encode_key(&mut self.buf);
         let group = key_group_of_encoded(&self.buf, self.max_parallelism);
         let target = KeyGroupRange::shard_for(group, self.parallelism, self.max_parallelism);
-        self.tx.borrow_mut().push(target, Element::Record(Keyed { key, value }, ts));
+        self.tx.borrow_mut().push(target, Element::Record((self.wrap)(Keyed { key, value }), ts));
         Ok(())
     }
     fn watermark(&mut self, _: &mut Env<'_>, wm: Timestamp) -> Result<()> {
@@ -473,24 +479,27 @@ impl<T: 'static, K: KeyEncode + 'static, F: Fn(&T) -> K + 'static> Node<T> for K
     }
 }
 
-impl<T, K, F> TerminalSpec<T> for Partitioner<T, K, F>
+impl<T, K, F, W, E> TerminalSpec<T> for Partitioner<T, K, F, W, E>
 where
-    T: Send + 'static,
-    K: KeyEncode + Send + 'static,
+    T: 'static,
+    K: KeyEncode + 'static,
     F: Fn(&T) -> K + Clone + Send + Sync + 'static,
+    W: Fn(Keyed<K, T>) -> E + Clone + Send + Sync + 'static,
+    E: Send + 'static,
 {
-    type Node = KeyByNode<T, K, F>;
-    type Out = Keyed<K, T>;
-    fn build(&self, rt: &ShardRuntime, conn: Option<ConnectionId>) -> Result<BuiltTerminal<Self::Node, Keyed<K, T>>> {
-        let Partitioner::ByKey { uid, key, .. } = self;
-        let tx = sender_for::<Keyed<K, T>>(rt, conn)?;
+    type Node = KeyByNode<T, K, F, W, E>;
+    type Out = E;
+    fn build(&self, rt: &ShardRuntime, conn: Option<ConnectionId>) -> Result<BuiltTerminal<Self::Node, E>> {
+        let tx = sender_for::<E>(rt, conn)?;
         let node = KeyByNode {
-            key: key.clone(),
-            uid,
+            key: self.key.clone(),
+            wrap: self.wrap.clone(),
+            uid: self.uid,
             max_parallelism: rt.config.max_parallelism,
             parallelism: rt.parallelism,
             buf: Vec::new(),
             tx: Rc::clone(&tx),
+            _t: PhantomData,
         };
         Ok((node, Some(tx)))
     }

@@ -338,3 +338,153 @@ fn a_panic_in_a_user_function_names_operator_and_shard() {
         }
     }
 }
+
+/// (key, event time, value): `n` records per side over `keys` keys, in time order with a
+/// little disorder.
+fn side(n: i64, keys: i64, seed: i64) -> Vec<(String, i64, i64)> {
+    let mut v: Vec<(String, i64, i64)> =
+        (0..n).map(|i| (format!("k{}", (i * 7 + seed) % keys), i * 37 + (i * seed) % 50, i * 1000 + seed)).collect();
+    v.sort_by_key(|r| r.1);
+    for chunk in v.chunks_mut(2) {
+        chunk.reverse();
+    }
+    v
+}
+
+type Triple = (String, i64, i64);
+type TripleTimestamps = fn(&Triple, Option<i64>) -> i64;
+
+fn triple_time() -> WatermarkStrategy<weir::operators::time::BoundedOutOfOrderness, TripleTimestamps> {
+    WatermarkStrategy::bounded_out_of_orderness(500).with_timestamp_assigner(|r: &Triple, _| r.1)
+}
+
+fn join_job(p: usize, interval: bool) -> Vec<(String, i64, i64)> {
+    let (left, right) = (side(1500, 11, 3), side(1500, 11, 5));
+    let job = Job::new("join");
+    let out = CollectSink::new();
+    let l = job
+        .source_with_watermarks("left", VecSource::new(left), triple_time())
+        .key_by("left-key", |r: &Triple| r.0.clone());
+    let r = job
+        .source_with_watermarks("right", VecSource::new(right), triple_time())
+        .key_by("right-key", |r: &Triple| r.0.clone());
+    let pair = |k: &String, a: &Triple, b: &Triple| (k.clone(), a.2, b.2);
+    if interval {
+        l.connect(r).interval_join("ij", -200, 300, pair).sink("out", out.clone());
+    } else {
+        l.connect(r).window_join("wj", 1_000, 1_000, pair).sink("out", out.clone());
+    }
+    let mut report = run_with_timeout(job, config(p), Duration::from_secs(60)).unwrap();
+    assert!(report.side_output(LATE).is_empty());
+    let mut got: Vec<_> = out.take().into_iter().map(|(t, _)| t).collect();
+    got.sort();
+    got
+}
+
+#[test]
+fn window_and_interval_joins_equal_brute_force_at_every_parallelism() {
+    let (left, right) = (side(1500, 11, 3), side(1500, 11, 5));
+    let mut window_ref = Vec::new();
+    let mut interval_ref = Vec::new();
+    for a in &left {
+        for b in &right {
+            if a.0 != b.0 {
+                continue;
+            }
+            if a.1.div_euclid(1_000) == b.1.div_euclid(1_000) {
+                window_ref.push((a.0.clone(), a.2, b.2));
+            }
+            if b.1 >= a.1 - 200 && b.1 <= a.1 + 300 {
+                interval_ref.push((a.0.clone(), a.2, b.2));
+            }
+        }
+    }
+    window_ref.sort();
+    interval_ref.sort();
+    assert!(!window_ref.is_empty() && !interval_ref.is_empty());
+    for p in [1, 2, 4] {
+        assert_eq!(join_job(p, false), window_ref, "window join, parallelism {p}");
+        assert_eq!(join_job(p, true), interval_ref, "interval join, parallelism {p}");
+    }
+}
+
+/// A co-process function counting each key's records of both inputs in shared keyed state,
+/// reported by an event-time timer when the input ends.
+struct BothCounts {
+    counts: Option<ValueState<(u64, u64)>>,
+}
+
+impl BothCounts {
+    fn bump(
+        &self,
+        ctx: &mut ProcessContext<'_, String, (String, u64, u64)>,
+        first: bool,
+    ) -> weir::operators::Result<()> {
+        let state = self.counts.expect("opened");
+        let (a, b) = ctx.value(&state)?.unwrap_or((0, 0));
+        ctx.set(&state, &if first { (a + 1, b) } else { (a, b + 1) })?;
+        ctx.register_event_timer(1_000_000_000)
+    }
+}
+
+impl weir::operators::coprocess::KeyedCoProcessFunction for BothCounts {
+    type Key = String;
+    type In1 = Triple;
+    type In2 = Triple;
+    type Out = (String, u64, u64);
+    fn open(&mut self, states: &mut StateRegistry<'_>) -> weir::operators::Result<()> {
+        self.counts = Some(states.value("counts")?);
+        Ok(())
+    }
+    fn process1(
+        &mut self,
+        _: Triple,
+        ctx: &mut ProcessContext<'_, String, (String, u64, u64)>,
+    ) -> weir::operators::Result<()> {
+        self.bump(ctx, true)
+    }
+    fn process2(
+        &mut self,
+        _: Triple,
+        ctx: &mut ProcessContext<'_, String, (String, u64, u64)>,
+    ) -> weir::operators::Result<()> {
+        self.bump(ctx, false)
+    }
+    fn on_timer(
+        &mut self,
+        _: i64,
+        _: TimeDomain,
+        ctx: &mut ProcessContext<'_, String, (String, u64, u64)>,
+    ) -> weir::operators::Result<()> {
+        let (a, b) = ctx.value(&self.counts.expect("opened"))?.unwrap_or((0, 0));
+        let k = ctx.key().clone();
+        ctx.output((k, a, b));
+        Ok(())
+    }
+}
+
+#[test]
+fn connected_streams_share_keyed_state_and_timers() {
+    let (left, right) = (side(1000, 7, 3), side(700, 7, 5));
+    let mut expected: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for r in &left {
+        expected.entry(r.0.clone()).or_default().0 += 1;
+    }
+    for r in &right {
+        expected.entry(r.0.clone()).or_default().1 += 1;
+    }
+    for p in [1, 2, 4] {
+        let job = Job::new("connect");
+        let out = CollectSink::new();
+        let l = job
+            .source_with_watermarks("left", VecSource::new(left.clone()), triple_time())
+            .key_by("lk", |r: &Triple| r.0.clone());
+        let r = job
+            .source_with_watermarks("right", VecSource::new(right.clone()), triple_time())
+            .key_by("rk", |r: &Triple| r.0.clone());
+        l.connect(r).process("both", || BothCounts { counts: None }).sink("out", out.clone());
+        run_with_timeout(job, config(p), Duration::from_secs(60)).unwrap();
+        let got: BTreeMap<String, (u64, u64)> = out.take().into_iter().map(|((k, a, b), _)| (k, (a, b))).collect();
+        assert_eq!(got, expected, "parallelism {p}");
+    }
+}
