@@ -405,6 +405,12 @@ pub struct ConnectedStreams<K, A, B> {
     _t: PhantomData<fn(K, A, B)>,
 }
 
+/// The operator behind [`ConnectedStreams::window_join`].
+pub type WindowJoinOperator<K, A, B, J> = KeyedCoProcessOperator<WindowJoin<K, A, B, J>>;
+
+/// The operator behind [`ConnectedStreams::interval_join`].
+pub type IntervalJoinOperator<K, A, B, J> = KeyedCoProcessOperator<IntervalJoin<K, A, B, J>>;
+
 /// The stream after a two-input operator.
 pub type CoOperatorStream<K, A, B, F> = Stream<CoInput<K, A, B>, OperatorSpec<Identity, F>>;
 
@@ -440,7 +446,7 @@ where
         size_ms: i64,
         slide_ms: i64,
         f: J,
-    ) -> CoOperatorStream<K, A, B, impl Fn() -> KeyedCoProcessOperator<WindowJoin<K, A, B, J>> + Send + Sync + 'static>
+    ) -> CoOperatorStream<K, A, B, impl Fn() -> WindowJoinOperator<K, A, B, J> + Send + Sync + 'static>
     where
         A: StateValue + Clone,
         B: StateValue + Clone,
@@ -459,7 +465,7 @@ where
         lower_ms: i64,
         upper_ms: i64,
         f: J,
-    ) -> CoOperatorStream<K, A, B, impl Fn() -> KeyedCoProcessOperator<IntervalJoin<K, A, B, J>> + Send + Sync + 'static>
+    ) -> CoOperatorStream<K, A, B, impl Fn() -> IntervalJoinOperator<K, A, B, J> + Send + Sync + 'static>
     where
         A: StateValue + Clone,
         B: StateValue + Clone,
