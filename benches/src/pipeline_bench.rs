@@ -77,7 +77,7 @@ fn step1(x: u64) -> u64 {
 }
 #[inline]
 fn keep(x: &u64) -> bool {
-    x % 5 != 0
+    !x.is_multiple_of(5)
 }
 #[inline]
 fn step2(x: u64) -> u64 {

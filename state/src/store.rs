@@ -32,6 +32,7 @@
 //! [`RestoreOptions::verify_all`] checks everything up front instead.
 
 use std::any::TypeId;
+use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -276,7 +277,9 @@ pub struct StoreStats {
 pub struct StateStore {
     dir: PathBuf,
     config: StoreConfig,
-    segments: Vec<Option<Segment>>,
+    /// Segments of the store by id: `None` if not part of it; an empty cell if listed by the
+    /// restored checkpoint but not opened yet (opened, and its header checked, on first use).
+    segments: Vec<Option<OnceCell<Segment>>>,
     stats: Vec<SegmentStats>,
     /// First segment of the log still present.
     first_segment: SegmentId,
@@ -349,7 +352,7 @@ impl StateStore {
             keys: self.index.len() as u64,
             live_bytes: live,
             log_bytes: log,
-            segments: self.segments.iter().filter(|s| s.is_some()).count() as u64,
+            segments: self.segments.iter().filter(|s| s.as_ref().is_some_and(|c| c.get().is_some())).count() as u64,
             ..self.counters
         }
     }
@@ -404,7 +407,7 @@ impl StateStore {
             self.segments.resize_with(idx + 1, || None);
             self.stats.resize(idx + 1, SegmentStats::default());
         }
-        self.segments[idx] = Some(segment);
+        self.segments[idx] = Some(OnceCell::from(segment));
         self.stats[idx] = SegmentStats { data_end: SEGMENT_HEADER_BYTES, live_bytes: 0 };
         self.tail_segment = id;
         self.tail_offset = SEGMENT_HEADER_BYTES;
@@ -412,8 +415,37 @@ impl StateStore {
         Ok(())
     }
 
-    fn segment(&self, id: SegmentId) -> Option<&Segment> {
-        self.segments.get(id as usize).and_then(|s| s.as_ref())
+    /// Whether segment `id` is part of the store.
+    fn has_segment(&self, id: SegmentId) -> bool {
+        self.segments.get(id as usize).is_some_and(Option::is_some)
+    }
+
+    /// Segment `id`, opened (and its header and data end checked) on first use. `Ok(None)` if
+    /// it is not part of the store.
+    fn segment(&self, id: SegmentId) -> Result<Option<&Segment>> {
+        let Some(Some(cell)) = self.segments.get(id as usize) else { return Ok(None) };
+        if let Some(segment) = cell.get() {
+            return Ok(Some(segment));
+        }
+        let segment = Segment::open(&self.dir, id)?;
+        let data_end = self.stats[id as usize].data_end;
+        if data_end > segment.len() || data_end < SEGMENT_HEADER_BYTES {
+            return Err(StateError::corrupt(segment.path(), u64::from(data_end), "checkpoint names a bad data end"));
+        }
+        if segment.header().shard != self.config.shard {
+            return Err(StateError::corrupt(
+                segment.path(),
+                16,
+                format!("segment of shard {}", segment.header().shard),
+            ));
+        }
+        let _ = cell.set(segment);
+        Ok(cell.get())
+    }
+
+    fn segment_mut(&mut self, id: SegmentId) -> Result<Option<&mut Segment>> {
+        self.segment(id)?;
+        Ok(self.segments.get_mut(id as usize).and_then(|s| s.as_mut()).and_then(OnceCell::get_mut))
     }
 
     /// The record at `addr`: its bytes (from the record start to the end of its segment's data)
@@ -421,7 +453,7 @@ impl StateStore {
     /// that came from files (before `restored_upto`).
     fn record_at(&self, addr: LogAddress) -> Result<(&[u8], RecordHeader)> {
         let (seg_id, off) = (address_segment(addr), address_offset(addr));
-        let Some(segment) = self.segment(seg_id) else {
+        let Some(segment) = self.segment(seg_id)? else {
             return Err(StateError::corrupt(
                 self.dir.join(segment_file_name(seg_id)),
                 u64::from(off),
@@ -543,11 +575,12 @@ impl StateStore {
         if h.value_offset() as usize + value.len() > h.slot_bytes() as usize {
             return Ok(false);
         }
-        let Some(segment) = self.segments[address_segment(addr) as usize].as_mut() else {
+        let seq = self.next_seq;
+        let Some(segment) = self.segment_mut(address_segment(addr))? else {
             return Ok(false);
         };
         let slot = segment.slice_mut(address_offset(addr), h.slot_bytes());
-        record::rewrite_value(slot, &h, self.next_seq, flags, value);
+        record::rewrite_value(slot, &h, seq, flags, value);
         self.next_seq += 1;
         self.counters.in_place_updates += 1;
         Ok(true)
@@ -586,7 +619,7 @@ impl StateStore {
             flags,
         };
         let (seg, off) = (self.tail_segment, self.tail_offset);
-        let Some(segment) = self.segments[seg as usize].as_mut() else {
+        let Some(segment) = self.segment_mut(seg)? else {
             return Err(StateError::Misuse("tail segment is not mapped".into()));
         };
         record::encode(segment.slice_mut(off, slot), &header, key.bytes, value);
@@ -644,7 +677,7 @@ impl StateStore {
             || self.bytes_since_index >= self.config.index_snapshot_tail_bytes;
         let index_write = if take_index {
             let segments = (self.first_segment..=self.tail_segment)
-                .filter(|&id| self.segment(id).is_some() && self.stats[id as usize].live_bytes > 0)
+                .filter(|&id| self.has_segment(id) && self.stats[id as usize].live_bytes > 0)
                 .collect();
             Some(IndexWrite {
                 path: self.dir.join(index_file_name(checkpoint_id)),
@@ -656,7 +689,7 @@ impl StateStore {
         };
         let index_ref = index_write.as_ref().map(|w| w.snapshot.clone()).or(confirmed_index);
         let segments: Vec<SegmentRef> = (self.first_segment..=self.tail_segment)
-            .filter(|&id| self.segment(id).is_some() && self.needed_by(id, index_ref.as_ref()))
+            .filter(|&id| self.has_segment(id) && self.needed_by(id, index_ref.as_ref()))
             .map(|id| {
                 let s = self.stats[id as usize];
                 SegmentRef { id, data_end: s.data_end, live_bytes: s.live_bytes }
@@ -675,10 +708,10 @@ impl StateStore {
             states: self.states.values().map(|r| r.info.clone()).collect(),
             key_count: self.index.len() as u64,
         };
-        let flushes = self.ranges_to_sync(synced_upto, seal);
+        let flushes = self.ranges_to_sync(synced_upto, seal)?;
         let new_files = std::mem::take(&mut self.new_segments)
             .into_iter()
-            .filter_map(|id| self.segment(id).map(Segment::flusher))
+            .filter_map(|id| self.segment(id).ok().flatten().map(Segment::flusher))
             .collect();
         self.seal = seal;
         self.last_checkpoint = Some(checkpoint_id);
@@ -709,17 +742,17 @@ impl StateStore {
         }
     }
 
-    fn ranges_to_sync(&self, from: LogAddress, to: LogAddress) -> Vec<(SegmentFlusher, u32, u32)> {
+    fn ranges_to_sync(&self, from: LogAddress, to: LogAddress) -> Result<Vec<(SegmentFlusher, u32, u32)>> {
         let mut out = Vec::new();
         for id in address_segment(from).max(self.first_segment)..=address_segment(to) {
-            let Some(segment) = self.segment(id) else { continue };
+            let Some(segment) = self.segment(id)? else { continue };
             let start = if id == address_segment(from) { address_offset(from) } else { SEGMENT_HEADER_BYTES };
             let end = if id == address_segment(to) { address_offset(to) } else { self.stats[id as usize].data_end };
             if end > start {
                 out.push((segment.flusher(), start, end - start));
             }
         }
-        out
+        Ok(out)
     }
 
     /// Writes back full pages of the mutable region in the background, so that a checkpoint
@@ -728,7 +761,7 @@ impl StateStore {
     pub fn write_behind(&self, min_bytes: u32) -> Option<WriteBehindTask> {
         let from = self.ledger.lock().ok()?.synced_upto.max(self.seal);
         let to = log_address(self.tail_segment, self.tail_offset & !4095).max(from);
-        let ranges = self.ranges_to_sync(from, to);
+        let ranges = self.ranges_to_sync(from, to).ok()?;
         let total: u64 = ranges.iter().map(|r| u64::from(r.2)).sum();
         (total >= u64::from(min_bytes)).then_some(WriteBehindTask { ranges })
     }
@@ -753,13 +786,14 @@ impl StateStore {
             return Err(StateError::corrupt(dir, 0, format!("checkpoint {} lists no segment", handle.checkpoint_id)));
         };
         let tail_segment = address_segment(handle.seal);
-        let mut segments: Vec<Option<Segment>> = Vec::new();
+        // Segments are opened lazily (on first read); only the bookkeeping is set up here, so
+        // restore opens a constant number of files whatever the state size.
+        let mut segments: Vec<Option<OnceCell<Segment>>> = Vec::new();
         let mut stats = Vec::new();
         for r in &handle.segments {
-            let segment = Segment::open(dir, r.id)?;
-            if r.data_end > segment.len() || r.data_end < SEGMENT_HEADER_BYTES || r.id > tail_segment {
+            if r.id > tail_segment || r.data_end < SEGMENT_HEADER_BYTES {
                 return Err(StateError::corrupt(
-                    segment.path(),
+                    dir.join(segment_file_name(r.id)),
                     u64::from(r.data_end),
                     "checkpoint names bad data end",
                 ));
@@ -769,7 +803,7 @@ impl StateStore {
                 segments.resize_with(idx + 1, || None);
                 stats.resize(idx + 1, SegmentStats::default());
             }
-            segments[idx] = Some(segment);
+            segments[idx] = Some(OnceCell::new());
             stats[idx] = SegmentStats { data_end: r.data_end, live_bytes: r.live_bytes };
         }
         let tail_offset = address_offset(handle.seal);
@@ -829,7 +863,7 @@ impl StateStore {
     fn replay(&mut self, from: LogAddress, to: LogAddress) -> Result<()> {
         let mut key = Vec::new();
         for id in address_segment(from)..=address_segment(to) {
-            let Some(end) = self.segment(id).map(|_| self.stats[id as usize].data_end) else {
+            let Some(end) = self.segment(id)?.map(|_| self.stats[id as usize].data_end) else {
                 return Err(StateError::corrupt(
                     self.dir.join(segment_file_name(id)),
                     0,
@@ -839,7 +873,7 @@ impl StateStore {
             let mut off = if id == address_segment(from) { address_offset(from) } else { SEGMENT_HEADER_BYTES };
             while off < end {
                 let h = {
-                    let Some(segment) = self.segment(id) else { break };
+                    let Some(segment) = self.segment(id)? else { break };
                     let bytes = &segment.bytes()[off as usize..end as usize];
                     let h = record::decode_checked(bytes).map_err(|e| {
                         StateError::corrupt(segment.path(), u64::from(off), format!("bad record in replay: {e:?}"))
@@ -872,7 +906,7 @@ impl StateStore {
         self.index.verify_all()?;
         let mut records = 0;
         for id in self.first_segment..=self.tail_segment {
-            let Some(segment) = self.segment(id) else { continue };
+            let Some(segment) = self.segment(id)? else { continue };
             let end = if id == self.tail_segment { self.tail_offset } else { self.stats[id as usize].data_end };
             let mut off = SEGMENT_HEADER_BYTES;
             while off < end {
@@ -947,7 +981,7 @@ impl StateStore {
         let limit = address_segment(replay_from).min(address_segment(self.seal));
         let mut stats = CompactionStats::default();
         for id in self.first_segment..limit {
-            let Some(segment) = self.segment(id) else { continue };
+            let Some(segment) = self.segment(id)? else { continue };
             let s = self.stats[id as usize];
             let data = u64::from(s.data_end - SEGMENT_HEADER_BYTES);
             if s.live_bytes == 0 || data == 0 || (s.live_bytes as f64) / (data as f64) >= max_live_ratio {
@@ -1005,7 +1039,7 @@ impl StateStore {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             let keep = if let Some(id) = parse_segment_file_name(&name) {
-                let needed_now = self.segment(id).is_some() && self.needed_by(id, confirmed.as_ref());
+                let needed_now = self.has_segment(id) && self.needed_by(id, confirmed.as_ref());
                 let keep = needed_now || retained.iter().any(|h| h.segments.iter().any(|s| s.id == id));
                 if !keep && let Some(slot) = self.segments.get_mut(id as usize) {
                     *slot = None;
@@ -1023,7 +1057,7 @@ impl StateStore {
                 deleted += 1;
             }
         }
-        while self.first_segment < self.tail_segment && self.segment(self.first_segment).is_none() {
+        while self.first_segment < self.tail_segment && !self.has_segment(self.first_segment) {
             self.first_segment += 1;
         }
         Ok(deleted)
