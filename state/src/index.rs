@@ -250,30 +250,25 @@ impl Index {
         Ok(self.slots().iter().copied().filter(|s| s.addr != 0))
     }
 
-    /// Serialises the table as a snapshot reflecting the log up to `seal`. This copies the
-    /// slot array (a memcpy-speed pass); writing the bytes out happens off the caller's thread.
+    /// Serialises the table as a snapshot reflecting the log up to `seal` (header, chunk CRC
+    /// table and slots in one buffer).
     pub fn snapshot(&mut self, seal: u64) -> Result<Vec<u8>> {
-        self.verify_all()?;
-        let slots = &self.mem[..];
-        let chunks = self.capacity.div_ceil(CHUNK_SLOTS);
-        let table_bytes = (chunks * 4).div_ceil(PAGE) * PAGE;
-        let mut out = Vec::with_capacity(PAGE + table_bytes + slots.len());
-        out.resize(PAGE + table_bytes, 0);
-        for (c, chunk) in slots.chunks(CHUNK_SLOTS * size_of::<Slot>()).enumerate() {
-            let crc = crc32fast::hash(chunk);
-            out[PAGE + c * 4..PAGE + c * 4 + 4].copy_from_slice(&crc.to_le_bytes());
-        }
-        let table_crc = crc32fast::hash(&out[PAGE..PAGE + chunks * 4]);
-        out[0..8].copy_from_slice(&INDEX_MAGIC);
-        out[8..12].copy_from_slice(&INDEX_FORMAT_VERSION.to_le_bytes());
-        out[16..24].copy_from_slice(&(self.capacity as u64).to_le_bytes());
-        out[24..32].copy_from_slice(&(self.len as u64).to_le_bytes());
-        out[32..40].copy_from_slice(&seal.to_le_bytes());
-        out[40..44].copy_from_slice(&table_crc.to_le_bytes());
-        let header_crc = crc32fast::hash(&out[0..44]);
-        out[44..48].copy_from_slice(&header_crc.to_le_bytes());
-        out.extend_from_slice(slots);
+        let mut slots = Vec::new();
+        let (capacity, len) = self.copy_slots(&mut slots)?;
+        let mut out = snapshot_header(capacity, len, seal, &slots);
+        out.extend_from_slice(&slots);
         Ok(out)
+    }
+
+    /// Copies the slot array into `buf` (reused across snapshots, so after the first one this
+    /// is a memcpy into memory that is already faulted in) and returns capacity and length.
+    /// This is the only part of an index snapshot that runs on the caller's thread; the CRCs and
+    /// the header are computed by [`snapshot_header`] where the file is written.
+    pub fn copy_slots(&mut self, buf: &mut Vec<u8>) -> Result<(usize, usize)> {
+        self.verify_all()?;
+        buf.clear();
+        buf.extend_from_slice(&self.mem[..]);
+        Ok((self.capacity, self.len))
     }
 
     /// Maps a snapshot file copy-on-write. Checks the header and the chunk CRC table now, each
@@ -336,6 +331,28 @@ impl Index {
         let index = Index { mem, capacity, len: len as usize, lazy: Some(lazy) };
         Ok((index, seal))
     }
+}
+
+/// The header page and chunk CRC table of an index snapshot of `slots` (see the module docs):
+/// what precedes the slots in the file.
+pub fn snapshot_header(capacity: usize, len: usize, seal: u64, slots: &[u8]) -> Vec<u8> {
+    let chunks = capacity.div_ceil(CHUNK_SLOTS);
+    let table_bytes = (chunks * 4).div_ceil(PAGE) * PAGE;
+    let mut out = vec![0u8; PAGE + table_bytes];
+    for (c, chunk) in slots.chunks(CHUNK_SLOTS * size_of::<Slot>()).enumerate() {
+        let crc = crc32fast::hash(chunk);
+        out[PAGE + c * 4..PAGE + c * 4 + 4].copy_from_slice(&crc.to_le_bytes());
+    }
+    let table_crc = crc32fast::hash(&out[PAGE..PAGE + chunks * 4]);
+    out[0..8].copy_from_slice(&INDEX_MAGIC);
+    out[8..12].copy_from_slice(&INDEX_FORMAT_VERSION.to_le_bytes());
+    out[16..24].copy_from_slice(&(capacity as u64).to_le_bytes());
+    out[24..32].copy_from_slice(&(len as u64).to_le_bytes());
+    out[32..40].copy_from_slice(&seal.to_le_bytes());
+    out[40..44].copy_from_slice(&table_crc.to_le_bytes());
+    let header_crc = crc32fast::hash(&out[0..44]);
+    out[44..48].copy_from_slice(&header_crc.to_le_bytes());
+    out
 }
 
 #[cfg(test)]

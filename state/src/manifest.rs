@@ -183,7 +183,7 @@ impl CheckpointDirectory {
     /// Writes `manifest` atomically: temp file, fsync, rename, fsync of the directory. When this
     /// returns `Ok`, the checkpoint is complete and survives a crash.
     pub fn commit(&self, manifest: &Manifest) -> Result<()> {
-        write_durably(&self.manifest_path(manifest.checkpoint_id), &manifest.encode(), &self.manifests)
+        write_durably(&self.manifest_path(manifest.checkpoint_id), &[&manifest.encode()], &self.manifests)
     }
 
     /// Ids of all manifests present (valid or not), ascending.

@@ -240,6 +240,8 @@ struct Ledger {
     confirmed_index: Option<IndexSnapshotRef>,
     /// Set when a sync failed: the files are suspect until a restore.
     failed_sync: Option<String>,
+    /// The buffer of the last index snapshot, handed back for the next one.
+    spare_index_buf: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -663,14 +665,21 @@ impl StateStore {
         {
             return Err(StateError::Misuse(format!("checkpoint {checkpoint_id} is not after {prev}")));
         }
-        let (synced_upto, confirmed_index) = {
-            let ledger = self.ledger.lock().map_err(|_| StateError::Misuse("ledger poisoned".into()))?;
+        let (synced_upto, confirmed_index, spare) = {
+            let mut ledger = self.ledger.lock().map_err(|_| StateError::Misuse("ledger poisoned".into()))?;
             if let Some(failure) = &ledger.failed_sync {
                 return Err(StateError::Misuse(format!(
                     "an earlier sync failed ({failure}); the files are suspect: restore from the last complete checkpoint"
                 )));
             }
-            (ledger.synced_upto, ledger.confirmed_index.clone())
+            let spare = if self.checkpoints_since_index + 1 >= self.config.index_snapshot_every
+                || self.bytes_since_index >= self.config.index_snapshot_tail_bytes
+            {
+                ledger.spare_index_buf.take()
+            } else {
+                None
+            };
+            (ledger.synced_upto, ledger.confirmed_index.clone(), spare)
         };
         let seal = self.tail();
         let take_index = self.checkpoints_since_index + 1 >= self.config.index_snapshot_every
@@ -679,9 +688,13 @@ impl StateStore {
             let segments = (self.first_segment..=self.tail_segment)
                 .filter(|&id| self.has_segment(id) && self.stats[id as usize].live_bytes > 0)
                 .collect();
+            let mut slots = spare.unwrap_or_default();
+            let (capacity, len) = self.index.copy_slots(&mut slots)?;
             Some(IndexWrite {
                 path: self.dir.join(index_file_name(checkpoint_id)),
-                bytes: self.index.snapshot(seal)?,
+                slots,
+                capacity,
+                len,
                 snapshot: IndexSnapshotRef { checkpoint_id, seal, segments },
             })
         } else {
@@ -837,6 +850,7 @@ impl StateStore {
                 synced_upto: handle.seal,
                 confirmed_index: handle.index_snapshot.clone(),
                 failed_sync: None,
+                spare_index_buf: None,
             })),
             checkpoints_since_index: 0,
             bytes_since_index: 0,
@@ -1091,7 +1105,9 @@ pub struct CompactionStats {
 #[derive(Debug)]
 struct IndexWrite {
     path: PathBuf,
-    bytes: Vec<u8>,
+    slots: Vec<u8>,
+    capacity: usize,
+    len: usize,
     snapshot: IndexSnapshotRef,
 }
 
@@ -1139,7 +1155,7 @@ impl DurabilityTask {
     }
 
     /// Performs the syncs, blocking the calling thread.
-    pub fn run(self) -> Result<Durable> {
+    pub fn run(mut self) -> Result<Durable> {
         let started = Instant::now();
         let bytes_synced = self.bytes_to_sync();
         if let Err(e) = self.sync_log() {
@@ -1149,20 +1165,24 @@ impl DurabilityTask {
             return Err(e);
         }
         let mut index_bytes = 0;
-        if let Some(w) = &self.index_write {
-            if let Err(e) = write_durably(&w.path, &w.bytes, &self.dir) {
-                // A half-written snapshot is never referenced by a complete checkpoint; remove it.
-                let _ = std::fs::remove_file(&w.path);
-                return Err(e);
+        let mut written_index = None;
+        if let Some(w) = self.index_write.take() {
+            // CRCs and header are computed here, off the caller's thread.
+            let header = crate::index::snapshot_header(w.capacity, w.len, w.snapshot.seal, &w.slots);
+            let written = write_durably(&w.path, &[&header, &w.slots], &self.dir);
+            if let Ok(mut ledger) = self.ledger.lock() {
+                ledger.spare_index_buf = Some(w.slots);
             }
-            index_bytes = w.bytes.len() as u64;
+            written?;
+            index_bytes = (header.len() + w.capacity * 16) as u64;
+            written_index = Some(w.snapshot);
         }
         if let Ok(mut ledger) = self.ledger.lock() {
             ledger.synced_upto = ledger.synced_upto.max(self.seal);
-            if let Some(w) = &self.index_write
-                && ledger.confirmed_index.as_ref().is_none_or(|c| c.checkpoint_id < w.snapshot.checkpoint_id)
+            if let Some(snapshot) = written_index
+                && ledger.confirmed_index.as_ref().is_none_or(|c| c.checkpoint_id < snapshot.checkpoint_id)
             {
-                ledger.confirmed_index = Some(w.snapshot.clone());
+                ledger.confirmed_index = Some(snapshot);
             }
         }
         Ok(Durable { checkpoint_id: self.checkpoint_id, bytes_synced, index_bytes, duration: started.elapsed() })
@@ -1187,7 +1207,7 @@ impl DurabilityTask {
 /// over `path`, and `dir` fsynced. Readers see the old file or the whole new one, never a
 /// partial one, and an existing file at `path` is replaced (new inode), never truncated, so an
 /// older index snapshot that is still mapped copy-on-write is never cut short under its mapping.
-pub(crate) fn write_durably(path: &Path, bytes: &[u8], dir: &Path) -> Result<()> {
+pub(crate) fn write_durably(path: &Path, parts: &[&[u8]], dir: &Path) -> Result<()> {
     use std::io::Write;
     crate::faults::check("state::write_file", path)?;
     let mut tmp_name = path.as_os_str().to_owned();
@@ -1195,7 +1215,9 @@ pub(crate) fn write_durably(path: &Path, bytes: &[u8], dir: &Path) -> Result<()>
     let tmp = PathBuf::from(tmp_name);
     let written = (|| {
         let mut file = std::fs::File::create(&tmp).map_err(|e| StateError::io("create", &tmp, e))?;
-        file.write_all(bytes).map_err(|e| StateError::io("write", &tmp, e))?;
+        for bytes in parts {
+            file.write_all(bytes).map_err(|e| StateError::io("write", &tmp, e))?;
+        }
         file.sync_all().map_err(|e| StateError::io("fsync", &tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| StateError::io("rename", path, e))
     })();
