@@ -1154,6 +1154,13 @@ impl DurabilityTask {
         self.flushes.iter().map(|f| u64::from(f.2)).sum()
     }
 
+    /// Runs the task on a new thread and returns a [`Completion`] to poll or wait on, for
+    /// callers without a blocking pool of their own (the runtime uses glommio's).
+    pub fn spawn(self) -> Completion {
+        let handle = std::thread::Builder::new().name("weir-durability".into()).spawn(move || self.run());
+        Completion { handle: Some(handle) }
+    }
+
     /// Performs the syncs, blocking the calling thread.
     pub fn run(mut self) -> Result<Durable> {
         let started = Instant::now();
@@ -1200,6 +1207,33 @@ impl DurabilityTask {
             f.flush_range(*off, *len)?;
         }
         Ok(())
+    }
+}
+
+/// A [`DurabilityTask`] running on its own thread.
+#[derive(Debug)]
+pub struct Completion {
+    handle: Option<std::io::Result<std::thread::JoinHandle<Result<Durable>>>>,
+}
+
+impl Completion {
+    /// Whether the task has finished (then [`Completion::wait`] does not block).
+    pub fn is_done(&self) -> bool {
+        match &self.handle {
+            Some(Ok(h)) => h.is_finished(),
+            _ => true,
+        }
+    }
+
+    /// Waits for the task and returns its result.
+    pub fn wait(mut self) -> Result<Durable> {
+        match self.handle.take() {
+            Some(Ok(h)) => {
+                h.join().unwrap_or_else(|_| Err(StateError::Misuse("the durability thread panicked".into())))
+            }
+            Some(Err(e)) => Err(StateError::io("spawn durability thread", "<thread>", e)),
+            None => Err(StateError::Misuse("completion already waited on".into())),
+        }
     }
 }
 
