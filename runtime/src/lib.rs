@@ -43,7 +43,7 @@ pub use weir_state as state;
 pub mod prelude {
     pub use crate::clock::{Clock, ManualClock, SystemClock};
     pub use crate::job::{Job, JobConfig, KeyedStream, Stream, WindowedStream};
-    pub use crate::runner::{JobHandle, JobReport};
+    pub use crate::runner::{JobHandle, JobMetrics, JobReport, StageMetrics};
     pub use crate::sink::{CallbackSink, CollectSink, FileSink, Sink, SinkWriter};
     pub use crate::source::{FileSource, Generator, GeneratorSource, IterSource, Source, SourceReader, VecSource};
     pub use crate::{Result, RuntimeError};

@@ -56,6 +56,29 @@ pub struct JobShared {
     dead_letters: Mutex<Vec<DeadLetter>>,
     batches: AtomicU64,
     side_outputs: Mutex<HashMap<&'static str, Vec<Box<dyn Any + Send>>>>,
+    stages: Mutex<HashMap<&'static str, StageMetrics>>,
+}
+
+/// Counters of one stage, summed over its shards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StageMetrics {
+    /// Records that entered the stage's chain.
+    pub records: u64,
+    /// Batches the stage processed.
+    pub batches: u64,
+}
+
+/// A snapshot of a running job's counters.
+#[derive(Debug, Clone, Default)]
+pub struct JobMetrics {
+    /// Time since the job started.
+    pub uptime: Duration,
+    /// Per stage (named by the uid of its input: source or exchange), records and batches.
+    pub stages: Vec<(&'static str, StageMetrics)>,
+    /// Records emitted to each side output (for example `late`).
+    pub side_outputs: Vec<(&'static str, u64)>,
+    /// Undecodable records sent to the dead-letter output.
+    pub dead_letters: u64,
 }
 
 /// What a stage sees of its shard.
@@ -126,9 +149,14 @@ impl ShardRuntime {
         }
     }
 
-    /// Counts a processed batch (metrics).
-    pub fn count_batch(&self, _stage: &'static str) {
+    /// Counts a processed batch of `records` records (metrics; once per batch, not per record).
+    pub fn count_batch(&self, stage: &'static str, records: u64) {
         self.shared.batches.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut stages) = self.shared.stages.lock() {
+            let m = stages.entry(stage).or_default();
+            m.records += records;
+            m.batches += 1;
+        }
     }
 
     /// This shard's sending side of `conn`.
@@ -374,6 +402,7 @@ impl<T: Send + 'static> ExchangeRx<T> for MeshReceiver<T> {
 
 /// A running job.
 pub struct JobHandle {
+    started: std::time::Instant,
     name: String,
     threads: Vec<(usize, glommio::ExecutorJoinHandle<Result<()>>)>,
     shared: Arc<JobShared>,
@@ -410,6 +439,26 @@ impl JobReport {
 }
 
 impl JobHandle {
+    /// The job's counters now.
+    pub fn metrics(&self) -> JobMetrics {
+        let mut stages: Vec<_> =
+            self.shared.stages.lock().map(|s| s.iter().map(|(k, v)| (*k, *v)).collect()).unwrap_or_default();
+        stages.sort_by_key(|s| s.0);
+        let mut side_outputs: Vec<_> = self
+            .shared
+            .side_outputs
+            .lock()
+            .map(|s| s.iter().map(|(k, v)| (*k, v.len() as u64)).collect())
+            .unwrap_or_default();
+        side_outputs.sort();
+        JobMetrics {
+            uptime: self.started.elapsed(),
+            stages,
+            side_outputs,
+            dead_letters: self.shared.dead_letters.lock().map_or(0, |d| d.len() as u64),
+        }
+    }
+
     /// Asks the job to stop: sources end their input early, and the job completes.
     pub fn cancel(&self) {
         self.shared.cancelled.store(true, Ordering::SeqCst);
@@ -502,7 +551,14 @@ pub(crate) fn start(
             .map_err(|e| RuntimeError::Shard { shard, reason: format!("cannot start executor: {e}") })?;
         threads.push((shard, handle));
     }
-    Ok(JobHandle { name: name.to_owned(), threads, shared, run_dir, keep_state: config.keep_state })
+    Ok(JobHandle {
+        started: std::time::Instant::now(),
+        name: name.to_owned(),
+        threads,
+        shared,
+        run_dir,
+        keep_state: config.keep_state,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

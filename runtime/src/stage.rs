@@ -716,6 +716,7 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
         batch.clear();
         let pumped = pump.next(&mut batch, &rt).await?;
         let mut done = false;
+        let records = batch.iter().filter(|e| matches!(e, Element::Record(..))).count() as u64;
         let current = std::cell::Cell::new(name);
         {
             let mut store = rt.store.borrow_mut();
@@ -763,7 +764,7 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
                 }
             }
         }
-        rt.count_batch(name);
+        rt.count_batch(name, records);
         if let Some(tx) = &tx {
             // The terminal node only queues; sends (and backpressure) happen here, between
             // batches, so no borrow of the store or the chain is held across an await.

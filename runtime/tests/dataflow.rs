@@ -488,3 +488,48 @@ fn connected_streams_share_keyed_state_and_timers() {
         assert_eq!(got, expected, "parallelism {p}");
     }
 }
+
+#[test]
+fn rebalance_and_broadcast_route_every_record() {
+    for p in [1, 2, 4] {
+        let job = Job::new("routes");
+        let rebalanced = CollectSink::new();
+        let broadcast = CollectSink::new();
+        job.source("numbers", VecSource::new((0..1000u64).collect()))
+            .rebalance("spread")
+            .map("tag", |n: u64| n)
+            .sink("rebalanced", rebalanced.clone());
+        job.source("few", VecSource::new((0..10u64).collect()))
+            .broadcast("everywhere")
+            .sink("broadcast", broadcast.clone());
+        let handle = job.run(config(p)).unwrap();
+        let metrics_while_running = handle.metrics();
+        let _ = metrics_while_running.uptime;
+        handle.wait().unwrap();
+        assert_eq!(rebalanced.take_sorted(), (0..1000u64).collect::<Vec<_>>(), "rebalance, parallelism {p}");
+        let mut expected: Vec<u64> = (0..10u64).flat_map(|n| std::iter::repeat_n(n, p)).collect();
+        expected.sort();
+        assert_eq!(broadcast.take_sorted(), expected, "broadcast, parallelism {p}");
+    }
+}
+
+#[test]
+fn metrics_count_records_per_stage() {
+    let job = Job::new("metrics");
+    job.source("numbers", VecSource::new((0..5000u64).collect()))
+        .key_by("by-n", |n: &u64| n % 10)
+        .reduce("sum", |_: &u64| 0u64, |a: u64, n: u64| a + n)
+        .sink("out", CollectSink::new());
+    let handle = job.run(config(2)).unwrap();
+    while handle.metrics().stages.iter().map(|s| s.1.records).sum::<u64>() < 10_000 {
+        std::thread::sleep(Duration::from_millis(1));
+        if handle.metrics().uptime > Duration::from_secs(30) {
+            panic!("metrics never reached the input size");
+        }
+    }
+    let m = handle.metrics();
+    let by_stage: BTreeMap<&str, u64> = m.stages.iter().map(|(n, s)| (*n, s.records)).collect();
+    assert_eq!(by_stage.get("numbers"), Some(&5000));
+    assert_eq!(by_stage.get("sum"), Some(&5000));
+    handle.wait().unwrap();
+}
