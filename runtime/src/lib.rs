@@ -26,6 +26,7 @@
 //! runs), [`runner`] (shards, exchange, the job handle), [`clock`].
 
 pub mod chain;
+pub mod checkpoint;
 pub mod clock;
 pub mod error;
 pub mod job;
