@@ -4,5 +4,6 @@
 //! - [`nexmark`]: a faithful, deterministic Nexmark event generator, random access by offset.
 
 pub mod nexmark;
+pub mod nexmark_queries;
 pub mod pipeline_bench;
 pub mod state_bench;

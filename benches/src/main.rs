@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use weir_bench::nexmark_queries::{self, Query};
 use weir_bench::{pipeline_bench, state_bench};
 
 /// Weir's benchmark harness: plain programs that print numbers, each with its baseline.
@@ -18,7 +19,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Quick tour (the default): chain, keyed count, latency, state ops, checkpoint, restore.
+    /// Quick tour (the default): Nexmark Q1/Q2/Q5, chain, keyed count, latency, state ops,
+    /// checkpoint, restore.
     Demo,
     /// State put/get throughput against HashMap<u64, u64>.
     StateOps {
@@ -37,6 +39,12 @@ enum Command {
         /// Checkpoints to take.
         #[arg(long, default_value_t = 40)]
         rounds: u32,
+    },
+    /// Nexmark Q1, Q2 and Q5 on the engine at parallelism 1 and 2.
+    Nexmark {
+        /// Events.
+        #[arg(long, default_value_t = 2_000_000)]
+        events: u64,
     },
     /// A chained stateless pipeline on the engine against a hand-written loop.
     Chain {
@@ -160,17 +168,37 @@ fn latency(base: &std::path::Path, seconds: f64, parallelism: usize) -> Result<(
     Ok(())
 }
 
+fn nexmark(base: &std::path::Path, events: u64) -> Result<(), String> {
+    for (name, query) in [("q1", Query::Q1), ("q2", Query::Q2), ("q5", Query::Q5)] {
+        let (p1, out1) = nexmark_queries::run(query, events, 1, base).map_err(|e| e.to_string())?;
+        pipeline_bench::settle();
+        let (p2, out2) = nexmark_queries::run(query, events, 2, base).map_err(|e| e.to_string())?;
+        if name != "q5" && out1 != out2 {
+            return Err(format!("nexmark {name}: {out1} results at P=1 but {out2} at P=2"));
+        }
+        println!(
+            "nexmark {name} events={events} P=1 {:.2} M events/s  P=2 {:.2} M events/s  scaling={:.2}  results={out1}",
+            p1 / 1e6,
+            p2 / 1e6,
+            p2 / p1
+        );
+    }
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let base = cli.data_dir;
     let result = match cli.command.unwrap_or(Command::Demo) {
-        Command::Demo => chain(&base, 10_000_000)
+        Command::Demo => nexmark(&base, 1_000_000)
+            .and_then(|_| chain(&base, 10_000_000))
             .and_then(|_| keyed(&base, 2_000_000, 100_000).map(|_| ()))
             .and_then(|_| latency(&base, 3.0, 2))
             .and_then(|_| state_ops(&base, &[1_000_000]))
             .and_then(|_| state_checkpoint(&base, 100, 1.0, 20))
             .and_then(|_| state_restore(&base, &[100])),
         Command::Chain { records } => chain(&base, records),
+        Command::Nexmark { events } => nexmark(&base, events),
         Command::Keyed { records, keys } => keyed(&base, records, keys).map(|_| ()),
         Command::Latency { seconds, parallelism } => latency(&base, seconds, parallelism),
         Command::StateOps { keys } => state_ops(&base, &keys),

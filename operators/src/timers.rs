@@ -7,7 +7,7 @@
 //! An in-memory ordered set mirrors the records for firing in time order; [`TimerService::open`]
 //! rebuilds it from the store after a restore.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use weir_state::keygroup::{KeyEncode, KeyGroup};
 use weir_state::record::StateId;
@@ -38,10 +38,66 @@ pub struct FiredTimer {
     pub group: KeyGroup,
 }
 
+/// The pending timers of one domain: time -> entries `key bytes ++ key group (2 bytes LE)`.
+/// Looking a timer up takes a borrowed slice, so re-registering an existing timer (what a
+/// window does for every record) allocates nothing.
 #[derive(Debug)]
 struct Domain {
     state: StateId,
-    pending: BTreeSet<(Timestamp, Vec<u8>, u16)>,
+    pending: BTreeMap<Timestamp, BTreeSet<Vec<u8>>>,
+    count: usize,
+}
+
+impl Domain {
+    fn new(state: StateId) -> Self {
+        Domain { state, pending: BTreeMap::new(), count: 0 }
+    }
+
+    fn contains(&self, ts: Timestamp, entry: &[u8]) -> bool {
+        self.pending.get(&ts).is_some_and(|set| set.contains(entry))
+    }
+
+    fn insert(&mut self, ts: Timestamp, entry: &[u8]) -> bool {
+        let inserted = self.pending.entry(ts).or_default().insert(entry.to_vec());
+        self.count += usize::from(inserted);
+        inserted
+    }
+
+    fn remove(&mut self, ts: Timestamp, entry: &[u8]) -> bool {
+        let Some(set) = self.pending.get_mut(&ts) else { return false };
+        let removed = set.remove(entry);
+        if set.is_empty() {
+            self.pending.remove(&ts);
+        }
+        self.count -= usize::from(removed);
+        removed
+    }
+
+    /// Removes the earliest timer at or before `upto`.
+    fn pop_due(&mut self, upto: Timestamp) -> Option<(Timestamp, Vec<u8>)> {
+        let mut first = self.pending.first_entry()?;
+        let ts = *first.key();
+        if ts > upto {
+            return None;
+        }
+        let entry = first.get_mut().pop_first();
+        if first.get().is_empty() {
+            first.remove();
+        }
+        self.count -= usize::from(entry.is_some());
+        entry.map(|e| (ts, e))
+    }
+}
+
+fn entry_of(buf: &mut Vec<u8>, key: &[u8], group: KeyGroup) {
+    buf.clear();
+    buf.extend_from_slice(key);
+    buf.extend_from_slice(&group.0.to_le_bytes());
+}
+
+fn split_entry(entry: &[u8]) -> (&[u8], KeyGroup) {
+    let (key, group) = entry.split_at(entry.len().saturating_sub(2));
+    (key, KeyGroup(u16::from_le_bytes([group.first().copied().unwrap_or(0), group.get(1).copied().unwrap_or(0)])))
 }
 
 /// The timers of one operator instance.
@@ -50,6 +106,7 @@ pub struct TimerService {
     event: Domain,
     processing: Domain,
     scratch: Vec<u8>,
+    entry: Vec<u8>,
 }
 
 fn store_key(scratch: &mut Vec<u8>, ts: Timestamp, key: &[u8]) {
@@ -64,9 +121,10 @@ impl TimerService {
         let event = store.register(&format!("{uid}/timers-event"), None)?;
         let processing = store.register(&format!("{uid}/timers-processing"), None)?;
         let mut service = TimerService {
-            event: Domain { state: event, pending: BTreeSet::new() },
-            processing: Domain { state: processing, pending: BTreeSet::new() },
+            event: Domain::new(event),
+            processing: Domain::new(processing),
             scratch: Vec::new(),
+            entry: Vec::new(),
         };
         let mut bad = None;
         store.for_each(|state, group, key, _, _| {
@@ -84,7 +142,9 @@ impl TimerService {
             let mut ts = [0u8; 8];
             ts.copy_from_slice(&key[..8]);
             let ts = (u64::from_be_bytes(ts) ^ (1 << 63)) as i64;
-            domain.pending.insert((ts, key[8..].to_vec(), group.0));
+            let mut entry = Vec::with_capacity(key.len() - 6);
+            entry_of(&mut entry, &key[8..], group);
+            domain.insert(ts, &entry);
         })?;
         if let Some(len) = bad {
             return Err(StateError::corrupt(store.dir(), 0, format!("timer record key of {len} bytes")).into());
@@ -108,16 +168,18 @@ impl TimerService {
         typed_key: &K,
         ts: Timestamp,
     ) -> Result<()> {
+        entry_of(&mut self.entry, key.bytes, key.group);
+        let entry = std::mem::take(&mut self.entry);
         let mut scratch = std::mem::take(&mut self.scratch);
         let d = self.domain(domain);
-        let entry = (ts, key.bytes.to_vec(), key.group.0);
-        let result = if d.pending.insert(entry) {
+        let result = if !d.contains(ts, &entry) && d.insert(ts, &entry) {
             store_key(&mut scratch, ts, key.bytes);
             store.put_value(d.state, Key { group: key.group, bytes: &scratch }, typed_key).map_err(Into::into)
         } else {
             Ok(())
         };
         self.scratch = scratch;
+        self.entry = entry;
         result
     }
 
@@ -129,31 +191,34 @@ impl TimerService {
         key: CurrentKey<'_>,
         ts: Timestamp,
     ) -> Result<()> {
+        entry_of(&mut self.entry, key.bytes, key.group);
+        let entry = std::mem::take(&mut self.entry);
         let mut scratch = std::mem::take(&mut self.scratch);
         let d = self.domain(domain);
-        let result = if d.pending.remove(&(ts, key.bytes.to_vec(), key.group.0)) {
+        let result = if d.remove(ts, &entry) {
             store_key(&mut scratch, ts, key.bytes);
             store.delete(d.state, Key { group: key.group, bytes: &scratch }).map(|_| ()).map_err(Into::into)
         } else {
             Ok(())
         };
         self.scratch = scratch;
+        self.entry = entry;
         result
     }
 
     /// The earliest pending timer's time.
     pub fn next(&self, domain: TimeDomain) -> Option<Timestamp> {
         match domain {
-            TimeDomain::EventTime => self.event.pending.first().map(|t| t.0),
-            TimeDomain::ProcessingTime => self.processing.pending.first().map(|t| t.0),
+            TimeDomain::EventTime => self.event.pending.first_key_value().map(|t| *t.0),
+            TimeDomain::ProcessingTime => self.processing.pending.first_key_value().map(|t| *t.0),
         }
     }
 
     /// Number of pending timers.
     pub fn len(&self, domain: TimeDomain) -> usize {
         match domain {
-            TimeDomain::EventTime => self.event.pending.len(),
-            TimeDomain::ProcessingTime => self.processing.pending.len(),
+            TimeDomain::EventTime => self.event.count,
+            TimeDomain::ProcessingTime => self.processing.count,
         }
     }
 
@@ -171,13 +236,9 @@ impl TimerService {
         upto: Timestamp,
     ) -> Result<Option<(FiredTimer, K)>> {
         let d = self.domain(domain);
-        let (ts, key, group) = match d.pending.first() {
-            Some(first) if first.0 <= upto => match d.pending.pop_first() {
-                Some(t) => t,
-                None => return Ok(None),
-            },
-            _ => return Ok(None),
-        };
+        let Some((ts, entry)) = d.pop_due(upto) else { return Ok(None) };
+        let (key, group) = split_entry(&entry);
+        let (key, group) = (key.to_vec(), group.0);
         let state = d.state;
         let mut scratch = std::mem::take(&mut self.scratch);
         store_key(&mut scratch, ts, &key);
