@@ -28,9 +28,12 @@
 pub mod chain;
 pub mod checkpoint;
 pub mod clock;
+pub mod element;
 pub mod error;
+pub mod exchange;
 pub mod job;
 pub mod runner;
+pub mod shard;
 pub mod sink;
 pub mod source;
 pub mod stage;
