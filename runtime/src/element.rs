@@ -22,6 +22,8 @@ pub enum StreamElement<T> {
     },
     /// Event time has reached this value on this channel: no later record on it is older.
     Watermark(i64),
+    /// The producer became idle (`true`: leave it out of event time downstream) or active again.
+    Idle(bool),
     /// A checkpoint (or savepoint) barrier: everything before it belongs to the snapshot.
     Barrier(Barrier),
     /// The channel ends here; nothing follows.
@@ -44,6 +46,7 @@ impl<T> StreamElement<T> {
         match self {
             StreamElement::Record { .. } => None,
             StreamElement::Watermark(w) => Some(Marker::Watermark(*w)),
+            StreamElement::Idle(b) => Some(Marker::Idle(*b)),
             StreamElement::Barrier(b) => Some(Marker::Barrier(*b)),
             StreamElement::EndOfInput => Some(Marker::EndOfInput),
         }
@@ -57,6 +60,8 @@ impl<T> StreamElement<T> {
 pub enum Marker {
     /// See [`StreamElement::Watermark`].
     Watermark(i64),
+    /// See [`StreamElement::Idle`].
+    Idle(bool),
     /// See [`StreamElement::Barrier`].
     Barrier(Barrier),
     /// See [`StreamElement::EndOfInput`].
@@ -67,6 +72,7 @@ impl<T> From<Marker> for StreamElement<T> {
     fn from(marker: Marker) -> Self {
         match marker {
             Marker::Watermark(w) => StreamElement::Watermark(w),
+            Marker::Idle(b) => StreamElement::Idle(b),
             Marker::Barrier(b) => StreamElement::Barrier(b),
             Marker::EndOfInput => StreamElement::EndOfInput,
         }

@@ -180,8 +180,7 @@ impl Job {
         if graph.stages.is_empty() {
             return Err(RuntimeError::InvalidJob("the job has no sink".into()));
         }
-        let connections = graph.connections.iter().map(|(id, _, forward)| (*id, *forward)).collect();
-        crate::runner::start(&self.name, graph.stages.clone(), connections, &graph.connections, config)
+        crate::runner::start(&self.name, graph.stages.clone(), &graph.connections, config)
     }
 
     fn add_stage(&self, stage: Arc<dyn StageFactory>) {

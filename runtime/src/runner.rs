@@ -1,14 +1,14 @@
-//! Running a job: one glommio executor per shard, the exchange connections between them, and
-//! the handle a service holds while the job runs.
+//! Running a job: one glommio executor per shard (through [`crate::shard::run_shards`]), the
+//! exchange connections between them (through [`crate::exchange`]), and the handle a service
+//! holds while the job runs.
 //!
-//! This module and [`crate::stage`] are the only places that touch glommio (the seam the
-//! design asks for). Every connection is a full mesh of bounded single-producer channels:
-//! `glommio::channels::shared_channel` between shards, a local channel from a shard to itself
-//! (its own records never cross cores). Channels carry batches of elements, so the cost of a
-//! cross-core hand-off (and of waking a parked peer) is paid per batch, not per record.
-//! Receiving: one small task per input forwards batches, tagged with the input, into one
-//! bounded local queue, so a stage sees all its inputs fairly and backpressure still reaches
-//! the senders.
+//! Every connection of the job graph is one exchange: a full mesh of bounded channels
+//! carrying batches, a shard's records to itself through a local queue. Every shard connects
+//! every exchange before any stage runs. A stage's terminal node queues elements
+//! synchronously ([`ExchangeTx::push`]); between input batches the stage hands them to the
+//! exchange sender (where backpressure applies), and flushes partial batches before it waits.
+//! Receivers hand a stage whatever elements are there now, with their inputs, without waiting.
+//! Only this module, `shard` and `exchange` touch glommio.
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
@@ -17,36 +17,19 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
-use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
-use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
-use glommio::{LocalExecutorBuilder, Placement};
 use weir_state::keygroup::KeyGroupRange;
 use weir_state::{StateStore, StoreConfig};
 
+use crate::element::StreamElement;
 use crate::error::{Result, RuntimeError};
+use crate::exchange::{ExchangeConfig, ExchangeHandle, ExchangeReceiver, ExchangeSender, Exchanges};
 use crate::job::JobConfig;
+use crate::shard::{ShardConfig, ShardContext, run_shards};
 use crate::source::DeadLetter;
-use crate::stage::{ConnectionId, Element, ExchangeRx, ExchangeTx, LocalFuture, Received, StageFactory};
-
-/// io_uring memory registered per executor. glommio registers it against the locked-memory
-/// limit (`ulimit -l`); 1 MiB each keeps parallelism 4 well inside an 8 MiB limit.
-pub const IO_MEMORY_BYTES_PER_SHARD: usize = 1 << 20;
-
-type Batch<T> = Vec<Element<T>>;
-
-/// The channel halves of one connection, before the shards connect them: for each
-/// (producer, consumer) pair with producer != consumer a shared channel.
-struct Mesh<T: Send + 'static> {
-    senders: Vec<Vec<Option<SharedSender<Batch<T>>>>>,
-    receivers: Vec<Vec<Option<SharedReceiver<Batch<T>>>>>,
-}
-
-/// Type-erased meshes, handed out by connection id.
-struct Meshes {
-    meshes: Mutex<HashMap<ConnectionId, Box<dyn Any + Send>>>,
-}
+use crate::stage::{ConnectionId, Element, ExchangeRx, ExchangeTx, LocalFuture, StageFactory};
 
 /// Job-wide state shared by all shards: cancellation, dead letters, counters.
 #[derive(Debug, Default)]
@@ -92,9 +75,7 @@ pub struct ShardRuntime {
     /// The shard's state store (borrowed by a stage only while it processes a batch).
     pub store: RefCell<StateStore>,
     shared: Arc<JobShared>,
-    meshes: Arc<Meshes>,
-    local: RefCell<HashMap<ConnectionId, Box<dyn Any>>>,
-    forward_only: HashMap<ConnectionId, bool>,
+    endpoints: RefCell<HashMap<ConnectionId, Box<dyn Any>>>,
     idle_polls: Cell<u32>,
 }
 
@@ -161,241 +142,168 @@ impl ShardRuntime {
 
     /// This shard's sending side of `conn`.
     pub fn sender<T: Send + 'static>(&self, conn: ConnectionId) -> Result<Box<dyn ExchangeTx<T>>> {
-        let remote = {
-            let mut meshes = self.meshes.meshes.lock().map_err(|_| self.poisoned())?;
-            let mesh = meshes
-                .get_mut(&conn)
-                .and_then(|m| m.downcast_mut::<Mesh<T>>())
-                .ok_or_else(|| RuntimeError::InvalidJob(format!("connection {conn:?} has no channels of this type")))?;
-            let forward = self.forward_only.get(&conn).copied().unwrap_or(false);
-            // A forward-only connection (union) never sends to another shard: its remote
-            // channels are dropped unconnected (connecting waits for a peer that never comes).
-            let remote: Vec<Option<SharedSender<Batch<T>>>> = mesh.senders[self.shard]
-                .iter_mut()
-                .map(|tx| if forward { tx.take().and(None) } else { tx.take() })
-                .collect();
-            remote
-        };
-        let (ltx, lrx) = local_channel::new_bounded::<Batch<T>>(self.config.channel_capacity);
-        self.local.borrow_mut().insert(conn, Box::new(Some(lrx)));
-        Ok(Box::new(MeshSender {
-            shard: self.shard,
-            pending: (0..self.parallelism).map(|_| Vec::new()).collect(),
-            batch_len: self.config.batch_len,
-            unconnected: remote,
-            remote: Vec::new(),
-            local: ltx,
-        }))
+        let tx = self.endpoint::<T, _>(conn, |e| e.tx.take())?;
+        Ok(Box::new(SenderAdapter { tx, pending: Vec::new() }))
     }
 
     /// This shard's receiving side of `conns` (inputs: every producing shard of each).
     pub fn receiver<T: Send + 'static>(&self, conns: &[ConnectionId]) -> Result<Box<dyn ExchangeRx<T>>> {
-        let mut unconnected = Vec::new();
-        for conn in conns {
-            let mut meshes = self.meshes.meshes.lock().map_err(|_| self.poisoned())?;
-            let mesh = meshes
-                .get_mut(conn)
-                .and_then(|m| m.downcast_mut::<Mesh<T>>())
-                .ok_or_else(|| RuntimeError::InvalidJob(format!("connection {conn:?} has no channels of this type")))?;
-            let forward = self.forward_only.get(conn).copied().unwrap_or(false);
-            for producer in 0..self.parallelism {
-                if producer == self.shard {
-                    unconnected.push(Input::Local(*conn));
-                } else if !forward {
-                    match mesh.receivers[producer][self.shard].take() {
-                        Some(rx) => unconnected.push(Input::Remote(rx)),
-                        None => return Err(RuntimeError::InvalidJob(format!("connection {conn:?} read twice"))),
-                    }
-                }
-            }
-        }
-        let inputs = unconnected.len();
-        Ok(Box::new(MeshReceiver {
-            unconnected: Some(unconnected),
-            queue: None,
-            stashed: None,
-            closed: false,
-            inputs,
-            open: inputs,
-        }))
+        let rxs = conns.iter().map(|c| self.endpoint::<T, _>(*c, |e| e.rx.take())).collect::<Result<Vec<_>>>()?;
+        let open = vec![true; rxs.len()];
+        Ok(Box::new(MultiReceiver { rxs, open, parallelism: self.parallelism, next: 0, stashed: None }))
     }
 
-    fn take_local<T: 'static>(&self, conn: ConnectionId) -> Option<LocalReceiver<Batch<T>>> {
-        let mut local = self.local.borrow_mut();
-        local.get_mut(&conn).and_then(|b| b.downcast_mut::<Option<LocalReceiver<Batch<T>>>>()).and_then(Option::take)
-    }
-
-    fn poisoned(&self) -> RuntimeError {
-        RuntimeError::Shard { shard: self.shard, reason: "exchange registry poisoned by a panic".into() }
+    fn endpoint<T: Send + 'static, R>(
+        &self,
+        conn: ConnectionId,
+        take: impl FnOnce(&mut Endpoints<T>) -> Option<R>,
+    ) -> Result<R> {
+        let mut endpoints = self.endpoints.borrow_mut();
+        endpoints.get_mut(&conn).and_then(|e| e.downcast_mut::<Endpoints<T>>()).and_then(take).ok_or_else(|| {
+            RuntimeError::InvalidJob(format!("connection {conn:?} is not available (wrong type or used twice)"))
+        })
     }
 }
 
-enum Input<T: Send + 'static> {
-    Local(ConnectionId),
-    Remote(SharedReceiver<Batch<T>>),
+struct Endpoints<T: Send + 'static> {
+    tx: Option<ExchangeSender<T>>,
+    rx: Option<ExchangeReceiver<T>>,
 }
 
-struct MeshSender<T: Send + 'static> {
-    shard: usize,
-    pending: Vec<Batch<T>>,
-    batch_len: usize,
-    unconnected: Vec<Option<SharedSender<Batch<T>>>>,
-    remote: Vec<Option<ConnectedSender<Batch<T>>>>,
-    local: LocalSender<Batch<T>>,
+fn to_wire<T>(element: Element<T>) -> StreamElement<T> {
+    match element {
+        Element::Record(value, timestamp) => StreamElement::Record { value, timestamp },
+        Element::Watermark(w) => StreamElement::Watermark(w),
+        Element::Idle(b) => StreamElement::Idle(b),
+        Element::End => StreamElement::EndOfInput,
+    }
 }
 
-impl<T: Send + 'static> MeshSender<T> {
-    async fn connect(&mut self) {
-        if self.remote.is_empty() {
-            for tx in self.unconnected.drain(..) {
-                self.remote.push(match tx {
-                    Some(tx) => Some(tx.connect().await),
-                    None => None,
-                });
-            }
-        }
+fn from_wire<T>(element: StreamElement<T>) -> Option<Element<T>> {
+    match element {
+        StreamElement::Record { value, timestamp } => Some(Element::Record(value, timestamp)),
+        StreamElement::Watermark(w) => Some(Element::Watermark(w)),
+        StreamElement::Idle(b) => Some(Element::Idle(b)),
+        StreamElement::EndOfInput => Some(Element::End),
+        StreamElement::Barrier(_) => None,
     }
+}
 
-    async fn send_to(&mut self, target: usize, batch: Batch<T>, shard: usize) -> Result<()> {
-        let failed = || RuntimeError::Shard { shard, reason: format!("shard {target} stopped receiving") };
-        if target == self.shard {
-            return self.local.send(batch).await.map_err(|_| failed());
-        }
-        match self.remote.get(target).and_then(Option::as_ref) {
-            Some(tx) => tx.send(batch).await.map_err(|_| failed()),
-            None => Err(failed()),
-        }
-    }
+/// Feeds a terminal's queued elements into the exchange sender.
+struct SenderAdapter<T: Send + 'static> {
+    tx: ExchangeSender<T>,
+    pending: Vec<(usize, Element<T>)>,
+}
 
-    async fn send(&mut self, rt: &ShardRuntime, all: bool) -> Result<()> {
-        self.connect().await;
-        for target in 0..self.pending.len() {
-            let ready =
-                if all { !self.pending[target].is_empty() } else { self.pending[target].len() >= self.batch_len };
-            if ready {
-                let batch = std::mem::replace(&mut self.pending[target], Vec::with_capacity(self.batch_len));
-                self.send_to(target, batch, rt.shard).await?;
-            }
+impl<T: Send + 'static> SenderAdapter<T> {
+    async fn send(&mut self, flush: bool) -> Result<()> {
+        for (target, element) in self.pending.drain(..) {
+            self.tx.send(target, to_wire(element)).await?;
+        }
+        if flush {
+            self.tx.flush().await?;
         }
         Ok(())
     }
 }
 
-impl<T: Send + 'static> ExchangeTx<T> for MeshSender<T> {
+impl<T: Send + 'static> ExchangeTx<T> for SenderAdapter<T> {
     #[inline]
     fn push(&mut self, target: usize, element: Element<T>) {
-        self.pending[target].push(element);
+        self.pending.push((target, element));
     }
-    fn send_full<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<()>> {
-        Box::pin(self.send(rt, false))
+    fn send_full<'a>(&'a mut self, _: &'a ShardRuntime) -> LocalFuture<'a, Result<()>> {
+        Box::pin(self.send(false))
     }
-    fn flush<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<()>> {
-        Box::pin(self.send(rt, true))
+    fn flush<'a>(&'a mut self, _: &'a ShardRuntime) -> LocalFuture<'a, Result<()>> {
+        Box::pin(self.send(true))
     }
 }
 
-/// A batch tagged with its input; `None` when that input closed.
-type Tagged<T> = (usize, Option<Batch<T>>);
+/// An element with the number of the input it came from.
+type Numbered<T> = (usize, Element<T>);
 
-struct MeshReceiver<T: Send + 'static> {
-    unconnected: Option<Vec<Input<T>>>,
-    queue: Option<Rc<LocalReceiver<Tagged<T>>>>,
-    stashed: Option<Tagged<T>>,
-    closed: bool,
-    inputs: usize,
-    open: usize,
+/// The receivers of a stage's connections, as one numbered set of inputs: input
+/// `c * P + s` is shard `s` of connection `c`.
+struct MultiReceiver<T: Send + 'static> {
+    rxs: Vec<ExchangeReceiver<T>>,
+    open: Vec<bool>,
+    parallelism: usize,
+    next: usize,
+    stashed: Option<(usize, Element<T>)>,
 }
 
-impl<T: Send + 'static> MeshReceiver<T> {
-    async fn start(&mut self, rt: &ShardRuntime) {
-        let Some(inputs) = self.unconnected.take() else { return };
-        let (tx, rx) = local_channel::new_bounded::<(usize, Option<Batch<T>>)>(rt.config.channel_capacity * 2);
-        let tx = Rc::new(tx);
-        for (i, input) in inputs.into_iter().enumerate() {
-            let tx = Rc::clone(&tx);
-            match input {
-                Input::Remote(rx) => {
-                    glommio::spawn_local(async move {
-                        let rx: ConnectedReceiver<Batch<T>> = rx.connect().await;
-                        while let Some(batch) = rx.recv().await {
-                            if tx.send((i, Some(batch))).await.is_err() {
-                                return;
-                            }
-                        }
-                        let _ = tx.send((i, None)).await;
-                    })
-                    .detach();
+impl<T: Send + 'static> MultiReceiver<T> {
+    /// Polls every open receiver once, starting after the last one that delivered (fairness).
+    fn poll_any(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<Option<Numbered<T>>>> {
+        let n = self.rxs.len();
+        for k in 0..n {
+            let c = (self.next + k) % n;
+            if !self.open[c] {
+                continue;
+            }
+            match self.rxs[c].poll_next_element(cx) {
+                Poll::Ready(Ok(Some((input, element)))) => {
+                    self.next = (c + 1) % n;
+                    if let Some(element) = from_wire(element) {
+                        return Poll::Ready(Ok(Some((c * self.parallelism + input.source_shard(), element))));
+                    }
+                    return Poll::Ready(Ok(None));
                 }
-                Input::Local(conn) => {
-                    let local = rt.take_local::<T>(conn);
-                    glommio::spawn_local(async move {
-                        if let Some(rx) = local {
-                            while let Some(batch) = rx.recv().await {
-                                if tx.send((i, Some(batch))).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                        let _ = tx.send((i, None)).await;
-                    })
-                    .detach();
-                }
+                Poll::Ready(Ok(None)) => self.open[c] = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
             }
         }
-        self.queue = Some(Rc::new(rx));
+        if self.open.iter().any(|o| *o) { Poll::Pending } else { Poll::Ready(Ok(None)) }
     }
 }
 
-impl<T: Send + 'static> ExchangeRx<T> for MeshReceiver<T> {
+impl<T: Send + 'static> ExchangeRx<T> for MultiReceiver<T> {
     fn inputs(&self) -> usize {
-        self.inputs
+        self.rxs.len() * self.parallelism
     }
-    fn try_recv<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, Received<T>> {
+
+    fn try_recv<'a>(
+        &'a mut self,
+        out: &'a mut Vec<(usize, Element<T>)>,
+        max: usize,
+        _: &'a ShardRuntime,
+    ) -> LocalFuture<'a, Result<bool>> {
         Box::pin(async move {
-            self.start(rt).await;
-            loop {
-                if self.open == 0 || self.closed {
-                    return Received::Closed;
-                }
-                let item = match self.stashed.take() {
-                    Some(item) => item,
-                    None => {
-                        let Some(queue) = self.queue.clone() else { return Received::Closed };
-                        match futures_lite::future::poll_once(queue.recv()).await {
-                            None => return Received::Empty,
-                            Some(None) => {
-                                self.closed = true;
-                                return Received::Closed;
-                            }
-                            Some(Some(item)) => item,
+            if let Some(item) = self.stashed.take() {
+                out.push(item);
+            }
+            while out.len() < max {
+                match futures_lite::future::poll_once(futures_lite::future::poll_fn(|cx| self.poll_any(cx))).await {
+                    Some(Ok(Some(item))) => out.push(item),
+                    Some(Ok(None)) => {
+                        if self.open.iter().all(|o| !*o) {
+                            return Ok(!out.is_empty());
                         }
                     }
-                };
-                match item {
-                    (i, Some(batch)) => return Received::Batch(i, batch),
-                    (_, None) => self.open -= 1,
+                    Some(Err(e)) => return Err(e),
+                    None => break,
                 }
             }
+            Ok(true)
         })
     }
 
-    fn wait<'a>(&'a mut self, rt: &'a ShardRuntime, timeout: Duration) -> LocalFuture<'a, ()> {
+    fn wait<'a>(&'a mut self, _: &'a ShardRuntime, timeout: Duration) -> LocalFuture<'a, Result<()>> {
         Box::pin(async move {
-            self.start(rt).await;
-            if self.stashed.is_some() || self.closed || self.open == 0 {
-                return;
+            if self.stashed.is_some() || self.open.iter().all(|o| !*o) {
+                return Ok(());
             }
-            let Some(queue) = self.queue.clone() else { return };
-            let received = async { Some(queue.recv().await) };
+            let received = futures_lite::future::poll_fn(|cx| self.poll_any(cx));
             let timed_out = async {
                 glommio::timer::sleep(timeout).await;
-                None
+                Ok(None)
             };
-            match futures_lite::future::or(received, timed_out).await {
-                Some(Some(item)) => self.stashed = Some(item),
-                Some(None) => self.closed = true,
-                None => {}
+            if let Some(item) = futures_lite::future::or(received, timed_out).await? {
+                self.stashed = Some(item);
             }
+            Ok(())
         })
     }
 }
@@ -404,7 +312,7 @@ impl<T: Send + 'static> ExchangeRx<T> for MeshReceiver<T> {
 pub struct JobHandle {
     started: std::time::Instant,
     name: String,
-    threads: Vec<(usize, glommio::ExecutorJoinHandle<Result<()>>)>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
     shared: Arc<JobShared>,
     run_dir: PathBuf,
     keep_state: bool,
@@ -466,18 +374,14 @@ impl JobHandle {
 
     /// Waits for every shard to finish. The first failure is returned (a panic names the
     /// operator and shard); the other shards are stopped, never left hanging.
-    pub fn wait(self) -> Result<JobReport> {
-        let mut first_error = None;
-        for (shard, handle) in self.threads {
-            let result = match handle.join() {
-                Ok(r) => r,
-                Err(e) => Err(RuntimeError::Shard { shard, reason: format!("executor failed: {e}") }),
-            };
-            if let Err(e) = result {
-                self.shared.failed.store(true, Ordering::SeqCst);
-                first_error.get_or_insert(e);
-            }
-        }
+    pub fn wait(mut self) -> Result<JobReport> {
+        let result = match self.thread.take() {
+            Some(thread) => thread
+                .join()
+                .unwrap_or_else(|_| Err(RuntimeError::Shard { shard: 0, reason: "the job thread panicked".into() })),
+            None => Ok(()),
+        };
+        let first_error = result.err().map(unwrap_shard_error);
         if !self.keep_state {
             let _ = std::fs::remove_dir_all(&self.run_dir);
         }
@@ -490,29 +394,29 @@ impl JobHandle {
     }
 }
 
-fn make_meshes<T: Send + 'static>(parallelism: usize, capacity: usize) -> Mesh<T> {
-    let mut senders: Vec<Vec<Option<SharedSender<Batch<T>>>>> =
-        (0..parallelism).map(|_| (0..parallelism).map(|_| None).collect()).collect();
-    let mut receivers: Vec<Vec<Option<SharedReceiver<Batch<T>>>>> =
-        (0..parallelism).map(|_| (0..parallelism).map(|_| None).collect()).collect();
-    for p in 0..parallelism {
-        for c in 0..parallelism {
-            if p != c {
-                let (tx, rx) = shared_channel::new_bounded(capacity);
-                senders[p][c] = Some(tx);
-                receivers[p][c] = Some(rx);
-            }
-        }
-    }
-    Mesh { senders, receivers }
+/// Creates, on the job's exchange set, the exchange of a connection carrying `T`.
+pub(crate) type MeshMaker = Box<dyn Fn(&mut Exchanges, ExchangeConfig) -> Result<Box<dyn ErasedHandle>> + Send + Sync>;
+
+/// The maker of an exchange carrying `T`.
+pub(crate) fn mesh_maker<T: Send + 'static>() -> MeshMaker {
+    Box::new(|exchanges, config| Ok(Box::new(Typed(exchanges.add::<T>(config)?))))
 }
 
-/// Creates the typed channel mesh of a connection (called by the stage that produces into it).
-pub(crate) type MeshMaker = Box<dyn Fn(usize, usize) -> Box<dyn Any + Send> + Send + Sync>;
+/// An exchange handle with its element type erased, connected on each shard.
+pub(crate) trait ErasedHandle: Send + Sync {
+    /// Connects this shard's sender and receiver.
+    fn connect<'a>(&'a self, ctx: &'a mut ShardContext) -> LocalFuture<'a, Result<Box<dyn Any>>>;
+}
 
-/// A mesh maker for elements of type `T`.
-pub(crate) fn mesh_maker<T: Send + 'static>() -> MeshMaker {
-    Box::new(|parallelism, capacity| Box::new(make_meshes::<T>(parallelism, capacity)))
+struct Typed<T>(ExchangeHandle<T>);
+
+impl<T: Send + 'static> ErasedHandle for Typed<T> {
+    fn connect<'a>(&'a self, ctx: &'a mut ShardContext) -> LocalFuture<'a, Result<Box<dyn Any>>> {
+        Box::pin(async move {
+            let (tx, rx) = ctx.exchange(self.0).await?;
+            Ok(Box::new(Endpoints { tx: Some(tx), rx: Some(rx) }) as Box<dyn Any>)
+        })
+    }
 }
 
 static RUN_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -521,57 +425,69 @@ static RUN_COUNTER: AtomicU64 = AtomicU64::new(0);
 pub(crate) fn start(
     name: &str,
     stages: Vec<Arc<dyn StageFactory>>,
-    connections: Vec<(ConnectionId, bool)>,
     makers: &[(ConnectionId, MeshMaker, bool)],
     config: JobConfig,
 ) -> Result<JobHandle> {
     let parallelism = config.parallelism.max(1);
     let run = RUN_COUNTER.fetch_add(1, Ordering::Relaxed);
     let run_dir = config.data_dir.join(format!("{name}-{}-{run}", std::process::id()));
-    let mut meshes = HashMap::new();
-    let forward_only: HashMap<ConnectionId, bool> = connections.into_iter().collect();
-    for (conn, maker, _) in makers {
-        meshes.insert(*conn, maker(parallelism, config.channel_capacity));
-    }
-    let meshes = Arc::new(Meshes { meshes: Mutex::new(meshes) });
+    let mut exchanges = Exchanges::new(parallelism);
+    let exchange_config =
+        ExchangeConfig { batch_len: config.batch_len.max(1), channel_capacity: config.channel_capacity.max(1) };
+    let handles: Vec<(ConnectionId, Box<dyn ErasedHandle>)> = makers
+        .iter()
+        .map(|(id, maker, _)| Ok((*id, maker(&mut exchanges, exchange_config)?)))
+        .collect::<Result<_>>()?;
+    let shard_config = ShardConfig { name: format!("weir-{name}"), ..ShardConfig::with_parallelism(parallelism) };
+    let keep_state = config.keep_state;
     let shared = Arc::new(JobShared::default());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut threads = Vec::new();
-    for shard in 0..parallelism {
-        let placement = if parallelism <= cores { Placement::Fixed(shard) } else { Placement::Unbound };
-        let (stages, config, meshes, shared, forward_only) =
-            (stages.clone(), config.clone(), Arc::clone(&meshes), Arc::clone(&shared), forward_only.clone());
-        let store_dir = run_dir.join(format!("shard-{shard}"));
-        let handle = LocalExecutorBuilder::new(placement)
-            .name(&format!("weir-{shard}"))
-            .io_memory(IO_MEMORY_BYTES_PER_SHARD)
-            .spawn(move || async move {
-                run_shard(shard, parallelism, stages, config, meshes, shared, forward_only, store_dir).await
-            })
-            .map_err(|e| RuntimeError::Shard { shard, reason: format!("cannot start executor: {e}") })?;
-        threads.push((shard, handle));
-    }
+    let job_shared = Arc::clone(&shared);
+    let job_dir = run_dir.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("weir-job-{name}"))
+        .spawn(move || {
+            let result = run_shards(&shard_config, exchanges, |ctx| {
+                run_shard(ctx, &stages, &handles, &config, &job_shared, &job_dir)
+            });
+            if result.is_err() {
+                job_shared.failed.store(true, Ordering::SeqCst);
+            }
+            result.map(|_| ())
+        })
+        .map_err(|e| RuntimeError::Shard { shard: 0, reason: format!("cannot start the job thread: {e}") })?;
     Ok(JobHandle {
         started: std::time::Instant::now(),
         name: name.to_owned(),
-        threads,
+        thread: Some(thread),
         shared,
         run_dir,
-        keep_state: config.keep_state,
+        keep_state,
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The error a shard itself raised, without the wrapping `run_shards` adds (so callers see,
+/// for example, [`RuntimeError::Panic`] with the operator's uid).
+fn unwrap_shard_error(error: RuntimeError) -> RuntimeError {
+    match error {
+        RuntimeError::ShardFailed { source, .. } => unwrap_shard_error(*source),
+        other => other,
+    }
+}
+
 async fn run_shard(
-    shard: usize,
-    parallelism: usize,
-    stages: Vec<Arc<dyn StageFactory>>,
-    config: JobConfig,
-    meshes: Arc<Meshes>,
-    shared: Arc<JobShared>,
-    forward_only: HashMap<ConnectionId, bool>,
-    store_dir: PathBuf,
+    mut ctx: ShardContext,
+    stages: &[Arc<dyn StageFactory>],
+    handles: &[(ConnectionId, Box<dyn ErasedHandle>)],
+    config: &JobConfig,
+    shared: &Arc<JobShared>,
+    run_dir: &std::path::Path,
 ) -> Result<()> {
+    let (shard, parallelism) = (ctx.shard(), ctx.parallelism());
+    // Every exchange is connected before any stage runs.
+    let mut endpoints = HashMap::new();
+    for (id, handle) in handles {
+        endpoints.insert(*id, handle.connect(&mut ctx).await?);
+    }
     let store_config = StoreConfig {
         shard: shard as u32,
         segment_bytes: config.segment_bytes,
@@ -579,33 +495,32 @@ async fn run_shard(
         key_groups: KeyGroupRange::for_shard(shard, parallelism, config.max_parallelism),
         ..StoreConfig::default()
     };
-    let store = StateStore::create(&store_dir, store_config)?;
+    let store = StateStore::create(&run_dir.join(format!("shard-{shard}")), store_config)?;
     let rt = Rc::new(ShardRuntime {
         shard,
         parallelism,
-        config,
+        config: config.clone(),
         store: RefCell::new(store),
-        shared: Arc::clone(&shared),
-        meshes,
-        local: RefCell::new(HashMap::new()),
-        forward_only,
+        shared: Arc::clone(shared),
+        endpoints: RefCell::new(endpoints),
         idle_polls: Cell::new(0),
     });
-    // Every stage is created before any runs: a receiver takes its local channel (made with its
-    // producer's sender) only when it first receives.
     let mut tasks = Vec::new();
-    for stage in &stages {
+    for stage in stages {
         let future = stage.spawn(Rc::clone(&rt))?;
-        tasks.push((stage.name(), glommio::spawn_local(future)));
+        tasks.push(glommio::spawn_local(future));
     }
-    let mut first_error = None;
-    for (_, task) in tasks {
+    // Report the cause, not a consequence (a closed channel because a peer stage failed).
+    let mut cause: Option<RuntimeError> = None;
+    for task in tasks {
         if let Err(e) = task.await {
             shared.failed.store(true, Ordering::SeqCst);
-            first_error.get_or_insert(e);
+            if cause.as_ref().is_none_or(|c| c.is_consequence() && !e.is_consequence()) {
+                cause = Some(e);
+            }
         }
     }
-    match first_error {
+    match cause {
         Some(e) => Err(e),
         None => Ok(()),
     }

@@ -219,25 +219,20 @@ impl<T> ExchangeInput<T> {
     }
 }
 
-/// What a receive attempt found.
-#[derive(Debug)]
-pub enum Received<T> {
-    /// A batch from input `.0`.
-    Batch(usize, Vec<Element<T>>),
-    /// Nothing right now.
-    Empty,
-    /// Every input has closed.
-    Closed,
-}
-
-/// One shard's receiving side of its connections: which input a batch came from, and the batch.
+/// One shard's receiving side of its connections.
 pub trait ExchangeRx<T> {
     /// Number of inputs (connections x producing shards).
     fn inputs(&self) -> usize;
-    /// The next batch if one is there, without waiting.
-    fn try_recv<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, Received<T>>;
-    /// Waits until a batch is there (or every input closed), at most `timeout`.
-    fn wait<'a>(&'a mut self, rt: &'a ShardRuntime, timeout: std::time::Duration) -> LocalFuture<'a, ()>;
+    /// Appends up to `max` elements that are there now, each with its input, without
+    /// waiting. Returns `false` once every input has ended.
+    fn try_recv<'a>(
+        &'a mut self,
+        out: &'a mut Vec<(usize, Element<T>)>,
+        max: usize,
+        rt: &'a ShardRuntime,
+    ) -> LocalFuture<'a, Result<bool>>;
+    /// Waits until an element is there (or every input ended), at most `timeout`.
+    fn wait<'a>(&'a mut self, rt: &'a ShardRuntime, timeout: std::time::Duration) -> LocalFuture<'a, Result<()>>;
 }
 
 struct ExchangePump<T> {
@@ -245,6 +240,7 @@ struct ExchangePump<T> {
     valve: WatermarkValve,
     idle: bool,
     ended: bool,
+    received: Vec<(usize, Element<T>)>,
 }
 
 impl<T: Send + 'static> StageInput<T> for ExchangeInput<T> {
@@ -257,7 +253,7 @@ impl<T: Send + 'static> StageInput<T> for ExchangeInput<T> {
     fn pump(&self, rt: &ShardRuntime) -> Result<Box<dyn InputPump<T>>> {
         let rx = rt.receiver::<T>(&self.conns)?;
         let valve = WatermarkValve::new(rx.inputs());
-        Ok(Box::new(ExchangePump { rx, valve, idle: false, ended: false }))
+        Ok(Box::new(ExchangePump { rx, valve, idle: false, ended: false, received: Vec::new() }))
     }
 }
 
@@ -281,7 +277,10 @@ impl<T: 'static> ExchangePump<T> {
 impl<T: 'static> InputPump<T> for ExchangePump<T> {
     fn wait<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, ()> {
         let timeout = std::time::Duration::from_millis(rt.config.tick_interval_ms.max(1) as u64);
-        self.rx.wait(rt, timeout)
+        Box::pin(async move {
+            // An error surfaces again from the next `try_recv`.
+            let _ = self.rx.wait(rt, timeout).await;
+        })
     }
 
     fn next<'a>(&'a mut self, out: &'a mut Vec<Element<T>>, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<Pumped>> {
@@ -290,22 +289,22 @@ impl<T: 'static> InputPump<T> for ExchangePump<T> {
                 out.push(Element::End);
                 return Ok(Pumped::More);
             }
-            let (input, batch) = match self.rx.try_recv(rt).await {
-                Received::Batch(input, batch) => (input, batch),
-                Received::Empty => return Ok(Pumped::Drained),
-                Received::Closed => {
-                    if !self.valve.is_ended() {
-                        return Err(RuntimeError::Shard {
-                            shard: rt.shard,
-                            reason: "an upstream shard went away before its stream ended".into(),
-                        });
-                    }
-                    self.ended = true;
-                    out.push(Element::End);
-                    return Ok(Pumped::More);
+            self.received.clear();
+            let open = self.rx.try_recv(&mut self.received, rt.config.batch_len.max(1), rt).await?;
+            if self.received.is_empty() {
+                if open {
+                    return Ok(Pumped::Drained);
                 }
-            };
-            for element in batch {
+                if !self.valve.is_ended() {
+                    // A consequence of a failure upstream (reported as such, not as the cause).
+                    return Err(RuntimeError::InputClosed { source_shard: rt.shard });
+                }
+                self.ended = true;
+                out.push(Element::End);
+                return Ok(Pumped::More);
+            }
+            let received = std::mem::take(&mut self.received);
+            for (input, element) in received.into_iter() {
                 match element {
                     Element::Record(v, ts) => out.push(Element::Record(v, ts)),
                     Element::Watermark(w) => {
@@ -545,17 +544,13 @@ impl<T: Clone + 'static> Node<T> for RouteNode<T> {
 }
 
 impl<T: 'static> RouteNode<T> {
-    /// Control elements go to every target that may receive records from this shard.
+    /// Control elements go to every shard, whatever the route: each receiver tracks the
+    /// watermark and the end of every input (a forward route's other inputs carry no records).
     fn control(&mut self, element: Element<T>) {
         let Some(c) = control(&element) else { return };
         let mut tx = self.tx.borrow_mut();
-        match self.route {
-            Route::Forward => tx.push(self.shard, to_typed(&c)),
-            _ => {
-                for target in 0..self.parallelism {
-                    tx.push(target, to_typed(&c));
-                }
-            }
+        for target in 0..self.parallelism {
+            tx.push(target, to_typed(&c));
         }
     }
 }

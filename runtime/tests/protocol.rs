@@ -100,7 +100,10 @@ fn expected(streams: &[Vec<El>], id: u64) -> BTreeSet<(usize, usize)> {
     out
 }
 
-fn scenario() -> impl Strategy<Value = (Vec<Vec<usize>>, u64, Vec<Option<u64>>, Vec<usize>)> {
+/// Records per barrier for each input, the number of barriers, where inputs end, the schedule.
+type Scenario = (Vec<Vec<usize>>, u64, Vec<Option<u64>>, Vec<usize>);
+
+fn scenario() -> impl Strategy<Value = Scenario> {
     (1usize..5, 1u64..5).prop_flat_map(|(n, barriers)| {
         (
             proptest::collection::vec(proptest::collection::vec(0usize..4, barriers as usize + 1), n),
