@@ -9,10 +9,9 @@
 //!
 //! [`ChainSpec`] describes a chain in the job builder (`Clone + Send + Sync`), and
 //! [`ChainSpec::build`] instantiates it on each shard in front of the chain's terminal node
-//! (an exchange, a sink). Before calling user code a node records its uid in
-//! [`Env::current`]; the stage processes each batch inside one `catch_unwind`, so a panic is
-//! reported with the operator and shard that raised it, at the cost of one store per call
-//! (a `catch_unwind` per call would keep the chain from being inlined into one loop).
+//! (an exchange, a sink). The stage processes each batch inside one `catch_unwind`; each node
+//! holds a [`PanicSite`] around its user code, so a panic is reported with the operator and
+//! shard that raised it, at no cost when nothing panics.
 
 use std::cell::Cell;
 
@@ -35,8 +34,34 @@ pub struct Env<'a> {
     pub now: Timestamp,
     /// Side outputs emitted by operators of this chain, by tag name.
     pub side: &'a mut dyn FnMut(&'static str, Box<dyn std::any::Any + Send>),
-    /// The uid of the operator running user code now (named if it panics).
-    pub current: &'a Cell<&'static str>,
+    /// The uid of the operator whose code panicked, set while unwinding (see [`PanicSite`]).
+    pub current: &'a Cell<Option<&'static str>>,
+}
+
+/// Names the operator a panic came from, at no cost when nothing panics: dropped while
+/// unwinding, it records its uid unless a node closer to the panic already did. (Recording the
+/// running operator on every call instead would be a store per record that keeps the chain's
+/// state out of registers.)
+pub struct PanicSite<'a> {
+    cell: &'a Cell<Option<&'static str>>,
+    uid: &'static str,
+}
+
+impl<'a> PanicSite<'a> {
+    /// A site for operator `uid`.
+    #[inline(always)]
+    pub fn new(cell: &'a Cell<Option<&'static str>>, uid: &'static str) -> Self {
+        PanicSite { cell, uid }
+    }
+}
+
+impl Drop for PanicSite<'_> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        if std::thread::panicking() && self.cell.get().is_none() {
+            self.cell.set(Some(self.uid));
+        }
+    }
 }
 
 /// One step of a chain, receiving the elements of a stream.
@@ -78,8 +103,10 @@ where
 {
     #[inline]
     fn record(&mut self, env: &mut Env<'_>, value: In, ts: Timestamp) -> Result<()> {
-        env.current.set(self.uid);
-        let out = (self.f)(value);
+        let out = {
+            let _site = PanicSite::new(env.current, self.uid);
+            (self.f)(value)
+        };
         self.next.record(env, out, ts)
     }
     fn watermark(&mut self, env: &mut Env<'_>, wm: Timestamp) -> Result<()> {
@@ -110,8 +137,11 @@ where
 {
     #[inline]
     fn record(&mut self, env: &mut Env<'_>, value: T, ts: Timestamp) -> Result<()> {
-        env.current.set(self.uid);
-        if (self.f)(&value) {
+        let keep = {
+            let _site = PanicSite::new(env.current, self.uid);
+            (self.f)(&value)
+        };
+        if keep {
             self.next.record(env, value, ts)?;
         }
         Ok(())
@@ -145,12 +175,21 @@ where
 {
     #[inline]
     fn record(&mut self, env: &mut Env<'_>, value: In, ts: Timestamp) -> Result<()> {
-        env.current.set(self.uid);
-        for v in (self.f)(value) {
-            self.next.record(env, v, ts)?;
-            env.current.set(self.uid);
+        let current = env.current;
+        let mut outputs = {
+            let _site = PanicSite::new(current, self.uid);
+            (self.f)(value).into_iter()
+        };
+        loop {
+            let next = {
+                let _site = PanicSite::new(current, self.uid);
+                outputs.next()
+            };
+            match next {
+                Some(v) => self.next.record(env, v, ts)?,
+                None => return Ok(()),
+            }
         }
-        Ok(())
     }
     fn watermark(&mut self, env: &mut Env<'_>, wm: Timestamp) -> Result<()> {
         self.next.watermark(env, wm)
@@ -200,7 +239,7 @@ impl<O: Operator, N: Node<O::Out>> OpNode<O, N> {
         f: impl FnOnce(&mut O, &mut OperatorContext<'_>, &mut Buffer<O::Out>) -> weir_operators::Result<()>,
     ) -> Result<()> {
         let (uid, shard) = (self.uid, env.shard);
-        env.current.set(uid);
+        let _site = PanicSite::new(env.current, uid);
         let mut ctx = OperatorContext {
             store: env.store,
             shard,

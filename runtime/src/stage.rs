@@ -452,8 +452,10 @@ where
 {
     #[inline]
     fn record(&mut self, env: &mut Env<'_>, value: T, ts: Timestamp) -> Result<()> {
-        env.current.set(self.uid);
-        let key = (self.key)(&value);
+        let key = {
+            let _site = crate::chain::PanicSite::new(env.current, self.uid);
+            (self.key)(&value)
+        };
         self.buf.clear();
         key.encode_key(&mut self.buf);
         let group = key_group_of_encoded(&self.buf, self.max_parallelism);
@@ -593,7 +595,7 @@ pub struct SinkNode<W> {
 impl<W: SinkWriter> Node<W::In> for SinkNode<W> {
     #[inline]
     fn record(&mut self, env: &mut Env<'_>, value: W::In, ts: Timestamp) -> Result<()> {
-        env.current.set(self.uid);
+        let _site = crate::chain::PanicSite::new(env.current, self.uid);
         self.writer.write(value, ts)
     }
     fn watermark(&mut self, _: &mut Env<'_>, _: Timestamp) -> Result<()> {
@@ -606,7 +608,7 @@ impl<W: SinkWriter> Node<W::In> for SinkNode<W> {
         Ok(())
     }
     fn end(&mut self, env: &mut Env<'_>) -> Result<()> {
-        env.current.set(self.uid);
+        let _site = crate::chain::PanicSite::new(env.current, self.uid);
         self.writer.flush()
     }
 }
@@ -712,7 +714,7 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
         let pumped = pump.next(&mut batch, &rt).await?;
         let mut done = false;
         let records = batch.iter().filter(|e| matches!(e, Element::Record(..))).count() as u64;
-        let current = std::cell::Cell::new(name);
+        let current = std::cell::Cell::new(None);
         {
             let mut store = rt.store.borrow_mut();
             let now = rt.now();
@@ -752,7 +754,7 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
                 Ok(result) => result?,
                 Err(payload) => {
                     return Err(RuntimeError::Panic {
-                        operator: current.get().to_owned(),
+                        operator: current.get().unwrap_or(name).to_owned(),
                         shard: rt.shard,
                         message: crate::chain::panic_message(payload.as_ref()),
                     });
