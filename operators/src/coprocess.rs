@@ -89,25 +89,17 @@ impl<F: KeyedCoProcessFunction> KeyedCoProcessOperator<F> {
         ctx: &mut OperatorContext<'_>,
         out: &mut C,
     ) -> Result<()> {
-        let timers = self.timers.as_mut().ok_or_else(|| StateError::Misuse("co-process used before open".into()))?;
-        while let Some((timer, key)) = timers.pop_due::<F::Key>(ctx.store, domain, upto)? {
-            let mut pctx = ProcessContext::new(
-                ctx.store,
-                timers,
-                CurrentKey { bytes: &timer.key_bytes, group: timer.group },
-                &key,
-                Some(timer.timestamp),
-                ctx.watermark,
-                ctx.processing_time,
-                &mut self.out,
-                &mut self.side,
-            );
-            self.function.on_timer(timer.timestamp, domain, &mut pctx)?;
-            for (v, ts) in self.out.drain(..) {
-                out.collect(v, ts);
-            }
-        }
-        Ok(())
+        let function = &mut self.function;
+        crate::process::fire_timers(
+            &mut self.timers,
+            domain,
+            upto,
+            ctx,
+            &mut self.out,
+            &mut self.side,
+            out,
+            |ts, pctx| function.on_timer(ts, domain, pctx),
+        )
     }
 }
 

@@ -208,10 +208,53 @@ impl<K, A, B, F> IntervalJoin<K, A, B, F> {
     fn bucket(&self, ts: i64) -> i64 {
         ts.div_euclid(self.bucket_ms)
     }
+}
 
-    fn bucket_end(&self, bucket: i64) -> i64 {
-        bucket.saturating_mul(self.bucket_ms).saturating_add(self.bucket_ms - 1)
+/// A record of one side arrives at the interval join: it is paired with the buffered records of
+/// the other side whose time lies in `[t + range.0, t + range.1]`, then buffered itself until
+/// the watermark passes its bucket's end plus `keep_ms`. Late records go to the side output.
+#[allow(clippy::too_many_arguments)]
+fn arrive<K, V, O, R>(
+    buf: &mut Vec<u8>,
+    bucket_ms: i64,
+    uid: &'static str,
+    ctx: &mut ProcessContext<'_, K, R>,
+    value: V,
+    (own, own_tag): (ListState<(i64, V)>, u8),
+    (other, other_tag): (ListState<(i64, O)>, u8),
+    range: (i64, i64),
+    keep_ms: i64,
+    emit: impl Fn(&K, &V, &O) -> R,
+) -> Result<()>
+where
+    K: KeyEncode + StateValue + Clone,
+    V: StateValue,
+    O: StateValue,
+    (i64, V): StateValue,
+    (i64, O): StateValue,
+{
+    let t = ctx.timestamp().unwrap_or(Timestamp::MIN);
+    let watermark = ctx.watermark();
+    if t.saturating_add(keep_ms) <= watermark {
+        ctx.side_output(LATE, LateRecord { operator: uid, timestamp: t, watermark });
+        return Ok(());
     }
+    let key = ctx.state_key();
+    let k = ctx.key().clone();
+    let (from, to) = (t.saturating_add(range.0), t.saturating_add(range.1));
+    for bucket in from.div_euclid(bucket_ms)..=to.div_euclid(bucket_ms) {
+        composite(buf, key.bytes, other_tag, bucket, 0);
+        for (ts, o) in load(other, ctx.store(), Key { group: key.group, bytes: buf })? {
+            if (from..=to).contains(&ts) {
+                ctx.output_at(emit(&k, &value, &o), t.max(ts));
+            }
+        }
+    }
+    let bucket = t.div_euclid(bucket_ms);
+    composite(buf, key.bytes, own_tag, bucket, 0);
+    own.add(ctx.store_mut(), Key { group: key.group, bytes: buf }, &(t, value))?;
+    let bucket_end = bucket.saturating_mul(bucket_ms).saturating_add(bucket_ms - 1);
+    ctx.register_event_timer(bucket_end.saturating_add(keep_ms))
 }
 
 fn load<V: StateValue>(
@@ -253,54 +296,42 @@ where
 
     fn process1(&mut self, a: A, ctx: &mut ProcessContext<'_, K, R>) -> Result<()> {
         let (left, right) = (self.left.ok_or_else(not_open)?, self.right.ok_or_else(not_open)?);
-        let t = ctx.timestamp().unwrap_or(Timestamp::MIN);
-        let watermark = ctx.watermark();
-        if t.saturating_add(self.upper_ms) <= watermark {
-            ctx.side_output(LATE, LateRecord { operator: self.uid, timestamp: t, watermark });
-            return Ok(());
-        }
-        let key = ctx.state_key();
-        let k = ctx.key().clone();
-        let (from, to) = (t.saturating_add(self.lower_ms), t.saturating_add(self.upper_ms));
-        for bucket in self.bucket(from)..=self.bucket(to) {
-            composite(&mut self.buf, key.bytes, 1, bucket, 0);
-            for (ts, b) in load(right, ctx.store(), Key { group: key.group, bytes: &self.buf })? {
-                if (from..=to).contains(&ts) {
-                    ctx.output_at((self.f)(&k, &a, &b), t.max(ts));
-                }
-            }
-        }
-        let bucket = self.bucket(t);
-        composite(&mut self.buf, key.bytes, 0, bucket, 0);
-        left.add(ctx.store_mut(), Key { group: key.group, bytes: &self.buf }, &(t, a))?;
-        // No right record that can still arrive (ts > watermark) pairs with this bucket once
-        // the watermark passes its end plus `upper`.
-        ctx.register_event_timer(self.bucket_end(bucket).saturating_add(self.upper_ms))
+        let (lower, upper) = (self.lower_ms, self.upper_ms);
+        let f = &self.f;
+        // A left record at t pairs with right records in [t + lower, t + upper]; no right record
+        // that can still arrive pairs with it once the watermark passes t + upper.
+        arrive(
+            &mut self.buf,
+            self.bucket_ms,
+            self.uid,
+            ctx,
+            a,
+            (left, 0),
+            (right, 1),
+            (lower, upper),
+            upper,
+            |k, a, b| f(k, a, b),
+        )
     }
 
     fn process2(&mut self, b: B, ctx: &mut ProcessContext<'_, K, R>) -> Result<()> {
         let (left, right) = (self.left.ok_or_else(not_open)?, self.right.ok_or_else(not_open)?);
-        let s = ctx.timestamp().unwrap_or(Timestamp::MIN);
-        let watermark = ctx.watermark();
-        if s.saturating_sub(self.lower_ms) <= watermark {
-            ctx.side_output(LATE, LateRecord { operator: self.uid, timestamp: s, watermark });
-            return Ok(());
-        }
-        let key = ctx.state_key();
-        let k = ctx.key().clone();
-        let (from, to) = (s.saturating_sub(self.upper_ms), s.saturating_sub(self.lower_ms));
-        for bucket in self.bucket(from)..=self.bucket(to) {
-            composite(&mut self.buf, key.bytes, 0, bucket, 0);
-            for (ts, a) in load(left, ctx.store(), Key { group: key.group, bytes: &self.buf })? {
-                if (from..=to).contains(&ts) {
-                    ctx.output_at((self.f)(&k, &a, &b), s.max(ts));
-                }
-            }
-        }
-        let bucket = self.bucket(s);
-        composite(&mut self.buf, key.bytes, 1, bucket, 0);
-        right.add(ctx.store_mut(), Key { group: key.group, bytes: &self.buf }, &(s, b))?;
-        ctx.register_event_timer(self.bucket_end(bucket).saturating_sub(self.lower_ms))
+        let (lower, upper) = (self.lower_ms, self.upper_ms);
+        let f = &self.f;
+        // A right record at s pairs with left records in [s - upper, s - lower]; no left record
+        // that can still arrive pairs with it once the watermark passes s - lower.
+        arrive(
+            &mut self.buf,
+            self.bucket_ms,
+            self.uid,
+            ctx,
+            b,
+            (right, 1),
+            (left, 0),
+            (-upper, -lower),
+            -lower,
+            |k, b, a| f(k, a, b),
+        )
     }
 
     fn on_timer(&mut self, ts: Timestamp, _: TimeDomain, ctx: &mut ProcessContext<'_, K, R>) -> Result<()> {

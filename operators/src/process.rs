@@ -266,28 +266,48 @@ impl<F: KeyedProcessFunction> KeyedProcessOperator<F> {
         ctx: &mut OperatorContext<'_>,
         out: &mut C,
     ) -> Result<()> {
-        let Some(timers) = self.timers.as_mut() else {
-            return Err(StateError::Misuse("operator used before open".into()).into());
-        };
-        while let Some((timer, key)) = timers.pop_due::<F::Key>(ctx.store, domain, upto)? {
-            let mut pctx = ProcessContext {
-                store: ctx.store,
-                timers,
-                key: CurrentKey { bytes: &timer.key_bytes, group: timer.group },
-                typed_key: &key,
-                timestamp: Some(timer.timestamp),
-                watermark: ctx.watermark,
-                processing_time: ctx.processing_time,
-                out: &mut self.out,
-                side: &mut self.side,
-            };
-            self.function.on_timer(timer.timestamp, domain, &mut pctx)?;
-            for (v, ts) in self.out.drain(..) {
-                out.collect(v, ts);
-            }
-        }
-        Ok(())
+        let function = &mut self.function;
+        fire_timers(&mut self.timers, domain, upto, ctx, &mut self.out, &mut self.side, out, |ts, pctx| {
+            function.on_timer(ts, domain, pctx)
+        })
     }
+}
+
+/// Fires every timer of `domain` due at `upto`: for each, builds the [`ProcessContext`] of
+/// its key and calls `on_timer`, then hands the buffered output to `out`. Shared by the keyed
+/// process and co-process operators.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fire_timers<K: StateValue, Out, C: Collector<Out>>(
+    timers: &mut Option<TimerService>,
+    domain: TimeDomain,
+    upto: Timestamp,
+    ctx: &mut OperatorContext<'_>,
+    buffer: &mut Vec<(Out, Timestamp)>,
+    side: &mut SideOutputs,
+    out: &mut C,
+    mut on_timer: impl FnMut(Timestamp, &mut ProcessContext<'_, K, Out>) -> Result<()>,
+) -> Result<()> {
+    let Some(timers) = timers.as_mut() else {
+        return Err(StateError::Misuse("operator used before open".into()).into());
+    };
+    while let Some((timer, key)) = timers.pop_due::<K>(ctx.store, domain, upto)? {
+        let mut pctx = ProcessContext {
+            store: ctx.store,
+            timers,
+            key: CurrentKey { bytes: &timer.key_bytes, group: timer.group },
+            typed_key: &key,
+            timestamp: Some(timer.timestamp),
+            watermark: ctx.watermark,
+            processing_time: ctx.processing_time,
+            out: buffer,
+            side,
+        };
+        on_timer(timer.timestamp, &mut pctx)?;
+        for (v, ts) in buffer.drain(..) {
+            out.collect(v, ts);
+        }
+    }
+    Ok(())
 }
 
 impl<F: KeyedProcessFunction> Operator for KeyedProcessOperator<F> {

@@ -89,6 +89,24 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// The control elements a stateless node passes straight to the next node.
+macro_rules! forward_control {
+    () => {
+        fn watermark(&mut self, env: &mut Env<'_>, wm: Timestamp) -> Result<()> {
+            self.next.watermark(env, wm)
+        }
+        fn idle(&mut self, env: &mut Env<'_>, idle: bool) -> Result<()> {
+            self.next.idle(env, idle)
+        }
+        fn tick(&mut self, env: &mut Env<'_>) -> Result<()> {
+            self.next.tick(env)
+        }
+        fn end(&mut self, env: &mut Env<'_>) -> Result<()> {
+            self.next.end(env)
+        }
+    };
+}
+
 /// A fused `map`.
 pub struct MapNode<F, N> {
     pub(crate) uid: &'static str,
@@ -109,18 +127,7 @@ where
         };
         self.next.record(env, out, ts)
     }
-    fn watermark(&mut self, env: &mut Env<'_>, wm: Timestamp) -> Result<()> {
-        self.next.watermark(env, wm)
-    }
-    fn idle(&mut self, env: &mut Env<'_>, idle: bool) -> Result<()> {
-        self.next.idle(env, idle)
-    }
-    fn tick(&mut self, env: &mut Env<'_>) -> Result<()> {
-        self.next.tick(env)
-    }
-    fn end(&mut self, env: &mut Env<'_>) -> Result<()> {
-        self.next.end(env)
-    }
+    forward_control!();
 }
 
 /// A fused `filter`.
@@ -146,18 +153,7 @@ where
         }
         Ok(())
     }
-    fn watermark(&mut self, env: &mut Env<'_>, wm: Timestamp) -> Result<()> {
-        self.next.watermark(env, wm)
-    }
-    fn idle(&mut self, env: &mut Env<'_>, idle: bool) -> Result<()> {
-        self.next.idle(env, idle)
-    }
-    fn tick(&mut self, env: &mut Env<'_>) -> Result<()> {
-        self.next.tick(env)
-    }
-    fn end(&mut self, env: &mut Env<'_>) -> Result<()> {
-        self.next.end(env)
-    }
+    forward_control!();
 }
 
 /// A fused `flat_map`: the function returns an iterator of outputs.
@@ -191,18 +187,7 @@ where
             }
         }
     }
-    fn watermark(&mut self, env: &mut Env<'_>, wm: Timestamp) -> Result<()> {
-        self.next.watermark(env, wm)
-    }
-    fn idle(&mut self, env: &mut Env<'_>, idle: bool) -> Result<()> {
-        self.next.idle(env, idle)
-    }
-    fn tick(&mut self, env: &mut Env<'_>) -> Result<()> {
-        self.next.tick(env)
-    }
-    fn end(&mut self, env: &mut Env<'_>) -> Result<()> {
-        self.next.end(env)
-    }
+    forward_control!();
 }
 
 /// Buffers an operator's output for the next node.
