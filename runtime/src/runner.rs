@@ -72,8 +72,8 @@ pub struct ShardRuntime {
     pub parallelism: usize,
     /// The job's configuration.
     pub config: JobConfig,
-    /// The shard's state store (borrowed by a stage only while it processes a batch).
-    pub store: RefCell<StateStore>,
+    /// Where this shard's stages keep their state stores (one directory per stage).
+    pub state_dir: PathBuf,
     shared: Arc<JobShared>,
     endpoints: RefCell<HashMap<ConnectionId, Box<dyn Any>>>,
     idle_polls: Cell<u32>,
@@ -86,6 +86,19 @@ impl std::fmt::Debug for ShardRuntime {
 }
 
 impl ShardRuntime {
+    /// A state store of its own for the stage `stage` on this shard: stages snapshot at
+    /// different moments (when a barrier reaches each), so each keeps its state apart.
+    pub fn stage_store(&self, stage: &str) -> Result<StateStore> {
+        let config = StoreConfig {
+            shard: self.shard as u32,
+            segment_bytes: self.config.segment_bytes,
+            max_parallelism: self.config.max_parallelism,
+            key_groups: KeyGroupRange::for_shard(self.shard, self.parallelism, self.config.max_parallelism),
+            ..StoreConfig::default()
+        };
+        Ok(StateStore::create(&self.state_dir.join(stage), config)?)
+    }
+
     /// Processing time now.
     pub fn now(&self) -> i64 {
         self.config.clock.now_ms()
@@ -488,19 +501,11 @@ async fn run_shard(
     for (id, handle) in handles {
         endpoints.insert(*id, handle.connect(&mut ctx).await?);
     }
-    let store_config = StoreConfig {
-        shard: shard as u32,
-        segment_bytes: config.segment_bytes,
-        max_parallelism: config.max_parallelism,
-        key_groups: KeyGroupRange::for_shard(shard, parallelism, config.max_parallelism),
-        ..StoreConfig::default()
-    };
-    let store = StateStore::create(&run_dir.join(format!("shard-{shard}")), store_config)?;
     let rt = Rc::new(ShardRuntime {
         shard,
         parallelism,
         config: config.clone(),
-        store: RefCell::new(store),
+        state_dir: run_dir.join(format!("shard-{shard}")),
         shared: Arc::clone(shared),
         endpoints: RefCell::new(endpoints),
         idle_polls: Cell::new(0),

@@ -696,7 +696,8 @@ where
         let pump = self.input.pump(&rt)?;
         let (node, tx) = self.terminal.build(&rt, self.output)?;
         let chain = self.chain.build(node);
-        Ok(Box::pin(run_stage(pump, chain, tx, rt, self.name())))
+        let store = rt.stage_store(self.name())?;
+        Ok(Box::pin(run_stage(pump, chain, tx, store, rt, self.name())))
     }
 }
 
@@ -704,6 +705,7 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
     mut pump: Box<dyn InputPump<In>>,
     mut chain: N,
     tx: Option<SharedTx<Out>>,
+    mut store: weir_state::StateStore,
     rt: Rc<ShardRuntime>,
     name: &'static str,
 ) -> Result<()> {
@@ -716,7 +718,6 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
         let records = batch.iter().filter(|e| matches!(e, Element::Record(..))).count() as u64;
         let current = std::cell::Cell::new(None);
         {
-            let mut store = rt.store.borrow_mut();
             let now = rt.now();
             let mut side = |tag: &'static str, record: Box<dyn std::any::Any + Send>| rt.side_output(tag, record);
             let mut env = Env {
