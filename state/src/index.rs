@@ -89,6 +89,9 @@ impl Index {
             .len(capacity * size_of::<Slot>())
             .map_anon()
             .map_err(|e| StateError::io("mmap anonymous index", "<memory>", e))?;
+        // Huge pages where the kernel has them: a probe is a random access into the table, and
+        // with 4 KiB pages most probes of a large table also miss the TLB. Only a hint.
+        let _ = mem.advise(memmap2::Advice::HugePage);
         Ok(Index { mem, capacity, len: 0, lazy: None })
     }
 

@@ -493,17 +493,21 @@ impl StateStore {
     /// from a typed put of this process (restored from a file, or stored raw), so a typed
     /// reader must validate them before zero-copy access.
     pub fn get_raw(&self, state: StateId, key: Key<'_>) -> Result<Option<RawValue<'_>>> {
-        match self.find(state, key.bytes)? {
-            None => Ok(None),
-            Some((_, addr)) => {
-                let (rec, h) = self.record_at(addr)?;
-                Ok(Some(RawValue {
-                    bytes: record::value_of(rec, &h),
-                    needs_validation: addr < self.restored_upto || h.flags & FLAG_UNVALIDATED != 0,
-                    addr,
-                }))
+        // The record the probe matched is kept, so it is decoded once.
+        let mut matched = None;
+        let slot = self.index.find(Self::hash(state, key.bytes), |addr| {
+            let (rec, h) = self.record_at(addr)?;
+            let is_match = h.state == state && record::key_of(rec, &h) == key.bytes;
+            if is_match {
+                matched = Some((addr, rec, h));
             }
-        }
+            Ok(is_match)
+        })?;
+        Ok(slot.and(matched).map(|(addr, rec, h)| RawValue {
+            bytes: record::value_of(rec, &h),
+            needs_validation: addr < self.restored_upto || h.flags & FLAG_UNVALIDATED != 0,
+            addr,
+        }))
     }
 
     /// The file and offset of a log address, for error messages.
