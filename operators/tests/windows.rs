@@ -116,3 +116,30 @@ fn count_windows_fire_every_n_records_per_key() {
     let out: Vec<(String, u64)> = h.take_output().into_iter().map(|(o, _)| o).collect();
     assert_eq!(out, vec![("x".into(), 3), ("y".into(), 3)]);
 }
+
+#[test]
+fn processing_time_windows_fire_when_the_clock_passes_their_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let op =
+        WindowOperator::new("p", TumblingWindows::processing_time(100), Count::new(), label, AllowedLateness::ZERO);
+    let mut h = OperatorHarness::new(dir.path(), "p", op).unwrap();
+    // Event times are irrelevant: the processing clock assigns and fires windows.
+    h.set_processing_time(10).unwrap();
+    h.process(rec("a", 1), 999_999).unwrap();
+    h.process(rec("b", 1), -5).unwrap();
+    h.set_processing_time(60).unwrap();
+    h.process(rec("a", 1), 0).unwrap();
+    h.watermark(i64::MAX).unwrap();
+    let early = h.take_output();
+    assert!(early.is_empty(), "watermarks do not fire processing-time windows: {early:?}");
+    h.set_processing_time(98).unwrap();
+    assert!(h.take_output().is_empty());
+    // A window fires at its last timestamp (end - 1), as event-time windows do.
+    h.set_processing_time(99).unwrap();
+    let mut out: Vec<Out> = h.take_output().into_iter().map(|(o, _)| o).collect();
+    out.sort();
+    assert_eq!(out, vec![("a".into(), 0, 100, 2), ("b".into(), 0, 100, 1)]);
+    h.process(rec("a", 1), 0).unwrap();
+    h.set_processing_time(250).unwrap();
+    assert_eq!(h.take_output().into_iter().map(|(o, _)| o).collect::<Vec<Out>>(), vec![("a".into(), 100, 200, 1)]);
+}
