@@ -139,6 +139,7 @@ fn processing_time_windows_fire_when_the_clock_passes_their_end() {
     let mut out: Vec<Out> = h.take_output().into_iter().map(|(o, _)| o).collect();
     out.sort();
     assert_eq!(out, vec![("a".into(), 0, 100, 2), ("b".into(), 0, 100, 1)]);
+    h.set_processing_time(150).unwrap();
     h.process(rec("a", 1), 0).unwrap();
     h.set_processing_time(250).unwrap();
     assert_eq!(h.take_output().into_iter().map(|(o, _)| o).collect::<Vec<Out>>(), vec![("a".into(), 100, 200, 1)]);
