@@ -75,6 +75,19 @@ pub struct Index {
     capacity: usize,
     len: usize,
     lazy: Option<LazyCheck>,
+    copy: Option<SnapshotCopy>,
+}
+
+/// A snapshot of the table being taken copy-on-write: a chunk is copied into `buf` the first
+/// time it is about to change (or when the copy is finished), so taking a snapshot costs the
+/// caller no pass over the table.
+#[derive(Debug)]
+struct SnapshotCopy {
+    buf: Vec<u8>,
+    copied: Vec<u64>,
+    remaining: usize,
+    capacity: usize,
+    len: usize,
 }
 
 impl Index {
@@ -92,7 +105,7 @@ impl Index {
         // Huge pages where the kernel has them: a probe is a random access into the table, and
         // with 4 KiB pages most probes of a large table also miss the TLB. Only a hint.
         let _ = mem.advise(memmap2::Advice::HugePage);
-        Ok(Index { mem, capacity, len: 0, lazy: None })
+        Ok(Index { mem, capacity, len: 0, lazy: None, copy: None })
     }
 
     /// Number of keys in the table.
@@ -184,6 +197,7 @@ impl Index {
     /// Replaces the address in slot `i` (from [`Index::find`]).
     pub fn set_addr(&mut self, i: usize, addr: u64) {
         debug_assert!(addr != 0 && self.slots()[i].addr != 0);
+        self.before_write(i);
         self.slots_mut()[i].addr = addr;
     }
 
@@ -198,6 +212,7 @@ impl Index {
         loop {
             self.check(i)?;
             if self.slots()[i].addr == 0 {
+                self.before_write(i);
                 self.slots_mut()[i] = Slot { hash, addr };
                 self.len += 1;
                 return Ok(());
@@ -222,10 +237,12 @@ impl Index {
             // Move `slot` into the hole unless its home lies cyclically in (hole, j].
             let stays = if hole <= j { hole < home && home <= j } else { hole < home || home <= j };
             if !stays {
+                self.before_write(hole);
                 self.slots_mut()[hole] = slot;
                 hole = j;
             }
         }
+        self.before_write(hole);
         self.slots_mut()[hole] = Slot::zeroed();
         self.len -= 1;
         Ok(())
@@ -233,6 +250,9 @@ impl Index {
 
     fn grow(&mut self) -> Result<()> {
         self.verify_all()?;
+        // A snapshot being copied reflects the table before the move: copy what is left now.
+        self.copy_remaining();
+        let copy = self.copy.take();
         let mut bigger = Index::with_capacity(self.capacity * 2)?;
         for slot in self.slots().iter().filter(|s| s.addr != 0) {
             let mask = bigger.capacity - 1;
@@ -243,6 +263,7 @@ impl Index {
             bigger.slots_mut()[i] = *slot;
         }
         bigger.len = self.len;
+        bigger.copy = copy;
         *self = bigger;
         Ok(())
     }
@@ -261,6 +282,72 @@ impl Index {
         let mut out = snapshot_header(capacity, len, seal, &slots);
         out.extend_from_slice(&slots);
         Ok(out)
+    }
+
+    /// Starts a copy-on-write snapshot of the table into `buf` (reused across snapshots). From
+    /// now on a chunk is copied just before its first change; [`Index::finish_copy`] copies the
+    /// rest. Replaces (and drops) a copy still in progress.
+    pub fn begin_copy(&mut self, mut buf: Vec<u8>) -> Result<()> {
+        self.verify_all()?;
+        let bytes = self.capacity * size_of::<Slot>();
+        buf.clear();
+        buf.resize(bytes, 0);
+        let chunks = self.capacity.div_ceil(CHUNK_SLOTS);
+        self.copy = Some(SnapshotCopy {
+            buf,
+            copied: vec![0; chunks.div_ceil(64)],
+            remaining: chunks,
+            capacity: self.capacity,
+            len: self.len,
+        });
+        Ok(())
+    }
+
+    /// Whether a copy-on-write snapshot is in progress.
+    pub fn copy_in_progress(&self) -> bool {
+        self.copy.is_some()
+    }
+
+    /// Copies what the snapshot in progress has not copied yet and returns it: the slot bytes,
+    /// capacity and length as of [`Index::begin_copy`].
+    pub fn finish_copy(&mut self) -> Option<(Vec<u8>, usize, usize)> {
+        self.copy_remaining();
+        self.copy.take().map(|c| (c.buf, c.capacity, c.len))
+    }
+
+    #[inline]
+    fn before_write(&mut self, slot: usize) {
+        if let Some(copy) = &self.copy
+            && copy.remaining > 0
+        {
+            self.copy_chunk(slot / CHUNK_SLOTS);
+        }
+    }
+
+    #[cold]
+    fn copy_chunk(&mut self, chunk: usize) {
+        let Some(copy) = self.copy.as_mut() else { return };
+        let (word, bit) = (chunk / 64, 1u64 << (chunk % 64));
+        if copy.copied[word] & bit != 0 {
+            return;
+        }
+        let chunk_bytes = CHUNK_SLOTS * size_of::<Slot>();
+        let start = chunk * chunk_bytes;
+        let end = (start + chunk_bytes).min(copy.buf.len());
+        copy.buf[start..end].copy_from_slice(&self.mem[start..end]);
+        copy.copied[word] |= bit;
+        copy.remaining -= 1;
+    }
+
+    fn copy_remaining(&mut self) {
+        let Some(copy) = &self.copy else { return };
+        let chunks = copy.capacity.div_ceil(CHUNK_SLOTS);
+        if copy.remaining == 0 {
+            return;
+        }
+        for chunk in 0..chunks {
+            self.copy_chunk(chunk);
+        }
     }
 
     /// Copies the slot array into `buf` (reused across snapshots, so after the first one this
@@ -331,7 +418,7 @@ impl Index {
             verified: (0..chunks.div_ceil(64)).map(|_| Cell::new(0)).collect(),
             unverified: Cell::new(chunks),
         };
-        let index = Index { mem, capacity, len: len as usize, lazy: Some(lazy) };
+        let index = Index { mem, capacity, len: len as usize, lazy: Some(lazy), copy: None };
         Ok((index, seal))
     }
 }

@@ -301,6 +301,8 @@ pub struct StateStore {
     new_segments: Vec<SegmentId>,
     last_checkpoint: Option<u64>,
     counters: StoreStats,
+    /// The index snapshot being copied (copy-on-write) since the checkpoint it reflects.
+    pending_index: Option<IndexSnapshotRef>,
 }
 
 impl StateStore {
@@ -330,6 +332,7 @@ impl StateStore {
             new_segments: Vec::new(),
             last_checkpoint: None,
             counters: StoreStats::default(),
+            pending_index: None,
             config,
         };
         store.open_segment(1)?;
@@ -688,22 +691,27 @@ impl StateStore {
         let seal = self.tail();
         let take_index = self.checkpoints_since_index + 1 >= self.config.index_snapshot_every
             || self.bytes_since_index >= self.config.index_snapshot_tail_bytes;
-        let index_write = if take_index {
-            let segments = (self.first_segment..=self.tail_segment)
-                .filter(|&id| self.has_segment(id) && self.stats[id as usize].live_bytes > 0)
-                .collect();
-            let mut slots = spare.unwrap_or_default();
-            let (capacity, len) = self.index.copy_slots(&mut slots)?;
-            Some(IndexWrite {
-                path: self.dir.join(index_file_name(checkpoint_id)),
+        // An index snapshot started at an earlier checkpoint (copy-on-write since) is finished
+        // now and written by this checkpoint's task; one is started now if due, and finished
+        // and written by the next checkpoint. So no checkpoint copies the whole table on the
+        // caller's thread.
+        let index_write = match self.pending_index.take() {
+            Some(snapshot) => self.index.finish_copy().map(|(slots, capacity, len)| IndexWrite {
+                path: self.dir.join(index_file_name(snapshot.checkpoint_id)),
                 slots,
                 capacity,
                 len,
-                snapshot: IndexSnapshotRef { checkpoint_id, seal, segments },
-            })
-        } else {
-            None
+                snapshot,
+            }),
+            None => None,
         };
+        if take_index {
+            let segments = (self.first_segment..=self.tail_segment)
+                .filter(|&id| self.has_segment(id) && self.stats[id as usize].live_bytes > 0)
+                .collect();
+            self.index.begin_copy(spare.unwrap_or_default())?;
+            self.pending_index = Some(IndexSnapshotRef { checkpoint_id, seal, segments });
+        }
         let index_ref = index_write.as_ref().map(|w| w.snapshot.clone()).or(confirmed_index);
         let segments: Vec<SegmentRef> = (self.first_segment..=self.tail_segment)
             .filter(|&id| self.has_segment(id) && self.needed_by(id, index_ref.as_ref()))
@@ -861,6 +869,7 @@ impl StateStore {
             new_segments: Vec::new(),
             last_checkpoint: Some(handle.checkpoint_id),
             counters: StoreStats::default(),
+            pending_index: None,
             config,
         };
         store.replay(replay_from, handle.seal)?;
@@ -1057,7 +1066,10 @@ impl StateStore {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             let keep = if let Some(id) = parse_segment_file_name(&name) {
-                let needed_now = self.has_segment(id) && self.needed_by(id, confirmed.as_ref());
+                // The segments a snapshot still being copied points into are needed too: the
+                // next checkpoint's handle will reference that snapshot.
+                let pending = self.pending_index.as_ref().is_some_and(|p| p.segments.contains(&id));
+                let needed_now = self.has_segment(id) && (pending || self.needed_by(id, confirmed.as_ref()));
                 let keep = needed_now || retained.iter().any(|h| h.segments.iter().any(|s| s.id == id));
                 if !keep && let Some(slot) = self.segments.get_mut(id as usize) {
                     *slot = None;
