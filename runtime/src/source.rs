@@ -360,6 +360,123 @@ impl SourceReader for FileReader {
     }
 }
 
+/// Durable ingest logs ([`weir_state::ingest::IngestLog`]) as a replayable source: what a
+/// service appends (and syncs) is what the job reads, from a recorded offset after a restart.
+/// Log `i` is read by shard `i % P`. Each payload is decoded by `decode`; one that fails goes to
+/// the dead-letter output with its offset. The source ends when every log it reads is closed.
+pub struct IngestSource<D> {
+    logs: Vec<Arc<weir_state::ingest::IngestLog>>,
+    decode: Arc<D>,
+    name: String,
+}
+
+impl<D> std::fmt::Debug for IngestSource<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestSource").field("logs", &self.logs.len()).finish()
+    }
+}
+
+impl<D> IngestSource<D> {
+    /// Reads `logs`, decoding each payload with `decode`.
+    pub fn new(logs: Vec<Arc<weir_state::ingest::IngestLog>>, decode: D) -> Self {
+        let name = logs.first().map_or_else(|| "ingest".to_owned(), |l| l.path().display().to_string());
+        IngestSource { logs, decode: Arc::new(decode), name }
+    }
+}
+
+/// The reader of an [`IngestSource`] on one shard.
+pub struct IngestSourceReader<D> {
+    readers: Vec<weir_state::ingest::IngestReader>,
+    decode: Arc<D>,
+    name: String,
+    shard: usize,
+    closed: Vec<bool>,
+    buf: Vec<(u64, Vec<u8>)>,
+}
+
+impl<D, T> Source for IngestSource<D>
+where
+    D: Fn(&[u8]) -> std::result::Result<T, String> + Send + Sync + 'static,
+    T: Send + 'static,
+{
+    type Out = T;
+    type Reader = IngestSourceReader<D>;
+    fn reader(&self, shard: usize, parallelism: usize) -> Result<IngestSourceReader<D>> {
+        let err =
+            |e: weir_state::StateError| RuntimeError::Source { source_name: self.name.clone(), reason: e.to_string() };
+        let readers = self
+            .logs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % parallelism.max(1) == shard)
+            .map(|(_, log)| log.reader(weir_state::ingest::IngestLog::first_offset()).map_err(err))
+            .collect::<Result<Vec<_>>>()?;
+        let closed = vec![false; readers.len()];
+        Ok(IngestSourceReader {
+            readers,
+            decode: Arc::clone(&self.decode),
+            name: self.name.clone(),
+            shard,
+            closed,
+            buf: Vec::new(),
+        })
+    }
+}
+
+impl<D, T> SourceReader for IngestSourceReader<D>
+where
+    D: Fn(&[u8]) -> std::result::Result<T, String> + 'static,
+{
+    type Out = T;
+    fn read(&mut self, out: &mut Vec<T>, dead: &mut Vec<DeadLetter>, max: usize) -> Result<ReadStatus> {
+        use weir_state::ingest::IngestStatus;
+        let mut any = false;
+        for (i, reader) in self.readers.iter_mut().enumerate() {
+            if self.closed[i] {
+                continue;
+            }
+            self.buf.clear();
+            let status = reader
+                .read(&mut self.buf, max)
+                .map_err(|e| RuntimeError::Source { source_name: self.name.clone(), reason: e.to_string() })?;
+            for (offset, payload) in self.buf.drain(..) {
+                any = true;
+                match (self.decode)(&payload) {
+                    Ok(value) => out.push(value),
+                    Err(reason) => dead.push(DeadLetter {
+                        source: self.name.clone(),
+                        shard: self.shard,
+                        offset,
+                        reason,
+                        raw: payload[..payload.len().min(1024)].to_vec(),
+                    }),
+                }
+            }
+            if status == IngestStatus::Closed {
+                self.closed[i] = true;
+            }
+        }
+        Ok(if self.closed.iter().all(|c| *c) {
+            ReadStatus::End
+        } else if any {
+            ReadStatus::More
+        } else {
+            ReadStatus::Idle
+        })
+    }
+    /// The offset of the first log this shard reads (one log per shard is the replayable
+    /// configuration; with several, each reader's offset is its own).
+    fn offset(&self) -> u64 {
+        self.readers.first().map_or(0, |r| r.offset())
+    }
+    fn seek(&mut self, offset: u64) -> Result<()> {
+        if let Some(r) = self.readers.first_mut() {
+            r.seek(offset);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -533,3 +533,52 @@ fn metrics_count_records_per_stage() {
     assert_eq!(by_stage.get("sum"), Some(&5000));
     handle.wait().unwrap();
 }
+
+#[test]
+fn a_job_reads_what_a_service_appends_to_its_ingest_logs() {
+    use weir::source::IngestSource;
+    use weir_state::ingest::IngestLog;
+    let dir = tempfile::tempdir().unwrap();
+    let logs: Vec<_> =
+        (0..3).map(|i| IngestLog::open(&dir.path().join(format!("events-{i}.ingest"))).unwrap()).collect();
+    let job = Job::new("ingest");
+    let out = CollectSink::new();
+    job.source(
+        "events",
+        IngestSource::new(logs.clone(), |bytes: &[u8]| {
+            std::str::from_utf8(bytes).map_err(|e| e.to_string())?.parse::<u64>().map_err(|e| e.to_string())
+        }),
+    )
+    .key_by("by-n", |n: &u64| *n % 7)
+    .reduce("sum", |k: &u64| (*k, 0u64), |(k, a): (u64, u64), n: u64| (k, a + n))
+    .sink("out", out.clone());
+    let handle = job.run(config(2)).unwrap();
+    // The service appends in batches, syncs each batch (group commit), then closes its logs.
+    let mut expected: BTreeMap<u64, u64> = BTreeMap::new();
+    for batch in 0..20u64 {
+        for i in 0..50u64 {
+            let n = batch * 50 + i;
+            logs[(n % 3) as usize].append(n.to_string().as_bytes()).unwrap();
+            *expected.entry(n % 7).or_default() += n;
+        }
+        for log in &logs {
+            log.sync().unwrap();
+        }
+    }
+    logs[1].append(b"not a number").unwrap();
+    for log in &logs {
+        log.close().unwrap();
+    }
+    let report = handle.wait().unwrap();
+    // Running sums only grow, so each key's largest is its final sum; one update per event.
+    let updates = out.take();
+    assert_eq!(updates.len(), 1000, "every durable event processed exactly once");
+    let mut finals: BTreeMap<u64, u64> = BTreeMap::new();
+    for ((k, sum), _) in updates {
+        let e = finals.entry(k).or_default();
+        *e = (*e).max(sum);
+    }
+    assert_eq!(finals, expected);
+    assert_eq!(report.dead_letters.len(), 1);
+    assert_eq!(report.dead_letters[0].raw, b"not a number");
+}

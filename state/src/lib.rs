@@ -33,6 +33,7 @@
 pub mod error;
 mod faults;
 pub mod index;
+pub mod ingest;
 pub mod keygroup;
 pub mod manifest;
 pub mod record;
