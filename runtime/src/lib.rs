@@ -37,6 +37,7 @@ pub mod shard;
 pub mod sink;
 pub mod source;
 pub mod stage;
+pub mod twophase;
 
 pub use error::{Result, RuntimeError};
 pub use job::{Job, JobConfig};
