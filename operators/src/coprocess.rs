@@ -109,7 +109,7 @@ impl<F: KeyedCoProcessFunction> Operator for KeyedCoProcessOperator<F> {
 
     fn open(&mut self, ctx: &mut OperatorContext<'_>) -> Result<()> {
         self.max_parallelism = ctx.max_parallelism;
-        self.timers = Some(TimerService::open(ctx.store, ctx.uid)?);
+        self.timers = Some(TimerService::open(ctx.timer_store, ctx.uid)?);
         self.function.open(&mut StateRegistry::new(ctx.store, ctx.uid))
     }
 
@@ -131,6 +131,7 @@ impl<F: KeyedCoProcessFunction> Operator for KeyedCoProcessOperator<F> {
         let typed_key = key.clone();
         let mut pctx = ProcessContext::new(
             ctx.store,
+            ctx.timer_store,
             timers,
             CurrentKey { bytes: &self.key_buf, group },
             &typed_key,

@@ -18,6 +18,7 @@ pub struct OperatorHarness<O: Operator> {
     dir: PathBuf,
     config: StoreConfig,
     store: StateStore,
+    timer_store: StateStore,
     operator: O,
     uid: String,
     watermark: Timestamp,
@@ -33,9 +34,25 @@ impl<O: Operator> std::fmt::Debug for OperatorHarness<O> {
     }
 }
 
-fn context<'a>(store: &'a mut StateStore, uid: &'a str, now: Timestamp, watermark: Timestamp) -> OperatorContext<'a> {
+/// A snapshot of a harnessed operator: its state store and its timer store.
+#[derive(Debug, Clone)]
+pub struct HarnessSnapshot {
+    /// The state store's checkpoint.
+    pub state: CheckpointHandle,
+    /// The timer store's checkpoint.
+    pub timers: CheckpointHandle,
+}
+
+fn context<'a>(
+    store: &'a mut StateStore,
+    timer_store: &'a mut StateStore,
+    uid: &'a str,
+    now: Timestamp,
+    watermark: Timestamp,
+) -> OperatorContext<'a> {
     OperatorContext {
         store,
+        timer_store,
         shard: 0,
         parallelism: 1,
         max_parallelism: HARNESS_MAX_PARALLELISM,
@@ -58,17 +75,19 @@ fn harness_config() -> StoreConfig {
 }
 
 impl<O: Operator> OperatorHarness<O> {
-    /// A harness over a fresh store in `dir`, with the operator opened under `uid`.
+    /// A harness over fresh stores in `dir` (`state/` and `timers/`), with the operator opened
+    /// under `uid`.
     pub fn new(dir: &Path, uid: &str, operator: O) -> Result<Self> {
         let config = harness_config();
-        let store = StateStore::create(dir, config.clone())?;
-        Self::with_store(dir, config, store, uid, operator, 1)
+        let store = StateStore::create(&dir.join("state"), config.clone())?;
+        let timer_store = StateStore::create(&dir.join("timers"), config.clone())?;
+        Self::with_stores(dir, config, (store, timer_store), uid, operator, 1)
     }
 
-    fn with_store(
+    fn with_stores(
         dir: &Path,
         config: StoreConfig,
-        store: StateStore,
+        (store, timer_store): (StateStore, StateStore),
         uid: &str,
         operator: O,
         next: u64,
@@ -77,6 +96,7 @@ impl<O: Operator> OperatorHarness<O> {
             dir: dir.to_owned(),
             config,
             store,
+            timer_store,
             operator,
             uid: uid.to_owned(),
             watermark: Timestamp::MIN,
@@ -85,7 +105,7 @@ impl<O: Operator> OperatorHarness<O> {
             side: Vec::new(),
             next_checkpoint: next,
         };
-        h.operator.open(&mut context(&mut h.store, &h.uid, h.processing_time, h.watermark))?;
+        h.operator.open(&mut context(&mut h.store, &mut h.timer_store, &h.uid, h.processing_time, h.watermark))?;
         Ok(h)
     }
 
@@ -96,7 +116,7 @@ impl<O: Operator> OperatorHarness<O> {
 
     /// Pushes one record with event time `timestamp`.
     pub fn process(&mut self, value: O::In, timestamp: Timestamp) -> Result<()> {
-        let mut ctx = context(&mut self.store, &self.uid, self.processing_time, self.watermark);
+        let mut ctx = context(&mut self.store, &mut self.timer_store, &self.uid, self.processing_time, self.watermark);
         self.operator.process(value, timestamp, &mut ctx, &mut self.output)?;
         self.collect_side();
         Ok(())
@@ -108,7 +128,7 @@ impl<O: Operator> OperatorHarness<O> {
             return Ok(());
         }
         self.watermark = watermark;
-        let mut ctx = context(&mut self.store, &self.uid, self.processing_time, watermark);
+        let mut ctx = context(&mut self.store, &mut self.timer_store, &self.uid, self.processing_time, watermark);
         self.operator.on_watermark(watermark, &mut ctx, &mut self.output)?;
         self.collect_side();
         Ok(())
@@ -117,7 +137,7 @@ impl<O: Operator> OperatorHarness<O> {
     /// Advances processing time to `now`.
     pub fn set_processing_time(&mut self, now: Timestamp) -> Result<()> {
         self.processing_time = now;
-        let mut ctx = context(&mut self.store, &self.uid, now, self.watermark);
+        let mut ctx = context(&mut self.store, &mut self.timer_store, &self.uid, now, self.watermark);
         self.operator.on_processing_time(&mut ctx, &mut self.output)?;
         self.collect_side();
         Ok(())
@@ -151,22 +171,32 @@ impl<O: Operator> OperatorHarness<O> {
         &self.store
     }
 
-    /// Takes a checkpoint of the operator's state and waits until it is durable.
-    pub fn snapshot(&mut self) -> Result<CheckpointHandle> {
-        let id = self.next_checkpoint;
-        self.next_checkpoint += 1;
-        let pending = self.store.checkpoint(id)?;
-        pending.task.run()?;
-        Ok(pending.handle)
+    /// The timer store.
+    pub fn timer_store(&self) -> &StateStore {
+        &self.timer_store
     }
 
-    /// Discards this instance (as a crash would) and restores `handle` into `operator`, a
+    /// Takes a checkpoint of the operator's state and timers and waits until it is durable.
+    pub fn snapshot(&mut self) -> Result<HarnessSnapshot> {
+        let id = self.next_checkpoint;
+        self.next_checkpoint += 1;
+        let state = self.store.checkpoint(id)?;
+        let timers = self.timer_store.checkpoint(id)?;
+        state.task.run()?;
+        timers.task.run()?;
+        Ok(HarnessSnapshot { state: state.handle, timers: timers.handle })
+    }
+
+    /// Discards this instance (as a crash would) and restores `snapshot` into `operator`, a
     /// fresh instance. Event time starts over (as after a restart), processing time is kept.
-    pub fn restore(self, handle: &CheckpointHandle, operator: O) -> Result<Self> {
-        let OperatorHarness { dir, config, store, uid, processing_time, .. } = self;
-        drop(store);
-        let store = StateStore::restore(&dir, handle, config.clone(), RestoreOptions { verify_all: true })?;
-        let mut h = Self::with_store(&dir, config, store, &uid, operator, handle.checkpoint_id + 1)?;
+    pub fn restore(self, snapshot: &HarnessSnapshot, operator: O) -> Result<Self> {
+        let OperatorHarness { dir, config, store, timer_store, uid, processing_time, .. } = self;
+        drop((store, timer_store));
+        let verify = RestoreOptions { verify_all: true };
+        let store = StateStore::restore(&dir.join("state"), &snapshot.state, config.clone(), verify)?;
+        let timer_store = StateStore::restore(&dir.join("timers"), &snapshot.timers, config.clone(), verify)?;
+        let next = snapshot.state.checkpoint_id + 1;
+        let mut h = Self::with_stores(&dir, config, (store, timer_store), &uid, operator, next)?;
         h.processing_time = processing_time;
         Ok(h)
     }

@@ -62,6 +62,9 @@ impl<T> OutputTag<T> {
 pub struct OperatorContext<'a> {
     /// The shard's state store (keyed state lives here, under the operator's uid).
     pub store: &'a mut StateStore,
+    /// The store timers live in: kept apart from the state so that rebuilding the timer queue
+    /// after a restore reads only timers, whatever the size of the state.
+    pub timer_store: &'a mut StateStore,
     /// This shard's index.
     pub shard: usize,
     /// Number of shards.

@@ -73,6 +73,7 @@ impl SideOutputs {
 /// What a process function sees while handling a record or a timer.
 pub struct ProcessContext<'a, K, Out> {
     store: &'a mut StateStore,
+    timer_store: &'a mut StateStore,
     timers: &'a mut TimerService,
     key: CurrentKey<'a>,
     typed_key: &'a K,
@@ -88,6 +89,7 @@ impl<'a, K, Out> ProcessContext<'a, K, Out> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: &'a mut StateStore,
+        timer_store: &'a mut StateStore,
         timers: &'a mut TimerService,
         key: CurrentKey<'a>,
         typed_key: &'a K,
@@ -97,7 +99,7 @@ impl<'a, K, Out> ProcessContext<'a, K, Out> {
         out: &'a mut Vec<(Out, Timestamp)>,
         side: &'a mut SideOutputs,
     ) -> Self {
-        ProcessContext { store, timers, key, typed_key, timestamp, watermark, processing_time, out, side }
+        ProcessContext { store, timer_store, timers, key, typed_key, timestamp, watermark, processing_time, out, side }
     }
 }
 
@@ -177,22 +179,22 @@ impl<'a, K: StateValue, Out> ProcessContext<'a, K, Out> {
 
     /// Registers an event-time timer for the current key.
     pub fn register_event_timer(&mut self, timestamp: Timestamp) -> Result<()> {
-        self.timers.register(self.store, TimeDomain::EventTime, self.key, self.typed_key, timestamp)
+        self.timers.register(self.timer_store, TimeDomain::EventTime, self.key, self.typed_key, timestamp)
     }
 
     /// Registers a processing-time timer for the current key.
     pub fn register_processing_timer(&mut self, timestamp: Timestamp) -> Result<()> {
-        self.timers.register(self.store, TimeDomain::ProcessingTime, self.key, self.typed_key, timestamp)
+        self.timers.register(self.timer_store, TimeDomain::ProcessingTime, self.key, self.typed_key, timestamp)
     }
 
     /// Deletes the current key's event-time timer at `timestamp`.
     pub fn delete_event_timer(&mut self, timestamp: Timestamp) -> Result<()> {
-        self.timers.delete(self.store, TimeDomain::EventTime, self.key, timestamp)
+        self.timers.delete(self.timer_store, TimeDomain::EventTime, self.key, timestamp)
     }
 
     /// Deletes the current key's processing-time timer at `timestamp`.
     pub fn delete_processing_timer(&mut self, timestamp: Timestamp) -> Result<()> {
-        self.timers.delete(self.store, TimeDomain::ProcessingTime, self.key, timestamp)
+        self.timers.delete(self.timer_store, TimeDomain::ProcessingTime, self.key, timestamp)
     }
 }
 
@@ -290,9 +292,10 @@ pub(crate) fn fire_timers<K: StateValue, Out, C: Collector<Out>>(
     let Some(timers) = timers.as_mut() else {
         return Err(StateError::Misuse("operator used before open".into()).into());
     };
-    while let Some((timer, key)) = timers.pop_due::<K>(ctx.store, domain, upto)? {
+    while let Some((timer, key)) = timers.pop_due::<K>(ctx.timer_store, domain, upto)? {
         let mut pctx = ProcessContext {
             store: ctx.store,
+            timer_store: ctx.timer_store,
             timers,
             key: CurrentKey { bytes: &timer.key_bytes, group: timer.group },
             typed_key: &key,
@@ -316,7 +319,7 @@ impl<F: KeyedProcessFunction> Operator for KeyedProcessOperator<F> {
 
     fn open(&mut self, ctx: &mut OperatorContext<'_>) -> Result<()> {
         self.max_parallelism = ctx.max_parallelism;
-        self.timers = Some(TimerService::open(ctx.store, ctx.uid)?);
+        self.timers = Some(TimerService::open(ctx.timer_store, ctx.uid)?);
         self.function.open(&mut StateRegistry::new(ctx.store, ctx.uid))
     }
 
@@ -335,6 +338,7 @@ impl<F: KeyedProcessFunction> Operator for KeyedProcessOperator<F> {
         let group = key_group_of_encoded(&self.key_buf, self.max_parallelism);
         let mut pctx = ProcessContext {
             store: ctx.store,
+            timer_store: ctx.timer_store,
             timers,
             key: CurrentKey { bytes: &self.key_buf, group },
             typed_key: &record.key,

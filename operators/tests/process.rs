@@ -145,3 +145,49 @@ fn event_timers_fire_in_order_once_and_survive_restore() {
     h.watermark(i64::MAX).unwrap();
     assert!(h.take_output().is_empty());
 }
+
+/// Keeps a value per key; registers a timer only for every 400th key.
+struct ManyKeysFewTimers {
+    seen: Option<ValueState<u64>>,
+}
+
+impl KeyedProcessFunction for ManyKeysFewTimers {
+    type Key = u64;
+    type In = u64;
+    type Out = u64;
+
+    fn open(&mut self, states: &mut StateRegistry<'_>) -> Result<()> {
+        self.seen = Some(states.value("seen")?);
+        Ok(())
+    }
+
+    fn process(&mut self, v: u64, ctx: &mut ProcessContext<'_, u64, u64>) -> Result<()> {
+        ctx.set(&self.seen.expect("opened"), &v)?;
+        if *ctx.key() % 400 == 0 {
+            ctx.register_event_timer(1_000 + *ctx.key() as i64)?;
+        }
+        Ok(())
+    }
+
+    fn on_timer(&mut self, ts: i64, _: TimeDomain, ctx: &mut ProcessContext<'_, u64, u64>) -> Result<()> {
+        ctx.output(ts as u64);
+        Ok(())
+    }
+}
+
+#[test]
+fn timers_live_in_their_own_store_so_a_restore_rebuilds_them_from_timers_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h =
+        OperatorHarness::new(dir.path(), "few", KeyedProcessOperator::new(ManyKeysFewTimers { seen: None })).unwrap();
+    for k in 0..1200u64 {
+        h.process(Keyed { key: k, value: k }, 0).unwrap();
+    }
+    let snapshot = h.snapshot().unwrap();
+    let h = h.restore(&snapshot, KeyedProcessOperator::new(ManyKeysFewTimers { seen: None })).unwrap();
+    assert_eq!(h.timer_store().stats().keys, 3, "the timer store holds the 3 timers and nothing else");
+    assert!(h.store().stats().keys >= 1200, "the keyed state lives in the state store");
+    let mut h = h;
+    h.watermark(i64::MAX).unwrap();
+    assert_eq!(h.take_output().into_iter().map(|(t, _)| t).collect::<Vec<_>>(), vec![1_000, 1_400, 1_800]);
+}

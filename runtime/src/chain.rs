@@ -22,8 +22,10 @@ use crate::error::{Result, RuntimeError};
 
 /// What a node sees of its shard while handling one element.
 pub struct Env<'a> {
-    /// The shard's state store.
+    /// The stage's state store.
     pub store: &'a mut StateStore,
+    /// The stage's timer store (kept apart so a restore rebuilds timers from timers only).
+    pub timer_store: &'a mut StateStore,
     /// This shard.
     pub shard: usize,
     /// Number of shards.
@@ -227,6 +229,7 @@ impl<O: Operator, N: Node<O::Out>> OpNode<O, N> {
         let _site = PanicSite::new(env.current, uid);
         let mut ctx = OperatorContext {
             store: env.store,
+            timer_store: env.timer_store,
             shard,
             parallelism: env.parallelism,
             max_parallelism: env.max_parallelism,

@@ -697,7 +697,8 @@ where
         let (node, tx) = self.terminal.build(&rt, self.output)?;
         let chain = self.chain.build(node);
         let store = rt.stage_store(self.name())?;
-        Ok(Box::pin(run_stage(pump, chain, tx, store, rt, self.name())))
+        let timer_store = rt.stage_store(&format!("{}.timers", self.name()))?;
+        Ok(Box::pin(run_stage(pump, chain, tx, (store, timer_store), rt, self.name())))
     }
 }
 
@@ -705,7 +706,7 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
     mut pump: Box<dyn InputPump<In>>,
     mut chain: N,
     tx: Option<SharedTx<Out>>,
-    mut store: weir_state::StateStore,
+    (mut store, mut timer_store): (weir_state::StateStore, weir_state::StateStore),
     rt: Rc<ShardRuntime>,
     name: &'static str,
 ) -> Result<()> {
@@ -722,6 +723,7 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
             let mut side = |tag: &'static str, record: Box<dyn std::any::Any + Send>| rt.side_output(tag, record);
             let mut env = Env {
                 store: &mut store,
+                timer_store: &mut timer_store,
                 shard: rt.shard,
                 parallelism: rt.parallelism,
                 max_parallelism: rt.config.max_parallelism,

@@ -243,10 +243,10 @@ where
         let current = CurrentKey { bytes: &self.state_buf, group };
         let typed: WindowTimerKey<K> = (key.clone(), w.start(), w.end());
         if w.max_timestamp() > now {
-            timers.register(ctx.store, domain, current, &typed, w.max_timestamp())?;
+            timers.register(ctx.timer_store, domain, current, &typed, w.max_timestamp())?;
         }
         if self.lateness.ms() > 0 {
-            timers.register(ctx.store, domain, current, &typed, cleanup_time(w, self.lateness))?;
+            timers.register(ctx.timer_store, domain, current, &typed, cleanup_time(w, self.lateness))?;
         }
         Ok(())
     }
@@ -261,9 +261,9 @@ where
         let timers = self.timers.as_mut().ok_or_else(not_open)?;
         window_state_key(&mut self.state_buf, &self.key_buf, w);
         let current = CurrentKey { bytes: &self.state_buf, group };
-        timers.delete(ctx.store, domain, current, w.max_timestamp())?;
+        timers.delete(ctx.timer_store, domain, current, w.max_timestamp())?;
         if self.lateness.ms() > 0 {
-            timers.delete(ctx.store, domain, current, cleanup_time(w, self.lateness))?;
+            timers.delete(ctx.timer_store, domain, current, cleanup_time(w, self.lateness))?;
         }
         Ok(())
     }
@@ -340,7 +340,9 @@ where
         let domain = self.domain();
         loop {
             let timers = self.timers.as_mut().ok_or_else(not_open)?;
-            let Some((timer, (key, start, end))) = timers.pop_due::<WindowTimerKey<K>>(ctx.store, domain, upto)? else {
+            let Some((timer, (key, start, end))) =
+                timers.pop_due::<WindowTimerKey<K>>(ctx.timer_store, domain, upto)?
+            else {
                 return Ok(());
             };
             let w = TimeWindow::new(start, end);
@@ -389,7 +391,7 @@ where
         self.max_parallelism = ctx.max_parallelism;
         self.acc = Some(ValueState::register(ctx.store, &ctx.state_name("window-acc"))?);
         self.sessions = Some(ValueState::register(ctx.store, &ctx.state_name("window-sessions"))?);
-        self.timers = Some(TimerService::open(ctx.store, ctx.uid)?);
+        self.timers = Some(TimerService::open(ctx.timer_store, ctx.uid)?);
         Ok(())
     }
 
