@@ -16,7 +16,10 @@ fn sample_file() -> std::path::PathBuf {
 }
 
 fn main() {
-    let path = std::env::args().nth(1).map(Into::into).unwrap_or_else(sample_file);
+    run(std::env::args().nth(1).map(Into::into).unwrap_or_else(sample_file));
+}
+
+fn run(path: std::path::PathBuf) {
     let job = Job::new("word-count");
     let counts = CollectSink::new();
     job.source("lines", FileSource::new(&path))
@@ -46,6 +49,6 @@ fn main() {
 mod tests {
     #[test]
     fn example_runs() {
-        super::main();
+        super::run(super::sample_file());
     }
 }

@@ -76,6 +76,12 @@ pub trait Node<T>: 'static {
     fn idle(&mut self, env: &mut Env<'_>, idle: bool) -> Result<()>;
     /// Processing time advanced to `env.now`.
     fn tick(&mut self, env: &mut Env<'_>) -> Result<()>;
+    /// Checkpoint barrier `id`: every record before it has been handed to this node. Operators
+    /// keep all their state in the stage's stores, so a node only forwards it; the terminal
+    /// sends it downstream (or a two-phase sink pre-commits).
+    fn barrier(&mut self, env: &mut Env<'_>, id: u64) -> Result<()>;
+    /// Checkpoint `id` is complete (its manifest is durable): two-phase sinks commit.
+    fn committed(&mut self, env: &mut Env<'_>, id: u64) -> Result<()>;
     /// The input ended (after the final watermark): flush.
     fn end(&mut self, env: &mut Env<'_>) -> Result<()>;
 }
@@ -102,6 +108,12 @@ macro_rules! forward_control {
         }
         fn tick(&mut self, env: &mut Env<'_>) -> Result<()> {
             self.next.tick(env)
+        }
+        fn barrier(&mut self, env: &mut Env<'_>, id: u64) -> Result<()> {
+            self.next.barrier(env, id)
+        }
+        fn committed(&mut self, env: &mut Env<'_>, id: u64) -> Result<()> {
+            self.next.committed(env, id)
         }
         fn end(&mut self, env: &mut Env<'_>) -> Result<()> {
             self.next.end(env)
@@ -271,6 +283,12 @@ impl<O: Operator, N: Node<O::Out>> Node<O::In> for OpNode<O, N> {
     fn tick(&mut self, env: &mut Env<'_>) -> Result<()> {
         self.call(env, |op, ctx, out| op.on_processing_time(ctx, out))?;
         self.next.tick(env)
+    }
+    fn barrier(&mut self, env: &mut Env<'_>, id: u64) -> Result<()> {
+        self.next.barrier(env, id)
+    }
+    fn committed(&mut self, env: &mut Env<'_>, id: u64) -> Result<()> {
+        self.next.committed(env, id)
     }
     fn end(&mut self, env: &mut Env<'_>) -> Result<()> {
         self.call(env, |_, _, _| Ok(()))?;

@@ -60,6 +60,9 @@ pub enum RuntimeError {
     /// The job was cancelled.
     #[error("job cancelled")]
     Cancelled,
+    /// A checkpoint, a savepoint or a restore failed (for a restore: before anything ran).
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
 
     // --- shards and exchanges (shard.rs, exchange.rs): begin ---
     /// A shard or exchange configuration value is out of range (zero parallelism, zero

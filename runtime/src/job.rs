@@ -70,6 +70,8 @@ pub struct JobConfig {
     pub keep_state: bool,
     /// The processing-time clock.
     pub clock: Arc<dyn Clock>,
+    /// Checkpoints, recovery and restarts (`None`: the job runs without checkpoints).
+    pub checkpointing: Option<crate::checkpointing::CheckpointSettings>,
 }
 
 impl Default for JobConfig {
@@ -85,6 +87,7 @@ impl Default for JobConfig {
             segment_bytes: 64 << 20,
             keep_state: false,
             clock: Arc::new(SystemClock),
+            checkpointing: None,
         }
     }
 }
@@ -93,6 +96,12 @@ impl JobConfig {
     /// This configuration with `parallelism` shards.
     pub fn with_parallelism(mut self, parallelism: usize) -> Self {
         self.parallelism = parallelism.max(1);
+        self
+    }
+
+    /// This configuration with checkpoints as `settings` say.
+    pub fn with_checkpointing(mut self, settings: crate::checkpointing::CheckpointSettings) -> Self {
+        self.checkpointing = Some(settings);
         self
     }
 }
@@ -180,7 +189,9 @@ impl Job {
         if graph.stages.is_empty() {
             return Err(RuntimeError::InvalidJob("the job has no sink".into()));
         }
-        crate::runner::start(&self.name, graph.stages.clone(), &graph.connections, config)
+        let mut operators: Vec<String> = graph.uids.iter().map(|u| (*u).to_owned()).collect();
+        operators.sort();
+        crate::runner::start(&self.name, graph.stages.clone(), &graph.connections, operators, config)
     }
 
     fn add_stage(&self, stage: Arc<dyn StageFactory>) {

@@ -27,6 +27,7 @@
 
 pub mod chain;
 pub mod checkpoint;
+pub mod checkpointing;
 pub mod clock;
 pub mod element;
 pub mod error;

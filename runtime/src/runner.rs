@@ -23,7 +23,8 @@ use std::time::Duration;
 use weir_state::keygroup::KeyGroupRange;
 use weir_state::{StateStore, StoreConfig};
 
-use crate::element::StreamElement;
+use crate::checkpointing::{CheckpointDriver, CheckpointShared, JobLayout, RestorePoint};
+use crate::element::{BarrierKind, StreamElement};
 use crate::error::{Result, RuntimeError};
 use crate::exchange::{ExchangeConfig, ExchangeHandle, ExchangeReceiver, ExchangeSender, Exchanges};
 use crate::job::JobConfig;
@@ -34,6 +35,7 @@ use crate::stage::{ConnectionId, Element, ExchangeRx, ExchangeTx, LocalFuture, S
 /// Job-wide state shared by all shards: cancellation, dead letters, counters.
 #[derive(Debug, Default)]
 pub struct JobShared {
+    checkpoint_stats: Arc<Mutex<crate::checkpointing::CheckpointStats>>,
     cancelled: AtomicBool,
     failed: AtomicBool,
     dead_letters: Mutex<Vec<DeadLetter>>,
@@ -77,6 +79,12 @@ pub struct ShardRuntime {
     shared: Arc<JobShared>,
     endpoints: RefCell<HashMap<ConnectionId, Box<dyn Any>>>,
     idle_polls: Cell<u32>,
+    /// Checkpointing of this run attempt (`None`: the job runs without checkpoints).
+    checkpoints: Option<Arc<CheckpointShared>>,
+    /// The checkpoint this attempt starts from.
+    restore: Option<Arc<RestorePoint>>,
+    /// The checkpoint root (checkpointed jobs), where `state_dir` lies.
+    root: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for ShardRuntime {
@@ -88,6 +96,10 @@ impl std::fmt::Debug for ShardRuntime {
 impl ShardRuntime {
     /// A state store of its own for the stage `stage` on this shard: stages snapshot at
     /// different moments (when a barrier reaches each), so each keeps its state apart.
+    ///
+    /// A job resuming from a checkpoint maps the store of that checkpoint back in place (its
+    /// files are not copied or rebuilt: only the log tail after the last index snapshot is
+    /// replayed); a stage the checkpoint does not know starts empty.
     pub fn stage_store(&self, stage: &str) -> Result<StateStore> {
         let config = StoreConfig {
             shard: self.shard as u32,
@@ -96,7 +108,39 @@ impl ShardRuntime {
             key_groups: KeyGroupRange::for_shard(self.shard, self.parallelism, self.config.max_parallelism),
             ..StoreConfig::default()
         };
-        Ok(StateStore::create(&self.state_dir.join(stage), config)?)
+        let dir = self.state_dir.join(stage);
+        if let (Some(restore), Some(root)) = (&self.restore, &self.root)
+            && let Some(handle) = restore.handle(&self.store_dir(stage))
+        {
+            let store = StateStore::restore(&root.join(self.store_dir(stage)), handle, config, Default::default())?;
+            return Ok(store);
+        }
+        Ok(StateStore::create(&dir, config)?)
+    }
+
+    /// The directory of stage `stage`'s store on this shard, relative to the checkpoint root.
+    pub fn store_dir(&self, stage: &str) -> String {
+        crate::checkpointing::store_dir(self.parallelism, self.shard, stage)
+    }
+
+    /// Checkpointing of this run (`None` when the job runs without checkpoints).
+    pub fn checkpoints(&self) -> Option<&CheckpointShared> {
+        self.checkpoints.as_deref()
+    }
+
+    /// The checkpoint this run started from.
+    pub fn restored_checkpoint(&self) -> Option<u64> {
+        self.restore.as_ref().map(|r| r.manifest.checkpoint_id)
+    }
+
+    /// The offset source `uid` had on this shard in the checkpoint this run started from.
+    pub fn restored_offset(&self, uid: &str) -> Option<u64> {
+        self.restore.as_ref().and_then(|r| r.offset(uid, self.shard))
+    }
+
+    /// Sleeps on the shard's executor.
+    pub async fn sleep(&self, duration: Duration) {
+        glommio::timer::sleep(duration).await;
     }
 
     /// Processing time now.
@@ -188,6 +232,9 @@ fn to_wire<T>(element: Element<T>) -> StreamElement<T> {
         Element::Record(value, timestamp) => StreamElement::Record { value, timestamp },
         Element::Watermark(w) => StreamElement::Watermark(w),
         Element::Idle(b) => StreamElement::Idle(b),
+        Element::Barrier(id) => {
+            StreamElement::Barrier(crate::element::Barrier { checkpoint_id: id, kind: BarrierKind::Checkpoint })
+        }
         Element::End => StreamElement::EndOfInput,
     }
 }
@@ -198,7 +245,7 @@ fn from_wire<T>(element: StreamElement<T>) -> Option<Element<T>> {
         StreamElement::Watermark(w) => Some(Element::Watermark(w)),
         StreamElement::Idle(b) => Some(Element::Idle(b)),
         StreamElement::EndOfInput => Some(Element::End),
-        StreamElement::Barrier(_) => None,
+        StreamElement::Barrier(b) => Some(Element::Barrier(b.checkpoint_id)),
     }
 }
 
@@ -284,12 +331,24 @@ impl<T: Send + 'static> ExchangeRx<T> for MultiReceiver<T> {
         _: &'a ShardRuntime,
     ) -> LocalFuture<'a, Result<bool>> {
         Box::pin(async move {
+            // A barrier ends what is handed out, so that the stage can block its input before
+            // anything after it is read.
             if let Some(item) = self.stashed.take() {
+                let barrier = matches!(item.1, Element::Barrier(_));
                 out.push(item);
+                if barrier {
+                    return Ok(true);
+                }
             }
             while out.len() < max {
                 match futures_lite::future::poll_once(futures_lite::future::poll_fn(|cx| self.poll_any(cx))).await {
-                    Some(Ok(Some(item))) => out.push(item),
+                    Some(Ok(Some(item))) => {
+                        let barrier = matches!(item.1, Element::Barrier(_));
+                        out.push(item);
+                        if barrier {
+                            break;
+                        }
+                    }
                     Some(Ok(None)) => {
                         if self.open.iter().all(|o| !*o) {
                             return Ok(!out.is_empty());
@@ -301,6 +360,14 @@ impl<T: Send + 'static> ExchangeRx<T> for MultiReceiver<T> {
             }
             Ok(true)
         })
+    }
+
+    fn set_blocked(&mut self, input: usize, blocked: bool) -> Result<()> {
+        let (c, shard) = (input / self.parallelism, input % self.parallelism);
+        let rx =
+            self.rxs.get_mut(c).ok_or(RuntimeError::InvalidTarget { target: input, parallelism: self.parallelism })?;
+        let input = crate::exchange::InputId::from_shard(shard);
+        if blocked { rx.block(input) } else { rx.unblock(input) }
     }
 
     fn wait<'a>(&'a mut self, _: &'a ShardRuntime, timeout: Duration) -> LocalFuture<'a, Result<()>> {
@@ -344,6 +411,8 @@ pub struct JobReport {
     pub dead_letters: Vec<DeadLetter>,
     /// Batches processed across all stages and shards.
     pub batches: u64,
+    /// Checkpoints, aborts and restarts of the job.
+    pub checkpoints: crate::checkpointing::CheckpointStats,
     side_outputs: HashMap<&'static str, Vec<Box<dyn Any + Send>>>,
 }
 
@@ -380,6 +449,11 @@ impl JobHandle {
         }
     }
 
+    /// The job's checkpoints so far: durations of complete ones, aborted ones, restarts.
+    pub fn checkpoint_stats(&self) -> crate::checkpointing::CheckpointStats {
+        self.shared.checkpoint_stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
     /// Asks the job to stop: sources end their input early, and the job completes.
     pub fn cancel(&self) {
         self.shared.cancelled.store(true, Ordering::SeqCst);
@@ -403,16 +477,21 @@ impl JobHandle {
         }
         let dead_letters = self.shared.dead_letters.lock().map(|mut d| std::mem::take(&mut *d)).unwrap_or_default();
         let side_outputs = self.shared.side_outputs.lock().map(|mut d| std::mem::take(&mut *d)).unwrap_or_default();
-        Ok(JobReport { dead_letters, batches: self.shared.batches.load(Ordering::Relaxed), side_outputs })
+        Ok(JobReport {
+            dead_letters,
+            batches: self.shared.batches.load(Ordering::Relaxed),
+            checkpoints: self.checkpoint_stats(),
+            side_outputs,
+        })
     }
 }
 
 /// Creates, on the job's exchange set, the exchange of a connection carrying `T`.
-pub(crate) type MeshMaker = Box<dyn Fn(&mut Exchanges, ExchangeConfig) -> Result<Box<dyn ErasedHandle>> + Send + Sync>;
+pub(crate) type MeshMaker = Arc<dyn Fn(&mut Exchanges, ExchangeConfig) -> Result<Box<dyn ErasedHandle>> + Send + Sync>;
 
 /// The maker of an exchange carrying `T`.
 pub(crate) fn mesh_maker<T: Send + 'static>() -> MeshMaker {
-    Box::new(|exchanges, config| Ok(Box::new(Typed(exchanges.add::<T>(config)?))))
+    Arc::new(|exchanges, config| Ok(Box::new(Typed(exchanges.add::<T>(config)?))))
 }
 
 /// An exchange handle with its element type erased, connected on each shard.
@@ -434,39 +513,185 @@ impl<T: Send + 'static> ErasedHandle for Typed<T> {
 
 static RUN_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Everything one run attempt needs, kept by the job thread across restarts.
+struct JobPlan {
+    name: String,
+    stages: Vec<Arc<dyn StageFactory>>,
+    makers: Vec<(ConnectionId, MeshMaker)>,
+    config: JobConfig,
+    operators: Vec<String>,
+    shared: Arc<JobShared>,
+    run_dir: PathBuf,
+}
+
+impl JobPlan {
+    fn layout(&self) -> JobLayout {
+        JobLayout {
+            job: self.name.clone(),
+            stages: self.stages.iter().map(|s| s.name().to_owned()).collect(),
+            operators: self.operators.clone(),
+            parallelism: self.config.parallelism.max(1),
+            max_parallelism: self.config.max_parallelism,
+        }
+    }
+
+    /// Runs the job, restarting it from its latest complete checkpoint after a failure as
+    /// long as the restart strategy allows.
+    fn run(&self) -> Result<()> {
+        let Some(settings) = self.config.checkpointing.clone() else {
+            return self.attempt(0, None, None);
+        };
+        let mut restart = 0;
+        loop {
+            let restore = self.restore_point(&settings, restart)?;
+            let restored = restore.as_ref().map(|r| r.manifest.checkpoint_id);
+            if let Ok(mut stats) = self.shared.checkpoint_stats.lock() {
+                stats.restored.push(restored);
+            }
+            let driver = CheckpointDriver::start(
+                &settings,
+                self.layout(),
+                restart,
+                restored,
+                Arc::clone(&self.shared.checkpoint_stats),
+                Arc::clone(&self.config.clock),
+            )?;
+            let result = self.attempt(restart, Some(driver.shared()), restore.map(Arc::new));
+            driver.stop();
+            let error = match result {
+                Ok(()) => return Ok(()),
+                Err(e) => unwrap_shard_error(e),
+            };
+            let delay = match settings.restart.delay(restart) {
+                Some(delay) if !self.shared.cancelled.load(Ordering::SeqCst) => delay,
+                _ => return Err(error),
+            };
+            if let Ok(mut stats) = self.shared.checkpoint_stats.lock() {
+                stats.restarts += 1;
+            }
+            std::thread::sleep(delay);
+            self.shared.failed.store(false, Ordering::SeqCst);
+            restart += 1;
+        }
+    }
+
+    /// The checkpoint attempt `restart` starts from. A fresh start (nothing to resume) clears
+    /// this parallelism's store directories, which no manifest references.
+    fn restore_point(
+        &self,
+        settings: &crate::checkpointing::CheckpointSettings,
+        restart: u32,
+    ) -> Result<Option<RestorePoint>> {
+        let directory = weir_state::manifest::CheckpointDirectory::open(&settings.dir)?;
+        let has_checkpoints = !directory.list()?.is_empty();
+        if restart == 0 && has_checkpoints && !settings.resume {
+            return Err(RuntimeError::Checkpoint(format!(
+                "{} already holds checkpoints; resume from them or use another directory",
+                settings.dir.display()
+            )));
+        }
+        let restore = crate::checkpointing::latest_restore_point(&settings.dir)?;
+        match &restore {
+            None if has_checkpoints => {
+                return Err(RuntimeError::Checkpoint(format!(
+                    "no intact checkpoint in {} (every manifest is damaged): refusing to start from nothing",
+                    settings.dir.display()
+                )));
+            }
+            None => {
+                let dir = settings.dir.join(format!("p{}", self.config.parallelism.max(1)));
+                if dir.exists() {
+                    std::fs::remove_dir_all(&dir)
+                        .map_err(|e| RuntimeError::Checkpoint(format!("cannot clear {}: {e}", dir.display())))?;
+                }
+            }
+            Some(point) => {
+                if point.manifest.parallelism as usize != self.config.parallelism.max(1) {
+                    return Err(RuntimeError::Checkpoint(format!(
+                        "checkpoint {} was taken at parallelism {}; the job runs at {} (resume from a savepoint to rescale)",
+                        point.manifest.checkpoint_id,
+                        point.manifest.parallelism,
+                        self.config.parallelism.max(1)
+                    )));
+                }
+                if point.manifest.max_parallelism != self.config.max_parallelism {
+                    return Err(RuntimeError::Checkpoint(format!(
+                        "checkpoint {} has {} key groups; the job has {}",
+                        point.manifest.checkpoint_id, point.manifest.max_parallelism, self.config.max_parallelism
+                    )));
+                }
+                // A later checkpoint would be overwritten by a store continuing from this one.
+                directory.discard_after(point.manifest.checkpoint_id)?;
+            }
+        }
+        Ok(restore)
+    }
+
+    fn attempt(
+        &self,
+        attempt: u32,
+        checkpoints: Option<Arc<CheckpointShared>>,
+        restore: Option<Arc<RestorePoint>>,
+    ) -> Result<()> {
+        let parallelism = self.config.parallelism.max(1);
+        let mut exchanges = Exchanges::new(parallelism);
+        let exchange_config = ExchangeConfig {
+            batch_len: self.config.batch_len.max(1),
+            channel_capacity: self.config.channel_capacity.max(1),
+        };
+        let handles: Vec<(ConnectionId, Box<dyn ErasedHandle>)> = self
+            .makers
+            .iter()
+            .map(|(id, maker)| Ok((*id, maker(&mut exchanges, exchange_config)?)))
+            .collect::<Result<_>>()?;
+        let shard_config =
+            ShardConfig { name: format!("weir-{}-{attempt}", self.name), ..ShardConfig::with_parallelism(parallelism) };
+        let root = self.config.checkpointing.as_ref().map(|c| c.dir.clone());
+        let result = run_shards(&shard_config, exchanges, |ctx| {
+            let context =
+                AttemptContext { checkpoints: checkpoints.clone(), restore: restore.clone(), root: root.clone() };
+            run_shard(ctx, &self.stages, &handles, &self.config, &self.shared, &self.run_dir, context)
+        });
+        if result.is_err() {
+            self.shared.failed.store(true, Ordering::SeqCst);
+        }
+        result.map(|_| ())
+    }
+}
+
+/// What the shards of one run attempt share.
+struct AttemptContext {
+    checkpoints: Option<Arc<CheckpointShared>>,
+    restore: Option<Arc<RestorePoint>>,
+    root: Option<PathBuf>,
+}
+
 /// Starts `stages` on `config.parallelism` shards.
 pub(crate) fn start(
     name: &str,
     stages: Vec<Arc<dyn StageFactory>>,
     makers: &[(ConnectionId, MeshMaker, bool)],
+    operators: Vec<String>,
     config: JobConfig,
 ) -> Result<JobHandle> {
-    let parallelism = config.parallelism.max(1);
     let run = RUN_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let run_dir = config.data_dir.join(format!("{name}-{}-{run}", std::process::id()));
-    let mut exchanges = Exchanges::new(parallelism);
-    let exchange_config =
-        ExchangeConfig { batch_len: config.batch_len.max(1), channel_capacity: config.channel_capacity.max(1) };
-    let handles: Vec<(ConnectionId, Box<dyn ErasedHandle>)> = makers
-        .iter()
-        .map(|(id, maker, _)| Ok((*id, maker(&mut exchanges, exchange_config)?)))
-        .collect::<Result<_>>()?;
-    let shard_config = ShardConfig { name: format!("weir-{name}"), ..ShardConfig::with_parallelism(parallelism) };
-    let keep_state = config.keep_state;
+    let (run_dir, keep_state) = match &config.checkpointing {
+        Some(settings) => (settings.dir.clone(), true),
+        None => (config.data_dir.join(format!("{name}-{}-{run}", std::process::id())), config.keep_state),
+    };
     let shared = Arc::new(JobShared::default());
-    let job_shared = Arc::clone(&shared);
-    let job_dir = run_dir.clone();
+    let plan = JobPlan {
+        name: name.to_owned(),
+        stages,
+        makers: makers.iter().map(|(id, maker, _)| (*id, Arc::clone(maker))).collect(),
+        config,
+        operators,
+        shared: Arc::clone(&shared),
+        run_dir: run_dir.clone(),
+    };
     let thread = std::thread::Builder::new()
         .name(format!("weir-job-{name}"))
-        .spawn(move || {
-            let result = run_shards(&shard_config, exchanges, |ctx| {
-                run_shard(ctx, &stages, &handles, &config, &job_shared, &job_dir)
-            });
-            if result.is_err() {
-                job_shared.failed.store(true, Ordering::SeqCst);
-            }
-            result.map(|_| ())
-        })
+        .spawn(move || plan.run())
         .map_err(|e| RuntimeError::Shard { shard: 0, reason: format!("cannot start the job thread: {e}") })?;
     Ok(JobHandle {
         started: std::time::Instant::now(),
@@ -494,6 +719,7 @@ async fn run_shard(
     config: &JobConfig,
     shared: &Arc<JobShared>,
     run_dir: &std::path::Path,
+    attempt: AttemptContext,
 ) -> Result<()> {
     let (shard, parallelism) = (ctx.shard(), ctx.parallelism());
     // Every exchange is connected before any stage runs.
@@ -505,14 +731,20 @@ async fn run_shard(
         shard,
         parallelism,
         config: config.clone(),
-        state_dir: run_dir.join(format!("shard-{shard}")),
+        state_dir: match &attempt.root {
+            Some(root) => root.join(format!("p{parallelism}")).join(format!("shard-{shard}")),
+            None => run_dir.join(format!("shard-{shard}")),
+        },
         shared: Arc::clone(shared),
         endpoints: RefCell::new(endpoints),
         idle_polls: Cell::new(0),
+        checkpoints: attempt.checkpoints,
+        restore: attempt.restore,
+        root: attempt.root,
     });
     let mut tasks = Vec::new();
-    for stage in stages {
-        let future = stage.spawn(Rc::clone(&rt))?;
+    for (index, stage) in stages.iter().enumerate() {
+        let future = stage.spawn(Rc::clone(&rt), index)?;
         tasks.push(glommio::spawn_local(future));
     }
     // Report the cause, not a consequence (a closed channel because a peer stage failed).

@@ -28,6 +28,31 @@ pub trait SinkWriter: 'static {
     fn write(&mut self, value: Self::In, timestamp: Timestamp) -> Result<()>;
     /// Makes everything written so far visible (end of input).
     fn flush(&mut self) -> Result<()>;
+    /// Checkpoint barrier `checkpoint` passed: what was written since the previous barrier is
+    /// one transaction. A two-phase writer makes it durable but invisible (see
+    /// [`crate::twophase`]); other writers do nothing.
+    fn pre_commit(&mut self, checkpoint: u64) -> Result<()> {
+        let _ = checkpoint;
+        Ok(())
+    }
+    /// Checkpoint `checkpoint` is complete: a two-phase writer makes every transaction up to it
+    /// visible.
+    fn commit(&mut self, checkpoint: u64) -> Result<()> {
+        let _ = checkpoint;
+        Ok(())
+    }
+    /// The job (re)started from checkpoint `restored` (`None`: from nothing): a two-phase
+    /// writer commits what it pre-committed up to it and discards the rest.
+    fn recover(&mut self, restored: Option<u64>) -> Result<()> {
+        let _ = restored;
+        Ok(())
+    }
+    /// End of input. By default [`SinkWriter::flush`]; a two-phase writer of a checkpointed job
+    /// leaves its last transaction to the final checkpoint (`checkpointed`).
+    fn end_of_input(&mut self, checkpointed: bool) -> Result<()> {
+        let _ = checkpointed;
+        self.flush()
+    }
 }
 
 /// Collects every record (with its timestamp) into a shared vector: for tests and examples.

@@ -42,6 +42,8 @@ pub enum Element<T> {
     Watermark(Timestamp),
     /// The stream became idle (true) or active again (false).
     Idle(bool),
+    /// Checkpoint barrier: everything before it belongs to checkpoint `id`, nothing after it.
+    Barrier(u64),
     /// The stream ended.
     End,
 }
@@ -61,6 +63,15 @@ pub trait InputPump<T> {
     fn next<'a>(&'a mut self, out: &'a mut Vec<Element<T>>, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<Pumped>>;
     /// Waits until input may be available, or at most one tick interval.
     fn wait<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, ()>;
+    /// A source's offset after the elements handed out so far (a source pump hands out a
+    /// barrier in a batch of its own, so at a barrier this is the barrier's offset).
+    fn offset(&self) -> Option<u64> {
+        None
+    }
+    /// How long the last aligned barrier waited for the other inputs.
+    fn alignment(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// Makes a stage's input pump on each shard.
@@ -101,6 +112,11 @@ struct SourcePump<R: SourceReader, G, A> {
     dead: Vec<crate::source::DeadLetter>,
     last_emit_ms: i64,
     ended: bool,
+    /// The last barrier injected.
+    last_barrier: u64,
+    /// The input is exhausted; with checkpoints, end-of-input waits for a barrier after the
+    /// last record (the final checkpoint, which commits the last output).
+    end_pending: bool,
 }
 
 impl<S, G, A> StageInput<S::Out> for SourceInput<S, G, A>
@@ -116,7 +132,10 @@ where
         Vec::new()
     }
     fn pump(&self, rt: &ShardRuntime) -> Result<Box<dyn InputPump<S::Out>>> {
-        let reader = self.source.reader(rt.shard, rt.parallelism)?;
+        let mut reader = self.source.reader(rt.shard, rt.parallelism)?;
+        if let Some(offset) = rt.restored_offset(self.uid) {
+            reader.seek(offset)?;
+        }
         Ok(Box::new(SourcePump {
             uid: self.uid,
             reader,
@@ -127,6 +146,9 @@ where
             dead: Vec::new(),
             last_emit_ms: i64::MIN,
             ended: false,
+            // Ids of this run attempt start after the restored checkpoint's: inject any.
+            last_barrier: 0,
+            end_pending: false,
         }))
     }
 }
@@ -150,6 +172,10 @@ where
         Box::pin(rt.idle_wait())
     }
 
+    fn offset(&self) -> Option<u64> {
+        Some(self.reader.offset())
+    }
+
     fn next<'a>(
         &'a mut self,
         out: &'a mut Vec<Element<R::Out>>,
@@ -160,6 +186,23 @@ where
                 self.ended = true;
                 out.push(Element::End);
                 return Ok(Pumped::More);
+            }
+            if let Some(checkpoints) = rt.checkpoints() {
+                let requested = checkpoints.requested();
+                if requested > self.last_barrier {
+                    // A barrier travels in a batch of its own, so the reader's offset now is
+                    // exactly the barrier's position in the input.
+                    self.last_barrier = requested;
+                    out.push(Element::Barrier(requested));
+                    if self.end_pending {
+                        self.ended = true;
+                        out.push(Element::End);
+                    }
+                    return Ok(Pumped::More);
+                }
+                if self.end_pending {
+                    return Ok(Pumped::Drained);
+                }
             }
             self.buf.clear();
             let status =
@@ -185,11 +228,21 @@ where
             }
             push_watermark_events(&mut self.output, out);
             Ok(match status {
-                ReadStatus::End => {
-                    self.ended = true;
-                    out.push(Element::End);
-                    Pumped::More
-                }
+                ReadStatus::End => match rt.checkpoints() {
+                    Some(checkpoints) => {
+                        // Drain event time before the final checkpoint, so that what the last
+                        // windows and timers emit is covered by it (and committed).
+                        out.push(Element::Watermark(END_OF_TIME));
+                        self.end_pending = true;
+                        checkpoints.request_final();
+                        Pumped::More
+                    }
+                    None => {
+                        self.ended = true;
+                        out.push(Element::End);
+                        Pumped::More
+                    }
+                },
                 ReadStatus::Idle => Pumped::Drained,
                 ReadStatus::More => {
                     rt.note_busy();
@@ -233,6 +286,9 @@ pub trait ExchangeRx<T> {
     ) -> LocalFuture<'a, Result<bool>>;
     /// Waits until an element is there (or every input ended), at most `timeout`.
     fn wait<'a>(&'a mut self, rt: &'a ShardRuntime, timeout: std::time::Duration) -> LocalFuture<'a, Result<()>>;
+    /// Stops (or resumes) reading `input`: its elements wait in its channel (barrier
+    /// alignment).
+    fn set_blocked(&mut self, input: usize, blocked: bool) -> Result<()>;
 }
 
 struct ExchangePump<T> {
@@ -241,6 +297,11 @@ struct ExchangePump<T> {
     idle: bool,
     ended: bool,
     received: Vec<(usize, Element<T>)>,
+    /// Barrier alignment (checkpointed jobs only).
+    aligner: Option<crate::checkpoint::BarrierAligner>,
+    /// When the pending checkpoint's first barrier arrived.
+    align_started: Option<std::time::Instant>,
+    last_alignment: std::time::Duration,
 }
 
 impl<T: Send + 'static> StageInput<T> for ExchangeInput<T> {
@@ -253,7 +314,17 @@ impl<T: Send + 'static> StageInput<T> for ExchangeInput<T> {
     fn pump(&self, rt: &ShardRuntime) -> Result<Box<dyn InputPump<T>>> {
         let rx = rt.receiver::<T>(&self.conns)?;
         let valve = WatermarkValve::new(rx.inputs());
-        Ok(Box::new(ExchangePump { rx, valve, idle: false, ended: false, received: Vec::new() }))
+        let aligner = rt.checkpoints().map(|c| crate::checkpoint::BarrierAligner::new(rx.inputs(), c.mode));
+        Ok(Box::new(ExchangePump {
+            rx,
+            valve,
+            idle: false,
+            ended: false,
+            received: Vec::new(),
+            aligner,
+            align_started: None,
+            last_alignment: std::time::Duration::ZERO,
+        }))
     }
 }
 
@@ -274,7 +345,34 @@ impl<T: 'static> ExchangePump<T> {
     }
 }
 
+impl<T: 'static> ExchangePump<T> {
+    /// Carries out what the aligner decided: blocks and unblocks inputs, and hands out an
+    /// aligned barrier (the stage snapshots and forwards it).
+    fn align(&mut self, actions: Vec<crate::checkpoint::AlignAction>, out: &mut Vec<Element<T>>) -> Result<()> {
+        use crate::checkpoint::AlignAction;
+        for action in actions {
+            match action {
+                AlignAction::Block(input) => {
+                    self.align_started.get_or_insert_with(std::time::Instant::now);
+                    self.rx.set_blocked(input, true)?;
+                }
+                AlignAction::Unblock(input) => self.rx.set_blocked(input, false)?,
+                AlignAction::Snapshot(id) => {
+                    self.last_alignment = self.align_started.take().map(|t| t.elapsed()).unwrap_or_default();
+                    out.push(Element::Barrier(id));
+                }
+                AlignAction::Abort(_) => self.align_started = None,
+            }
+        }
+        Ok(())
+    }
+}
+
 impl<T: 'static> InputPump<T> for ExchangePump<T> {
+    fn alignment(&self) -> std::time::Duration {
+        self.last_alignment
+    }
+
     fn wait<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, ()> {
         let timeout = std::time::Duration::from_millis(rt.config.tick_interval_ms.max(1) as u64);
         Box::pin(async move {
@@ -319,9 +417,19 @@ impl<T: 'static> InputPump<T> for ExchangePump<T> {
                         let update = self.valve.on_active(input);
                         self.apply(update, out);
                     }
+                    Element::Barrier(id) => {
+                        if let Some(aligner) = self.aligner.as_mut() {
+                            let actions = aligner.on_barrier(input, id);
+                            self.align(actions, out)?;
+                        }
+                    }
                     Element::End => {
                         let update = self.valve.on_end_of_input(input);
                         self.apply(update, out);
+                        if let Some(aligner) = self.aligner.as_mut() {
+                            let actions = aligner.on_end_of_input(input);
+                            self.align(actions, out)?;
+                        }
                         if self.valve.is_ended() {
                             self.ended = true;
                             out.push(Element::End);
@@ -409,6 +517,7 @@ fn control<T>(element: &Element<T>) -> Option<Element<()>> {
         Element::Record(..) => None,
         Element::Watermark(w) => Some(Element::Watermark(*w)),
         Element::Idle(b) => Some(Element::Idle(*b)),
+        Element::Barrier(id) => Some(Element::Barrier(*id)),
         Element::End => Some(Element::End),
     }
 }
@@ -417,6 +526,7 @@ fn to_typed<T>(control: &Element<()>) -> Element<T> {
     match control {
         Element::Watermark(w) => Element::Watermark(*w),
         Element::Idle(b) => Element::Idle(*b),
+        Element::Barrier(id) => Element::Barrier(*id),
         _ => Element::End,
     }
 }
@@ -472,6 +582,13 @@ where
         Ok(())
     }
     fn tick(&mut self, _: &mut Env<'_>) -> Result<()> {
+        Ok(())
+    }
+    fn barrier(&mut self, _: &mut Env<'_>, id: u64) -> Result<()> {
+        self.send_control(Element::Barrier(id));
+        Ok(())
+    }
+    fn committed(&mut self, _: &mut Env<'_>, _: u64) -> Result<()> {
         Ok(())
     }
     fn end(&mut self, _: &mut Env<'_>) -> Result<()> {
@@ -539,6 +656,13 @@ impl<T: Clone + 'static> Node<T> for RouteNode<T> {
     fn tick(&mut self, _: &mut Env<'_>) -> Result<()> {
         Ok(())
     }
+    fn barrier(&mut self, _: &mut Env<'_>, id: u64) -> Result<()> {
+        self.control(Element::Barrier(id));
+        Ok(())
+    }
+    fn committed(&mut self, _: &mut Env<'_>, _: u64) -> Result<()> {
+        Ok(())
+    }
     fn end(&mut self, _: &mut Env<'_>) -> Result<()> {
         self.control(Element::End);
         Ok(())
@@ -590,6 +714,8 @@ impl<T: Clone + Send + 'static> TerminalSpec<T> for RouteSpec<T> {
 pub struct SinkNode<W> {
     uid: &'static str,
     writer: W,
+    /// With checkpoints, the final checkpoint commits the last output, not the end of input.
+    checkpointed: bool,
 }
 
 impl<W: SinkWriter> Node<W::In> for SinkNode<W> {
@@ -607,9 +733,17 @@ impl<W: SinkWriter> Node<W::In> for SinkNode<W> {
     fn tick(&mut self, _: &mut Env<'_>) -> Result<()> {
         Ok(())
     }
+    fn barrier(&mut self, env: &mut Env<'_>, id: u64) -> Result<()> {
+        let _site = crate::chain::PanicSite::new(env.current, self.uid);
+        self.writer.pre_commit(id)
+    }
+    fn committed(&mut self, env: &mut Env<'_>, id: u64) -> Result<()> {
+        let _site = crate::chain::PanicSite::new(env.current, self.uid);
+        self.writer.commit(id)
+    }
     fn end(&mut self, env: &mut Env<'_>) -> Result<()> {
         let _site = crate::chain::PanicSite::new(env.current, self.uid);
-        self.writer.flush()
+        self.writer.end_of_input(self.checkpointed)
     }
 }
 
@@ -630,7 +764,9 @@ impl<S: Sink> TerminalSpec<S::In> for SinkSpec<S> {
     type Node = SinkNode<S::Writer>;
     type Out = S::In;
     fn build(&self, rt: &ShardRuntime, _: Option<ConnectionId>) -> Result<BuiltTerminal<Self::Node, S::In>> {
-        Ok((SinkNode { uid: self.uid, writer: self.sink.writer(rt.shard, rt.parallelism)? }, None))
+        let mut writer = self.sink.writer(rt.shard, rt.parallelism)?;
+        writer.recover(rt.restored_checkpoint())?;
+        Ok((SinkNode { uid: self.uid, writer, checkpointed: rt.checkpoints().is_some() }, None))
     }
 }
 
@@ -648,8 +784,8 @@ pub trait StageFactory: Send + Sync + 'static {
     fn output(&self) -> Option<ConnectionId>;
     /// Whether the output connection only ever goes shard-to-itself.
     fn output_is_forward(&self) -> bool;
-    /// This shard's task.
-    fn spawn(&self, rt: Rc<ShardRuntime>) -> Result<LocalFuture<'static, Result<()>>>;
+    /// This shard's task; `index` is the stage's position in the job.
+    fn spawn(&self, rt: Rc<ShardRuntime>, index: usize) -> Result<LocalFuture<'static, Result<()>>>;
 }
 
 /// A stage: input, chain, terminal.
@@ -692,78 +828,191 @@ where
     fn output_is_forward(&self) -> bool {
         self.forward
     }
-    fn spawn(&self, rt: Rc<ShardRuntime>) -> Result<LocalFuture<'static, Result<()>>> {
+    fn spawn(&self, rt: Rc<ShardRuntime>, index: usize) -> Result<LocalFuture<'static, Result<()>>> {
         let pump = self.input.pump(&rt)?;
         let (node, tx) = self.terminal.build(&rt, self.output)?;
         let chain = self.chain.build(node);
-        let store = rt.stage_store(self.name())?;
-        let timer_store = rt.stage_store(&format!("{}.timers", self.name()))?;
-        Ok(Box::pin(run_stage(pump, chain, tx, (store, timer_store), rt, self.name())))
+        let stores = StageStores {
+            state: rt.stage_store(self.name())?,
+            timers: rt.stage_store(&timer_store_name(self.name()))?,
+            retained: std::collections::BTreeMap::new(),
+            last: None,
+        };
+        let task = index * rt.parallelism + rt.shard;
+        Ok(Box::pin(run_stage(pump, chain, tx, stores, rt, self.name(), task)))
     }
+}
+
+/// The name of a stage's timer store.
+pub fn timer_store_name(stage: &str) -> String {
+    format!("{stage}.timers")
+}
+
+/// A stage instance's two stores, and the handles of its checkpoints that may still be
+/// restored (their files are kept by garbage collection).
+struct StageStores {
+    state: weir_state::StateStore,
+    timers: weir_state::StateStore,
+    retained: std::collections::BTreeMap<u64, [weir_state::store::CheckpointHandle; 2]>,
+    /// The last snapshot handed over: it stands for this instance once it finished.
+    last: Option<(u64, crate::checkpointing::TaskSnapshot)>,
+}
+
+/// What a stage does between elements: push a batch down the chain, or tell it a checkpoint
+/// completed.
+enum ChainCall<'b, In> {
+    Batch(&'b mut Vec<Element<In>>),
+    Committed(u64),
+}
+
+/// What one pass over a batch found.
+#[derive(Default)]
+struct Pass {
+    done: bool,
+    snapshots: Vec<(u64, weir_state::store::PendingCheckpoint, weir_state::store::PendingCheckpoint)>,
+}
+
+/// Runs `call` on the chain with the stage's environment, inside one unwind guard: a panic
+/// becomes [`RuntimeError::Panic`] naming the operator.
+fn run_chain<In: 'static, N: Node<In>>(
+    chain: &mut N,
+    stores: &mut StageStores,
+    rt: &ShardRuntime,
+    name: &'static str,
+    last_tick: &mut i64,
+    call: ChainCall<'_, In>,
+) -> Result<Pass> {
+    let current = std::cell::Cell::new(None);
+    let now = rt.now();
+    let mut side = |tag: &'static str, record: Box<dyn std::any::Any + Send>| rt.side_output(tag, record);
+    let mut env = Env {
+        store: &mut stores.state,
+        timer_store: &mut stores.timers,
+        shard: rt.shard,
+        parallelism: rt.parallelism,
+        max_parallelism: rt.config.max_parallelism,
+        now,
+        side: &mut side,
+        current: &current,
+    };
+    let mut pass = Pass::default();
+    let processed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
+        let batch = match call {
+            ChainCall::Committed(id) => return chain.committed(&mut env, id),
+            ChainCall::Batch(batch) => batch,
+        };
+        for element in batch.drain(..) {
+            match element {
+                Element::Record(v, ts) => chain.record(&mut env, v, ts)?,
+                Element::Watermark(w) => chain.watermark(&mut env, w)?,
+                Element::Idle(idle) => chain.idle(&mut env, idle)?,
+                Element::Barrier(id) => {
+                    // Every record before the barrier is in the stores now (operators emit
+                    // synchronously): forward the barrier, then seal both stores.
+                    chain.barrier(&mut env, id)?;
+                    let state = env.store.checkpoint(id)?;
+                    let timers = env.timer_store.checkpoint(id)?;
+                    pass.snapshots.push((id, state, timers));
+                }
+                Element::End => {
+                    chain.watermark(&mut env, END_OF_TIME)?;
+                    chain.tick(&mut env)?;
+                    chain.end(&mut env)?;
+                    pass.done = true;
+                    break;
+                }
+            }
+        }
+        if !pass.done && now.saturating_sub(*last_tick) >= rt.config.tick_interval_ms {
+            *last_tick = now;
+            chain.tick(&mut env)?;
+        }
+        Ok(())
+    }));
+    match processed {
+        Ok(result) => result.map(|()| pass),
+        Err(payload) => Err(RuntimeError::Panic {
+            operator: current.get().unwrap_or(name).to_owned(),
+            shard: rt.shard,
+            message: crate::chain::panic_message(payload.as_ref()),
+        }),
+    }
+}
+
+/// Hands the snapshots a pass took to the checkpoint workers, and lets the stores delete files
+/// no restorable checkpoint needs.
+fn hand_over_snapshots<In>(
+    pass: &mut Pass,
+    stores: &mut StageStores,
+    pump: &dyn InputPump<In>,
+    rt: &ShardRuntime,
+    name: &'static str,
+    task: usize,
+) -> Result<()> {
+    let Some(checkpoints) = rt.checkpoints() else { return Ok(()) };
+    if pass.snapshots.is_empty() {
+        return Ok(());
+    }
+    for (id, state, timers) in pass.snapshots.drain(..) {
+        let offsets = pump
+            .offset()
+            .map(|offset| crate::checkpointing::SourceOffset { uid: name.to_owned(), shard: rt.shard as u32, offset })
+            .into_iter()
+            .collect();
+        let snapshot = crate::checkpointing::TaskSnapshot {
+            stores: vec![
+                (rt.store_dir(name), state.handle.clone()),
+                (rt.store_dir(&timer_store_name(name)), timers.handle.clone()),
+            ],
+            offsets,
+            alignment: pump.alignment(),
+        };
+        stores.retained.insert(id, [state.handle, timers.handle]);
+        stores.last = Some((id, snapshot.clone()));
+        checkpoints.snapshot_taken(task, id, snapshot, vec![state.task, timers.task]);
+    }
+    // Keep the handles of retained complete checkpoints and of those still in flight (newer
+    // than the newest complete one); older ones were released or aborted.
+    let retained = checkpoints.retained();
+    let newest = retained.iter().max().copied().or(checkpoints.restored).unwrap_or(0);
+    stores.retained.retain(|id, _| *id > newest || retained.contains(id));
+    let states: Vec<_> = stores.retained.values().map(|[s, _]| s).collect();
+    stores.state.collect_garbage(&states)?;
+    let timers: Vec<_> = stores.retained.values().map(|[_, t]| t).collect();
+    stores.timers.collect_garbage(&timers)?;
+    Ok(())
 }
 
 async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
     mut pump: Box<dyn InputPump<In>>,
     mut chain: N,
     tx: Option<SharedTx<Out>>,
-    (mut store, mut timer_store): (weir_state::StateStore, weir_state::StateStore),
+    mut stores: StageStores,
     rt: Rc<ShardRuntime>,
     name: &'static str,
+    task: usize,
 ) -> Result<()> {
     let mut batch = Vec::with_capacity(rt.config.source_batch.max(rt.config.batch_len) + 8);
     let mut last_tick = i64::MIN;
+    let mut last_barrier = 0;
+    let mut last_committed = rt.restored_checkpoint().unwrap_or(0);
     loop {
-        batch.clear();
-        let pumped = pump.next(&mut batch, &rt).await?;
-        let mut done = false;
-        let records = batch.iter().filter(|e| matches!(e, Element::Record(..))).count() as u64;
-        let current = std::cell::Cell::new(None);
-        {
-            let now = rt.now();
-            let mut side = |tag: &'static str, record: Box<dyn std::any::Any + Send>| rt.side_output(tag, record);
-            let mut env = Env {
-                store: &mut store,
-                timer_store: &mut timer_store,
-                shard: rt.shard,
-                parallelism: rt.parallelism,
-                max_parallelism: rt.config.max_parallelism,
-                now,
-                side: &mut side,
-                current: &current,
-            };
-            // One unwind guard per batch; the chain records which operator is running.
-            let processed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
-                for element in batch.drain(..) {
-                    match element {
-                        Element::Record(v, ts) => chain.record(&mut env, v, ts)?,
-                        Element::Watermark(w) => chain.watermark(&mut env, w)?,
-                        Element::Idle(idle) => chain.idle(&mut env, idle)?,
-                        Element::End => {
-                            chain.watermark(&mut env, END_OF_TIME)?;
-                            chain.tick(&mut env)?;
-                            chain.end(&mut env)?;
-                            done = true;
-                            break;
-                        }
-                    }
-                }
-                if !done && now.saturating_sub(last_tick) >= rt.config.tick_interval_ms {
-                    last_tick = now;
-                    chain.tick(&mut env)?;
-                }
-                Ok(())
-            }));
-            match processed {
-                Ok(result) => result?,
-                Err(payload) => {
-                    return Err(RuntimeError::Panic {
-                        operator: current.get().unwrap_or(name).to_owned(),
-                        shard: rt.shard,
-                        message: crate::chain::panic_message(payload.as_ref()),
-                    });
-                }
+        if let Some(checkpoints) = rt.checkpoints() {
+            let completed = checkpoints.completed();
+            if completed > last_committed {
+                last_committed = completed;
+                run_chain(&mut chain, &mut stores, &rt, name, &mut last_tick, ChainCall::Committed(completed))?;
             }
         }
+        batch.clear();
+        let pumped = pump.next(&mut batch, &rt).await?;
+        let records = batch.iter().filter(|e| matches!(e, Element::Record(..))).count() as u64;
+        if let Some(Element::Barrier(id)) = batch.iter().rev().find(|e| matches!(e, Element::Barrier(_))) {
+            last_barrier = *id;
+        }
+        let mut pass = run_chain(&mut chain, &mut stores, &rt, name, &mut last_tick, ChainCall::Batch(&mut batch))?;
+        hand_over_snapshots(&mut pass, &mut stores, pump.as_ref(), &rt, name, task)?;
+        let done = pass.done;
         rt.count_batch(name, records);
         if let Some(tx) = &tx {
             // The terminal node only queues; sends (and backpressure) happen here, between
@@ -777,11 +1026,41 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
             sent?;
         }
         if done {
+            if let (Some(checkpoints), Some((id, snapshot))) = (rt.checkpoints(), stores.last.take()) {
+                checkpoints.task_finished(task, id, snapshot);
+            }
+            if tx.is_none() && last_barrier > last_committed {
+                // A sink stage: its last output is committed by the final checkpoint.
+                let committed = wait_for_completion(&rt, last_barrier).await?;
+                if committed > last_committed {
+                    run_chain(&mut chain, &mut stores, &rt, name, &mut last_tick, ChainCall::Committed(committed))?;
+                }
+            }
             return Ok(());
         }
         if pumped == Pumped::Drained {
             pump.wait(&rt).await;
         }
+    }
+}
+
+/// Waits until checkpoint `id` (or a later one) completed; fails when it was aborted (the job
+/// restarts from the last complete checkpoint). Returns the completed id, or 0 when the job
+/// was cancelled.
+async fn wait_for_completion(rt: &ShardRuntime, id: u64) -> Result<u64> {
+    let Some(checkpoints) = rt.checkpoints() else { return Ok(0) };
+    loop {
+        let completed = checkpoints.completed();
+        if completed >= id {
+            return Ok(completed);
+        }
+        if checkpoints.final_aborted(id) {
+            return Err(RuntimeError::Checkpoint(format!("the final checkpoint {id} failed")));
+        }
+        if rt.cancelled() {
+            return Ok(0);
+        }
+        rt.sleep(std::time::Duration::from_millis(1)).await;
     }
 }
 

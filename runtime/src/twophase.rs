@@ -12,11 +12,19 @@
 //! - [`ExactlyOnceCallback`]: records are held per transaction and handed to the callback only
 //!   when their checkpoint completes. (For at-least-once delivery, use
 //!   [`crate::sink::CallbackSink`], which calls at once.)
+//!
+//! As job sinks: [`TransactionalFileSink`] (exactly-once across process crashes: pending parts
+//! are durable), [`ExactlyOnceCallbackSink`] and [`ExactlyOnceCollectSink`] (exactly-once
+//! across in-process restarts: held transactions live in the sink object, which outlives a
+//! restart; a new process cannot deliver what a killed one held, it replays from the last
+//! checkpoint whose commit it saw).
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use weir_operators::operator::Timestamp;
 
@@ -197,6 +205,213 @@ impl<T, F: FnMut(T, Timestamp)> TwoPhaseWriter for ExactlyOnceCallback<T, F> {
         self.open.clear();
         self.pending.retain(|id, _| *id <= restored);
         self.commit(restored)
+    }
+}
+
+/// A [`TwoPhaseWriter`] as a job's sink writer.
+#[derive(Debug)]
+pub struct TwoPhaseSinkWriter<W>(W);
+
+impl<W: TwoPhaseWriter + 'static> crate::sink::SinkWriter for TwoPhaseSinkWriter<W> {
+    type In = W::In;
+    fn write(&mut self, value: W::In, timestamp: Timestamp) -> Result<()> {
+        self.0.write(value, timestamp)
+    }
+    /// Without checkpoints, the end of input commits everything.
+    fn flush(&mut self) -> Result<()> {
+        self.0.pre_commit(u64::MAX)?;
+        self.0.commit(u64::MAX)
+    }
+    fn pre_commit(&mut self, checkpoint: u64) -> Result<()> {
+        self.0.pre_commit(checkpoint)
+    }
+    fn commit(&mut self, checkpoint: u64) -> Result<()> {
+        self.0.commit(checkpoint)
+    }
+    fn recover(&mut self, restored: Option<u64>) -> Result<()> {
+        self.0.recover(restored.unwrap_or(0))
+    }
+    fn end_of_input(&mut self, checkpointed: bool) -> Result<()> {
+        if checkpointed { Ok(()) } else { self.flush() }
+    }
+}
+
+/// Exactly-once part files: [`TransactionalFileWriter`] on every shard.
+pub struct TransactionalFileSink<T, F> {
+    dir: PathBuf,
+    format: Arc<F>,
+    _t: std::marker::PhantomData<fn(T)>,
+}
+
+impl<T, F> std::fmt::Debug for TransactionalFileSink<T, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransactionalFileSink").field("dir", &self.dir).finish()
+    }
+}
+
+impl<T, F> TransactionalFileSink<T, F> {
+    /// Committed part files in `dir`, one line `format(&record)` per record.
+    pub fn new(dir: impl Into<PathBuf>, format: F) -> Self {
+        TransactionalFileSink { dir: dir.into(), format: Arc::new(format), _t: std::marker::PhantomData }
+    }
+}
+
+impl<T, F> crate::sink::Sink for TransactionalFileSink<T, F>
+where
+    T: 'static,
+    F: Fn(&T) -> String + Send + Sync + 'static,
+{
+    type In = T;
+    type Writer = TwoPhaseSinkWriter<TransactionalFileWriter<T, Box<dyn Fn(&T) -> String>>>;
+    fn writer(&self, shard: usize, _: usize) -> Result<Self::Writer> {
+        let format = Arc::clone(&self.format);
+        let format: Box<dyn Fn(&T) -> String> = Box::new(move |t: &T| format(t));
+        Ok(TwoPhaseSinkWriter(TransactionalFileWriter::new(&self.dir, shard, format)?))
+    }
+}
+
+type Held<T> = BTreeMap<u64, Vec<(T, Timestamp)>>;
+
+/// Pre-committed transactions per shard, kept by the sink object across in-process restarts.
+struct HeldTransactions<T>(Mutex<HashMap<usize, Held<T>>>);
+
+impl<T> HeldTransactions<T> {
+    fn with<R>(&self, shard: usize, f: impl FnOnce(&mut Held<T>) -> R) -> Result<R> {
+        let mut all =
+            self.0.lock().map_err(|_| RuntimeError::Sink { sink: "exactly-once".into(), reason: "poisoned".into() })?;
+        Ok(f(all.entry(shard).or_default()))
+    }
+}
+
+/// Calls a function with committed records only, in order per shard: `f(value, timestamp,
+/// shard)` runs on the shard's thread when the checkpoint covering the record completes.
+pub struct ExactlyOnceCallbackSink<T, F> {
+    f: Arc<F>,
+    held: Arc<HeldTransactions<T>>,
+}
+
+impl<T, F> std::fmt::Debug for ExactlyOnceCallbackSink<T, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExactlyOnceCallbackSink")
+    }
+}
+
+impl<T, F> ExactlyOnceCallbackSink<T, F> {
+    /// Delivers committed records to `f`.
+    pub fn new(f: F) -> Self {
+        ExactlyOnceCallbackSink { f: Arc::new(f), held: Arc::new(HeldTransactions(Mutex::new(HashMap::new()))) }
+    }
+}
+
+/// The writer of an [`ExactlyOnceCallbackSink`].
+pub struct HeldWriter<T, F> {
+    f: Arc<F>,
+    held: Arc<HeldTransactions<T>>,
+    shard: usize,
+    open: Vec<(T, Timestamp)>,
+}
+
+impl<T, F> crate::sink::Sink for ExactlyOnceCallbackSink<T, F>
+where
+    T: Send + 'static,
+    F: Fn(T, Timestamp, usize) + Send + Sync + 'static,
+{
+    type In = T;
+    type Writer = HeldWriter<T, F>;
+    fn writer(&self, shard: usize, _: usize) -> Result<Self::Writer> {
+        Ok(HeldWriter { f: Arc::clone(&self.f), held: Arc::clone(&self.held), shard, open: Vec::new() })
+    }
+}
+
+impl<T: 'static, F: Fn(T, Timestamp, usize) + 'static> crate::sink::SinkWriter for HeldWriter<T, F> {
+    type In = T;
+    fn write(&mut self, value: T, timestamp: Timestamp) -> Result<()> {
+        self.open.push((value, timestamp));
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<()> {
+        self.pre_commit(u64::MAX)?;
+        self.commit(u64::MAX)
+    }
+    fn pre_commit(&mut self, checkpoint: u64) -> Result<()> {
+        let records = std::mem::take(&mut self.open);
+        self.held.with(self.shard, |held| held.entry(checkpoint).or_default().extend(records))
+    }
+    fn commit(&mut self, checkpoint: u64) -> Result<()> {
+        let ready = self.held.with(self.shard, |held| {
+            let later = held.split_off(&checkpoint.saturating_add(1));
+            std::mem::replace(held, later)
+        })?;
+        for (value, ts) in ready.into_values().flatten() {
+            (self.f)(value, ts, self.shard);
+        }
+        Ok(())
+    }
+    fn recover(&mut self, restored: Option<u64>) -> Result<()> {
+        self.open.clear();
+        let restored = restored.unwrap_or(0);
+        self.held.with(self.shard, |held| held.retain(|id, _| *id <= restored))?;
+        self.commit(restored)
+    }
+    fn end_of_input(&mut self, checkpointed: bool) -> Result<()> {
+        if checkpointed { Ok(()) } else { self.flush() }
+    }
+}
+
+/// A boxed record callback.
+type BoxedDeliver<T> = Box<dyn Fn(T, Timestamp, usize) + Send + Sync>;
+
+/// Collects committed records only (for tests and examples of exactly-once output).
+pub struct ExactlyOnceCollectSink<T> {
+    items: Arc<Mutex<Vec<(T, Timestamp)>>>,
+    inner: ExactlyOnceCallbackSink<T, BoxedDeliver<T>>,
+}
+
+impl<T> std::fmt::Debug for ExactlyOnceCollectSink<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExactlyOnceCollectSink")
+    }
+}
+
+impl<T: Send + 'static> Default for ExactlyOnceCollectSink<T> {
+    fn default() -> Self {
+        let items: Arc<Mutex<Vec<(T, Timestamp)>>> = Arc::default();
+        let sink = Arc::clone(&items);
+        let f: BoxedDeliver<T> = Box::new(move |v, ts, _| {
+            if let Ok(mut items) = sink.lock() {
+                items.push((v, ts));
+            }
+        });
+        ExactlyOnceCollectSink { items, inner: ExactlyOnceCallbackSink::new(f) }
+    }
+}
+
+impl<T: Send + 'static> ExactlyOnceCollectSink<T> {
+    /// An empty collector. Keep a clone to read what was committed.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes the records committed so far.
+    pub fn take(&self) -> Vec<(T, Timestamp)> {
+        self.items.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default()
+    }
+}
+
+impl<T> Clone for ExactlyOnceCollectSink<T> {
+    fn clone(&self) -> Self {
+        ExactlyOnceCollectSink {
+            items: Arc::clone(&self.items),
+            inner: ExactlyOnceCallbackSink { f: Arc::clone(&self.inner.f), held: Arc::clone(&self.inner.held) },
+        }
+    }
+}
+
+impl<T: Send + 'static> crate::sink::Sink for ExactlyOnceCollectSink<T> {
+    type In = T;
+    type Writer = HeldWriter<T, BoxedDeliver<T>>;
+    fn writer(&self, shard: usize, parallelism: usize) -> Result<Self::Writer> {
+        self.inner.writer(shard, parallelism)
     }
 }
 

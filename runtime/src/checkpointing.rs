@@ -1,0 +1,641 @@
+//! Driving checkpoints in a running job: the I/O around the pure protocol of
+//! [`crate::checkpoint`].
+//!
+//! - Every run attempt of a checkpointed job has one [`CheckpointShared`] (what shards and the
+//!   coordinator share: the requested and completed checkpoint ids, statistics), one coordinator
+//!   thread driving a [`Coordinator`], and a small pool of durability workers.
+//! - Sources read [`CheckpointShared::requested`] between batches: on a new id they note their
+//!   offset and inject the barrier. Stages snapshot their stores when the (aligned) barrier
+//!   reaches them, forward it, and hand the stores' [`DurabilityTask`]s to the workers; a
+//!   worker runs them (fsync, msync, index snapshot: off the shard's thread) and acknowledges
+//!   to the coordinator, which writes the manifest once every stage instance acknowledged.
+//!   Only then is the checkpoint complete and sinks are told to commit.
+//! - Messages carry the run attempt, so an acknowledgement from before a restart is never
+//!   counted for a checkpoint of the same id after it.
+//! - The manifest lists every store (`p<P>/shard-<s>/<stage>`, its handle) and, in its
+//!   metadata ([`JobMetadata`]), the source offsets and operator uids.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use weir_state::manifest::{CheckpointDirectory, Manifest, ShardSnapshot, SnapshotKind};
+use weir_state::store::{CheckpointHandle, DurabilityTask};
+
+use crate::checkpoint::{CheckpointConfig, CheckpointId, Command, Coordinator};
+use crate::error::{Result, RuntimeError};
+
+/// How a failed job restarts in-process from its latest complete checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RestartStrategy {
+    /// Never: the first failure fails the job.
+    None,
+    /// At most `attempts` restarts, `delay` apart.
+    FixedDelay {
+        /// Restarts allowed.
+        attempts: u32,
+        /// Wait before each restart.
+        delay: Duration,
+    },
+    /// At most `attempts` restarts; the wait starts at `initial` and is multiplied by
+    /// `multiplier` after each restart, up to `max`.
+    ExponentialBackoff {
+        /// Restarts allowed.
+        attempts: u32,
+        /// First wait.
+        initial: Duration,
+        /// Longest wait.
+        max: Duration,
+        /// Growth factor per restart.
+        multiplier: f64,
+    },
+}
+
+impl RestartStrategy {
+    /// The wait before restart number `restart` (0-based), or `None` when no more are allowed.
+    pub fn delay(&self, restart: u32) -> Option<Duration> {
+        match self {
+            RestartStrategy::None => None,
+            RestartStrategy::FixedDelay { attempts, delay } => (restart < *attempts).then_some(*delay),
+            RestartStrategy::ExponentialBackoff { attempts, initial, max, multiplier } => (restart < *attempts)
+                .then(|| initial.mul_f64(multiplier.max(1.0).powi(restart.min(64) as i32)).min(*max)),
+        }
+    }
+}
+
+/// Checkpointing of a job: where, how often, and what happens on a failure.
+#[derive(Debug, Clone)]
+pub struct CheckpointSettings {
+    /// The checkpoint directory: state stores live here (checkpoints seal them in place) and
+    /// manifests are written to `manifests/`.
+    pub dir: PathBuf,
+    /// Interval, timeout, concurrency, pause, retention, delivery mode.
+    pub protocol: CheckpointConfig,
+    /// In-process restarts after a failure.
+    pub restart: RestartStrategy,
+    /// Start from the latest complete checkpoint in `dir` if there is one (a new process
+    /// resuming a job). When `false`, a directory that already holds checkpoints is an error.
+    pub resume: bool,
+}
+
+impl CheckpointSettings {
+    /// Checkpoints into `dir` every `interval_ms`, exactly-once, no restarts, resuming from
+    /// the directory's latest checkpoint when there is one.
+    pub fn new(dir: impl Into<PathBuf>, interval_ms: i64) -> Self {
+        CheckpointSettings {
+            dir: dir.into(),
+            protocol: CheckpointConfig { interval_ms, ..CheckpointConfig::default() },
+            restart: RestartStrategy::None,
+            resume: true,
+        }
+    }
+
+    /// These settings with `restart`.
+    pub fn with_restart(mut self, restart: RestartStrategy) -> Self {
+        self.restart = restart;
+        self
+    }
+}
+
+/// One source shard's position at a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct SourceOffset {
+    /// The source's uid.
+    pub uid: String,
+    /// The shard reading it.
+    pub shard: u32,
+    /// Its reader's offset (see [`crate::source::SourceReader::offset`]).
+    pub offset: u64,
+}
+
+/// The runtime's part of a manifest (its `metadata`): source offsets and the operators whose
+/// state the checkpoint holds.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct JobMetadata {
+    /// Format version ([`JOB_METADATA_VERSION`]).
+    pub version: u32,
+    /// The job's name.
+    pub job: String,
+    /// Every source shard's offset.
+    pub sources: Vec<SourceOffset>,
+    /// Stage names (the uid of each stage's input), in job order.
+    pub stages: Vec<String>,
+    /// Every operator uid of the job.
+    pub operators: Vec<String>,
+}
+
+/// Version of [`JobMetadata`].
+pub const JOB_METADATA_VERSION: u32 = 1;
+
+impl JobMetadata {
+    /// Encodes it for a manifest's `metadata`.
+    pub fn encode(&self) -> Vec<u8> {
+        rkyv::to_bytes::<rkyv::rancor::Error>(self).map(|b| b.to_vec()).unwrap_or_default()
+    }
+
+    /// Decodes (and validates) a manifest's `metadata`. Never panics.
+    pub fn decode(bytes: &[u8]) -> std::result::Result<JobMetadata, String> {
+        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+        aligned.extend_from_slice(bytes);
+        let meta = rkyv::from_bytes::<JobMetadata, rkyv::rancor::Error>(&aligned)
+            .map_err(|e| format!("job metadata fails validation: {e}"))?;
+        if meta.version != JOB_METADATA_VERSION {
+            return Err(format!("job metadata version {} (expected {JOB_METADATA_VERSION})", meta.version));
+        }
+        Ok(meta)
+    }
+}
+
+/// What one stage instance contributes to a checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct TaskSnapshot {
+    /// Its stores: directory relative to the checkpoint root, and handle.
+    pub stores: Vec<(String, CheckpointHandle)>,
+    /// Source offsets (source stages only).
+    pub offsets: Vec<SourceOffset>,
+    /// Time from the first barrier's arrival to the snapshot (multi-input stages).
+    pub alignment: Duration,
+}
+
+/// Durations of one checkpoint, as measured by the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CheckpointStat {
+    /// The checkpoint.
+    pub id: CheckpointId,
+    /// From trigger to complete (manifest durable).
+    pub duration: Duration,
+    /// The longest alignment of any stage instance.
+    pub alignment: Duration,
+    /// The longest time a durability task took.
+    pub sync: Duration,
+}
+
+/// Counters of a job's checkpoints, over all its run attempts.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointStats {
+    /// Complete checkpoints, in order.
+    pub completed: Vec<CheckpointStat>,
+    /// Aborted checkpoints with the reason.
+    pub aborted: Vec<(CheckpointId, String)>,
+    /// In-process restarts so far.
+    pub restarts: u32,
+    /// The checkpoint each run attempt restored (`None`: started empty).
+    pub restored: Vec<Option<CheckpointId>>,
+}
+
+/// What the shards of one run attempt and its coordinator share.
+#[derive(Debug)]
+pub struct CheckpointShared {
+    attempt: u32,
+    /// Delivery mode of this job's barriers.
+    pub mode: crate::checkpoint::DeliveryMode,
+    requested: AtomicU64,
+    completed: AtomicU64,
+    aborted_final: AtomicU64,
+    final_wanted: AtomicBool,
+    /// One queue per durability worker; a task always uses the same one, so its work is
+    /// done in order (its finish is reported after its last snapshot is durable).
+    work: Vec<Mutex<Sender<Work>>>,
+    to_coordinator: Mutex<Sender<Msg>>,
+    retained: Mutex<Vec<CheckpointId>>,
+    /// The checkpoint this attempt restored.
+    pub restored: Option<CheckpointId>,
+}
+
+impl CheckpointShared {
+    /// The newest checkpoint sources should inject (0: none yet).
+    pub fn requested(&self) -> CheckpointId {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// The newest complete checkpoint (0: none yet in this attempt; see `restored`).
+    pub fn completed(&self) -> CheckpointId {
+        self.completed.load(Ordering::Acquire)
+    }
+
+    /// Whether checkpoint `id` (a final one) was aborted.
+    pub fn final_aborted(&self, id: CheckpointId) -> bool {
+        self.aborted_final.load(Ordering::Acquire) >= id
+    }
+
+    /// A source reached its end: it wants a checkpoint after its last record (so that every
+    /// record's output is committed before the job finishes).
+    pub fn request_final(&self) {
+        self.final_wanted.store(true, Ordering::Release);
+    }
+
+    /// Complete checkpoints still retained (their files must be kept).
+    pub fn retained(&self) -> Vec<CheckpointId> {
+        self.retained.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Hands a stage instance's snapshot and durability tasks to the workers; the coordinator
+    /// hears of it once they are durable.
+    pub fn snapshot_taken(&self, task: usize, id: CheckpointId, snapshot: TaskSnapshot, work: Vec<DurabilityTask>) {
+        self.queue(Work { attempt: self.attempt, task, id, snapshot, work, finished: false });
+    }
+
+    /// A stage instance finished (its input ended) after its snapshot for checkpoint `id`: that
+    /// snapshot stands for it in every later checkpoint, once it is durable.
+    pub fn task_finished(&self, task: usize, id: CheckpointId, snapshot: TaskSnapshot) {
+        self.queue(Work { attempt: self.attempt, task, id, snapshot, work: Vec::new(), finished: true });
+    }
+
+    fn queue(&self, item: Work) {
+        if let Some(queue) = self.work.get(item.task % self.work.len().max(1))
+            && let Ok(tx) = queue.lock()
+        {
+            let _ = tx.send(item);
+        }
+    }
+
+    /// A stage instance could not take checkpoint `id`.
+    pub fn decline(&self, task: usize, id: CheckpointId, reason: String) {
+        if let Ok(tx) = self.to_coordinator.lock() {
+            let _ = tx.send(Msg::Declined { attempt: self.attempt, task, id, reason });
+        }
+    }
+}
+
+struct Work {
+    attempt: u32,
+    task: usize,
+    id: CheckpointId,
+    snapshot: TaskSnapshot,
+    work: Vec<DurabilityTask>,
+    finished: bool,
+}
+
+enum Msg {
+    Acked { attempt: u32, task: usize, id: CheckpointId, snapshot: TaskSnapshot, sync: Duration },
+    Finished { attempt: u32, task: usize, id: CheckpointId, snapshot: TaskSnapshot },
+    Declined { attempt: u32, task: usize, id: CheckpointId, reason: String },
+    Stop,
+}
+
+/// The description of the job a manifest needs.
+#[derive(Debug, Clone)]
+pub struct JobLayout {
+    /// The job's name.
+    pub job: String,
+    /// Stage names, in job order.
+    pub stages: Vec<String>,
+    /// Operator uids.
+    pub operators: Vec<String>,
+    /// Number of shards.
+    pub parallelism: usize,
+    /// Number of key groups.
+    pub max_parallelism: u16,
+}
+
+/// The coordinator thread and durability workers of one run attempt.
+pub struct CheckpointDriver {
+    shared: Arc<CheckpointShared>,
+    coordinator: Option<std::thread::JoinHandle<()>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    stop: Sender<Msg>,
+}
+
+impl std::fmt::Debug for CheckpointDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointDriver").field("attempt", &self.shared.attempt).finish()
+    }
+}
+
+/// Durability workers per job: syncs of different stores overlap, and a slow one (an index
+/// snapshot) does not hold up the others.
+const WORKERS: usize = 2;
+
+impl CheckpointDriver {
+    /// Starts the coordinator of attempt `attempt`, whose state was restored from `restored`.
+    pub fn start(
+        settings: &CheckpointSettings,
+        layout: JobLayout,
+        attempt: u32,
+        restored: Option<CheckpointId>,
+        stats: Arc<Mutex<CheckpointStats>>,
+        clock: Arc<dyn crate::clock::Clock>,
+    ) -> Result<CheckpointDriver> {
+        let directory = CheckpointDirectory::open(&settings.dir)?;
+        let (to_coordinator, inbox) = channel::<Msg>();
+        let queues: Vec<(Sender<Work>, Receiver<Work>)> = (0..WORKERS).map(|_| channel::<Work>()).collect();
+        let (work_tx, work_rx): (Vec<_>, Vec<_>) = queues.into_iter().unzip();
+        let shared = Arc::new(CheckpointShared {
+            attempt,
+            mode: settings.protocol.mode,
+            requested: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            aborted_final: AtomicU64::new(0),
+            final_wanted: AtomicBool::new(false),
+            work: work_tx.into_iter().map(Mutex::new).collect(),
+            to_coordinator: Mutex::new(to_coordinator.clone()),
+            retained: Mutex::new(restored.into_iter().collect()),
+            restored,
+        });
+        let workers = work_rx
+            .into_iter()
+            .enumerate()
+            .map(|(i, rx)| {
+                let tx = to_coordinator.clone();
+                std::thread::Builder::new()
+                    .name(format!("weir-durability-{i}"))
+                    .spawn(move || durability_worker(&rx, &tx))
+                    .map_err(|e| RuntimeError::Checkpoint(format!("cannot start a durability worker: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let tasks = layout.stages.len() * layout.parallelism;
+        let coordinator = Coordinator::new(settings.protocol.clone(), tasks, restored.map_or(1, |r| r + 1));
+        let run = CoordinatorLoop {
+            shared: Arc::clone(&shared),
+            coordinator,
+            directory,
+            layout,
+            inbox,
+            stats,
+            clock,
+            started: BTreeMap::new(),
+            finished: BTreeMap::new(),
+            tick: Duration::from_millis(settings.protocol.interval_ms.clamp(1, 5) as u64),
+        };
+        let coordinator = std::thread::Builder::new()
+            .name("weir-coordinator".into())
+            .spawn(move || run.run())
+            .map_err(|e| RuntimeError::Checkpoint(format!("cannot start the coordinator: {e}")))?;
+        Ok(CheckpointDriver { shared, coordinator: Some(coordinator), workers, stop: to_coordinator })
+    }
+
+    /// What the shards of this attempt share with the coordinator.
+    pub fn shared(&self) -> Arc<CheckpointShared> {
+        Arc::clone(&self.shared)
+    }
+
+    /// Stops the coordinator and the workers (after the attempt's shards stopped).
+    pub fn stop(mut self) {
+        let _ = self.stop.send(Msg::Stop);
+        if let Some(c) = self.coordinator.take() {
+            let _ = c.join();
+        }
+        // Dropping the shared sender side closes the work queue once no shard holds it.
+        drop(self.shared);
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+fn durability_worker(rx: &Receiver<Work>, tx: &Sender<Msg>) {
+    // Tasks whose files a failed sync made suspect: their finish never stands in for them.
+    let mut failed = std::collections::HashSet::new();
+    while let Ok(item) = rx.recv() {
+        if item.finished {
+            if !failed.contains(&item.task) {
+                let msg =
+                    Msg::Finished { attempt: item.attempt, task: item.task, id: item.id, snapshot: item.snapshot };
+                if tx.send(msg).is_err() {
+                    return;
+                }
+            }
+            continue;
+        }
+        let started = Instant::now();
+        let mut failure = None;
+        for task in item.work {
+            if let Err(e) = task.run() {
+                failure = Some(e.to_string());
+                break;
+            }
+        }
+        let msg = match failure {
+            None => Msg::Acked {
+                attempt: item.attempt,
+                task: item.task,
+                id: item.id,
+                snapshot: item.snapshot,
+                sync: started.elapsed(),
+            },
+            Some(reason) => {
+                failed.insert(item.task);
+                Msg::Declined { attempt: item.attempt, task: item.task, id: item.id, reason }
+            }
+        };
+        if tx.send(msg).is_err() {
+            return;
+        }
+    }
+}
+
+struct CoordinatorLoop {
+    shared: Arc<CheckpointShared>,
+    coordinator: Coordinator<(TaskSnapshot, Duration)>,
+    directory: CheckpointDirectory,
+    layout: JobLayout,
+    inbox: Receiver<Msg>,
+    stats: Arc<Mutex<CheckpointStats>>,
+    clock: Arc<dyn crate::clock::Clock>,
+    started: BTreeMap<CheckpointId, Instant>,
+    /// Stage instances that finished, with their last (durable) snapshot.
+    finished: BTreeMap<usize, (CheckpointId, TaskSnapshot)>,
+    tick: Duration,
+}
+
+impl CoordinatorLoop {
+    fn run(mut self) {
+        loop {
+            let now = self.clock.now_ms();
+            let mut commands = self.coordinator.tick(now);
+            if self.shared.final_wanted.swap(false, Ordering::AcqRel) {
+                match self.coordinator.trigger_now(now) {
+                    Some(id) => commands.push(Command::Trigger(id)),
+                    // One in flight: ask again once it is done.
+                    None => self.shared.final_wanted.store(true, Ordering::Release),
+                }
+            }
+            self.execute(commands);
+            match self.inbox.recv_timeout(self.tick) {
+                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Ok(Msg::Acked { attempt, task, id, snapshot, sync }) if attempt == self.shared.attempt => {
+                    let commands = self.coordinator.on_ack(task, id, (snapshot, sync));
+                    self.execute(commands);
+                }
+                Ok(Msg::Finished { attempt, task, id, snapshot }) if attempt == self.shared.attempt => {
+                    let mut commands = Vec::new();
+                    for later in self.coordinator.in_flight().into_iter().filter(|c| *c > id) {
+                        commands.extend(self.coordinator.on_ack(task, later, (snapshot.clone(), Duration::ZERO)));
+                    }
+                    self.finished.insert(task, (id, snapshot));
+                    self.execute(commands);
+                }
+                Ok(Msg::Declined { attempt, task, id, reason }) if attempt == self.shared.attempt => {
+                    let commands = self.coordinator.on_decline(task, id, &reason);
+                    self.execute(commands);
+                }
+                Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+            }
+        }
+    }
+
+    fn execute(&mut self, mut commands: Vec<Command<(TaskSnapshot, Duration)>>) {
+        while !commands.is_empty() {
+            let mut next = Vec::new();
+            for command in commands {
+                match command {
+                    Command::Trigger(id) => {
+                        self.started.insert(id, Instant::now());
+                        self.shared.requested.fetch_max(id, Ordering::AcqRel);
+                        for (task, (last, snapshot)) in &self.finished {
+                            if *last < id {
+                                next.extend(self.coordinator.on_ack(*task, id, (snapshot.clone(), Duration::ZERO)));
+                            }
+                        }
+                    }
+                    Command::WriteManifest(id, acks) => {
+                        let alignment = acks.iter().map(|(_, (s, _))| s.alignment).max().unwrap_or_default();
+                        let sync = acks.iter().map(|(_, (_, d))| *d).max().unwrap_or_default();
+                        let result = self.write_manifest(id, acks.into_iter().map(|(_, (s, _))| s).collect());
+                        if result.is_ok()
+                            && let Ok(mut stats) = self.stats.lock()
+                        {
+                            let duration = self.started.get(&id).map(|s| s.elapsed()).unwrap_or_default();
+                            stats.completed.push(CheckpointStat { id, duration, alignment, sync });
+                        }
+                        let now = self.clock.now_ms();
+                        next.extend(self.coordinator.on_manifest(id, result.map_err(|e| e.to_string()), now));
+                    }
+                    Command::Complete(id) => {
+                        self.started.remove(&id);
+                        if let Ok(mut r) = self.shared.retained.lock() {
+                            *r = self.coordinator.retained();
+                        }
+                        self.shared.completed.fetch_max(id, Ordering::AcqRel);
+                    }
+                    Command::Release(ids) => {
+                        if let Ok(mut r) = self.shared.retained.lock() {
+                            *r = self.coordinator.retained();
+                        }
+                        for id in ids {
+                            let _ = self.directory.remove(id);
+                        }
+                    }
+                    Command::Abort(id, reason) => {
+                        self.started.remove(&id);
+                        if let Ok(mut stats) = self.stats.lock() {
+                            stats.aborted.push((id, reason));
+                        }
+                        // Sources that ended wait for a checkpoint after their last record.
+                        self.shared.aborted_final.fetch_max(id, Ordering::AcqRel);
+                    }
+                }
+            }
+            commands = next;
+        }
+    }
+
+    fn write_manifest(&self, id: CheckpointId, snapshots: Vec<TaskSnapshot>) -> Result<()> {
+        let mut shards = Vec::new();
+        let mut sources = Vec::new();
+        for snapshot in snapshots {
+            for (dir, handle) in snapshot.stores {
+                shards.push(ShardSnapshot { shard: handle.shard, store_dir: dir, handle });
+            }
+            sources.extend(snapshot.offsets);
+        }
+        shards.sort_by(|a, b| a.store_dir.cmp(&b.store_dir));
+        sources.sort_by(|a, b| (&a.uid, a.shard).cmp(&(&b.uid, b.shard)));
+        let metadata = JobMetadata {
+            version: JOB_METADATA_VERSION,
+            job: self.layout.job.clone(),
+            sources,
+            stages: self.layout.stages.clone(),
+            operators: self.layout.operators.clone(),
+        };
+        let manifest = Manifest {
+            checkpoint_id: id,
+            kind: SnapshotKind::Checkpoint,
+            created_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            parallelism: self.layout.parallelism as u32,
+            max_parallelism: self.layout.max_parallelism,
+            shards,
+            metadata: metadata.encode(),
+        };
+        Ok(self.directory.commit(&manifest)?)
+    }
+}
+
+/// The store directory of stage `stage` on `shard` of `parallelism`, relative to the
+/// checkpoint root.
+pub fn store_dir(parallelism: usize, shard: usize, stage: &str) -> String {
+    format!("p{parallelism}/shard-{shard}/{stage}")
+}
+
+/// What a run attempt starts from.
+#[derive(Debug, Clone)]
+pub struct RestorePoint {
+    /// The manifest restored.
+    pub manifest: Manifest,
+    /// Its metadata.
+    pub metadata: JobMetadata,
+}
+
+impl RestorePoint {
+    /// The handle of the store at `dir` (relative), if the checkpoint has one.
+    pub fn handle(&self, dir: &str) -> Option<&CheckpointHandle> {
+        self.manifest.shards.iter().find(|s| s.store_dir == dir).map(|s| &s.handle)
+    }
+
+    /// The offset source `uid` had on `shard`.
+    pub fn offset(&self, uid: &str, shard: usize) -> Option<u64> {
+        self.metadata.sources.iter().find(|s| s.uid == uid && s.shard as usize == shard).map(|s| s.offset)
+    }
+}
+
+/// The latest complete checkpoint in `root`, if any (corrupt manifests are skipped: an older
+/// intact one is used).
+pub fn latest_restore_point(root: &Path) -> Result<Option<RestorePoint>> {
+    let directory = CheckpointDirectory::open(root)?;
+    let latest = directory.latest()?;
+    let Some(manifest) = latest.manifest else { return Ok(None) };
+    let metadata = JobMetadata::decode(&manifest.metadata)
+        .map_err(|e| RuntimeError::Checkpoint(format!("checkpoint {}: {e}", manifest.checkpoint_id)))?;
+    Ok(Some(RestorePoint { manifest, metadata }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_strategies_bound_attempts_and_back_off() {
+        assert_eq!(RestartStrategy::None.delay(0), None);
+        let fixed = RestartStrategy::FixedDelay { attempts: 2, delay: Duration::from_millis(5) };
+        assert_eq!(fixed.delay(0), Some(Duration::from_millis(5)));
+        assert_eq!(fixed.delay(1), Some(Duration::from_millis(5)));
+        assert_eq!(fixed.delay(2), None);
+        let exp = RestartStrategy::ExponentialBackoff {
+            attempts: 5,
+            initial: Duration::from_millis(10),
+            max: Duration::from_millis(50),
+            multiplier: 2.0,
+        };
+        let delays: Vec<_> = (0..6).map(|i| exp.delay(i).map(|d| d.as_millis())).collect();
+        assert_eq!(delays, vec![Some(10), Some(20), Some(40), Some(50), Some(50), None]);
+    }
+
+    #[test]
+    fn metadata_round_trips_and_garbage_is_an_error() {
+        let meta = JobMetadata {
+            version: JOB_METADATA_VERSION,
+            job: "j".into(),
+            sources: vec![SourceOffset { uid: "src".into(), shard: 1, offset: 42 }],
+            stages: vec!["src".into(), "by-key".into()],
+            operators: vec!["count".into()],
+        };
+        assert_eq!(JobMetadata::decode(&meta.encode()).unwrap(), meta);
+        assert!(JobMetadata::decode(b"not metadata at all").is_err());
+        assert!(JobMetadata::decode(&[]).is_err());
+    }
+}
