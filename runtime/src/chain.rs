@@ -302,6 +302,11 @@ pub trait ChainSpec<In>: Clone + Send + Sync + 'static {
     type Out: 'static;
     /// Builds this shard's instance of the chain in front of `next`.
     fn build<N: Node<Self::Out>>(&self, next: N) -> impl Node<In>;
+    /// The uids of the stateful operators of the chain, in order (their state lives in the
+    /// stage's stores; savepoints map it back by these uids).
+    fn operator_uids(&self, out: &mut Vec<&'static str>) {
+        let _ = out;
+    }
 }
 
 /// The empty chain.
@@ -333,6 +338,9 @@ where
     fn build<N: Node<U>>(&self, next: N) -> impl Node<In> {
         self.chain.build(MapNode { uid: self.uid, f: self.f.clone(), next })
     }
+    fn operator_uids(&self, out: &mut Vec<&'static str>) {
+        self.chain.operator_uids(out);
+    }
 }
 
 /// `filter` appended to a chain.
@@ -351,6 +359,9 @@ where
     type Out = C::Out;
     fn build<N: Node<C::Out>>(&self, next: N) -> impl Node<In> {
         self.chain.build(FilterNode { uid: self.uid, f: self.f.clone(), next })
+    }
+    fn operator_uids(&self, out: &mut Vec<&'static str>) {
+        self.chain.operator_uids(out);
     }
 }
 
@@ -372,6 +383,9 @@ where
     type Out = I::Item;
     fn build<N: Node<I::Item>>(&self, next: N) -> impl Node<In> {
         self.chain.build(FlatMapNode { uid: self.uid, f: self.f.clone(), next })
+    }
+    fn operator_uids(&self, out: &mut Vec<&'static str>) {
+        self.chain.operator_uids(out);
     }
 }
 
@@ -397,5 +411,9 @@ where
     type Out = O::Out;
     fn build<N: Node<O::Out>>(&self, next: N) -> impl Node<In> {
         self.chain.build(OpNode::new(self.uid, (self.factory)(), next))
+    }
+    fn operator_uids(&self, out: &mut Vec<&'static str>) {
+        self.chain.operator_uids(out);
+        out.push(self.uid);
     }
 }

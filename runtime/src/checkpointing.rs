@@ -79,6 +79,13 @@ pub struct CheckpointSettings {
     /// Start from the latest complete checkpoint in `dir` if there is one (a new process
     /// resuming a job). When `false`, a directory that already holds checkpoints is an error.
     pub resume: bool,
+    /// Start from this savepoint (a directory a savepoint was written to) when `dir` holds no
+    /// checkpoint yet: state is matched to operators by uid and to shards by key group, so the
+    /// job may run at another parallelism.
+    pub savepoint: Option<PathBuf>,
+    /// Resume even when the savepoint holds state of operators the job no longer has (that
+    /// state is dropped). Otherwise such a resume fails, naming them.
+    pub allow_unmatched_state: bool,
 }
 
 impl CheckpointSettings {
@@ -90,7 +97,15 @@ impl CheckpointSettings {
             protocol: CheckpointConfig { interval_ms, ..CheckpointConfig::default() },
             restart: RestartStrategy::None,
             resume: true,
+            savepoint: None,
+            allow_unmatched_state: false,
         }
+    }
+
+    /// These settings, starting from the savepoint in `dir`.
+    pub fn from_savepoint(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.savepoint = Some(dir.into());
+        self
     }
 
     /// These settings with `restart`.
@@ -203,6 +218,10 @@ pub struct CheckpointShared {
     retained: Mutex<Vec<CheckpointId>>,
     /// The checkpoint this attempt restored.
     pub restored: Option<CheckpointId>,
+    /// Sources stop after injecting this barrier (a stop with savepoint; 0: none).
+    stop_after: AtomicU64,
+    /// Whether that stop drains event time first.
+    drain: AtomicBool,
 }
 
 impl CheckpointShared {
@@ -225,6 +244,38 @@ impl CheckpointShared {
     /// record's output is committed before the job finishes).
     pub fn request_final(&self) {
         self.final_wanted.store(true, Ordering::Release);
+    }
+
+    /// Whether a source injecting barrier `id` stops after it, and whether it drains event
+    /// time (the final watermark) first.
+    pub fn stop_at(&self, id: CheckpointId) -> Option<bool> {
+        let stop = self.stop_after.load(Ordering::Acquire);
+        (stop != 0 && id >= stop).then(|| self.drain.load(Ordering::Acquire))
+    }
+
+    /// Whether the job is stopping without draining: the end of input then fires no timers.
+    pub fn stopping_without_drain(&self) -> bool {
+        self.stop_after.load(Ordering::Acquire) != 0 && !self.drain.load(Ordering::Acquire)
+    }
+
+    /// Asks for a savepoint into `dir` (and, with `stop`, stops the job after it, draining event
+    /// time first when `stop == Some(true)`). The answer arrives on the returned channel.
+    pub fn request_savepoint(&self, dir: PathBuf, stop: Option<bool>) -> Receiver<Result<SavepointInfo>> {
+        let (reply, answer) = channel();
+        let request = SavepointRequest { dir, stop, reply };
+        match self.to_coordinator.lock() {
+            Ok(tx) => {
+                if let Err(e) = tx.send(Msg::Savepoint(request)) {
+                    if let Msg::Savepoint(r) = e.0 {
+                        let _ = r.reply.send(Err(RuntimeError::Checkpoint("the job is not running".into())));
+                    }
+                }
+            }
+            Err(_) => {
+                let _ = request.reply.send(Err(RuntimeError::Checkpoint("coordinator unavailable".into())));
+            }
+        }
+        answer
     }
 
     /// Complete checkpoints still retained (their files must be kept).
@@ -269,7 +320,25 @@ struct Work {
     finished: bool,
 }
 
+/// A savepoint a running job wrote.
+#[derive(Debug, Clone)]
+pub struct SavepointInfo {
+    /// The checkpoint id it was taken at.
+    pub id: CheckpointId,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// What it holds, per operator uid.
+    pub summary: weir_state::savepoint::SavepointSummary,
+}
+
+struct SavepointRequest {
+    dir: PathBuf,
+    stop: Option<bool>,
+    reply: Sender<Result<SavepointInfo>>,
+}
+
 enum Msg {
+    Savepoint(SavepointRequest),
     Acked { attempt: u32, task: usize, id: CheckpointId, snapshot: TaskSnapshot, sync: Duration },
     Finished { attempt: u32, task: usize, id: CheckpointId, snapshot: TaskSnapshot },
     Declined { attempt: u32, task: usize, id: CheckpointId, reason: String },
@@ -334,6 +403,8 @@ impl CheckpointDriver {
             to_coordinator: Mutex::new(to_coordinator.clone()),
             retained: Mutex::new(restored.into_iter().collect()),
             restored,
+            stop_after: AtomicU64::new(0),
+            drain: AtomicBool::new(false),
         });
         let workers = work_rx
             .into_iter()
@@ -358,6 +429,10 @@ impl CheckpointDriver {
             clock,
             started: BTreeMap::new(),
             finished: BTreeMap::new(),
+            waiting_savepoints: std::collections::VecDeque::new(),
+            savepoints: BTreeMap::new(),
+            manifests: BTreeMap::new(),
+            root: settings.dir.clone(),
             tick: Duration::from_millis(settings.protocol.interval_ms.clamp(1, 5) as u64),
         };
         let coordinator = std::thread::Builder::new()
@@ -438,6 +513,13 @@ struct CoordinatorLoop {
     started: BTreeMap<CheckpointId, Instant>,
     /// Stage instances that finished, with their last (durable) snapshot.
     finished: BTreeMap<usize, (CheckpointId, TaskSnapshot)>,
+    /// Savepoint requests not triggered yet (a checkpoint is in flight).
+    waiting_savepoints: std::collections::VecDeque<SavepointRequest>,
+    /// Savepoints in flight, by checkpoint id.
+    savepoints: BTreeMap<CheckpointId, SavepointRequest>,
+    /// Manifests of savepoints in flight, written, not yet converted.
+    manifests: BTreeMap<CheckpointId, Manifest>,
+    root: PathBuf,
     tick: Duration,
 }
 
@@ -453,9 +535,29 @@ impl CoordinatorLoop {
                     None => self.shared.final_wanted.store(true, Ordering::Release),
                 }
             }
+            if !self.waiting_savepoints.is_empty()
+                && let Some(id) = self.coordinator.trigger_now(now)
+                && let Some(request) = self.waiting_savepoints.pop_front()
+            {
+                if let Some(drain) = request.stop {
+                    self.shared.drain.store(drain, Ordering::Release);
+                    self.shared.stop_after.store(id, Ordering::Release);
+                }
+                self.savepoints.insert(id, request);
+                commands.push(Command::Trigger(id));
+            }
             self.execute(commands);
             match self.inbox.recv_timeout(self.tick) {
-                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => {
+                    for (_, request) in std::mem::take(&mut self.savepoints) {
+                        let _ = request.reply.send(Err(RuntimeError::Checkpoint("the job stopped".into())));
+                    }
+                    for request in self.waiting_savepoints.drain(..) {
+                        let _ = request.reply.send(Err(RuntimeError::Checkpoint("the job stopped".into())));
+                    }
+                    return;
+                }
+                Ok(Msg::Savepoint(request)) => self.waiting_savepoints.push_back(request),
                 Ok(Msg::Acked { attempt, task, id, snapshot, sync }) if attempt == self.shared.attempt => {
                     let commands = self.coordinator.on_ack(task, id, (snapshot, sync));
                     self.execute(commands);
@@ -510,6 +612,13 @@ impl CoordinatorLoop {
                             *r = self.coordinator.retained();
                         }
                         self.shared.completed.fetch_max(id, Ordering::AcqRel);
+                        if let (Some(request), Some(manifest)) =
+                            (self.savepoints.remove(&id), self.manifests.remove(&id))
+                        {
+                            // No checkpoint is triggered (so no file released) while this runs.
+                            let written = write_savepoint(&self.root, &request.dir, &manifest);
+                            let _ = request.reply.send(written);
+                        }
                     }
                     Command::Release(ids) => {
                         if let Ok(mut r) = self.shared.retained.lock() {
@@ -521,6 +630,11 @@ impl CoordinatorLoop {
                     }
                     Command::Abort(id, reason) => {
                         self.started.remove(&id);
+                        self.manifests.remove(&id);
+                        if let Some(request) = self.savepoints.remove(&id) {
+                            let message = format!("savepoint {id} failed: {reason}");
+                            let _ = request.reply.send(Err(RuntimeError::Checkpoint(message)));
+                        }
                         if let Ok(mut stats) = self.stats.lock() {
                             stats.aborted.push((id, reason));
                         }
@@ -533,7 +647,7 @@ impl CoordinatorLoop {
         }
     }
 
-    fn write_manifest(&self, id: CheckpointId, snapshots: Vec<TaskSnapshot>) -> Result<()> {
+    fn write_manifest(&mut self, id: CheckpointId, snapshots: Vec<TaskSnapshot>) -> Result<()> {
         let mut shards = Vec::new();
         let mut sources = Vec::new();
         for snapshot in snapshots {
@@ -562,9 +676,40 @@ impl CoordinatorLoop {
             shards,
             metadata: metadata.encode(),
         };
-        Ok(self.directory.commit(&manifest)?)
+        self.directory.commit(&manifest)?;
+        if self.savepoints.contains_key(&id) {
+            self.manifests.insert(id, manifest);
+        }
+        Ok(())
     }
 }
+
+/// Converts complete checkpoint `manifest` (stores under `root`) into a savepoint in `dir`:
+/// every store is mapped back read-only (its files are sealed up to the checkpoint) and its
+/// entries written in the canonical format; then the savepoint's own manifest is committed.
+fn write_savepoint(root: &Path, dir: &Path, manifest: &Manifest) -> Result<SavepointInfo> {
+    use weir_state::savepoint::SavepointWriter;
+    let mut writer = SavepointWriter::new(dir, manifest.max_parallelism)?;
+    for shard in &manifest.shards {
+        let space = if shard.store_dir.ends_with(".timers") { SPACE_TIMERS } else { SPACE_STATE };
+        let mut store = weir_state::StateStore::restore(
+            &root.join(&shard.store_dir),
+            &shard.handle,
+            weir_state::StoreConfig::default(),
+            weir_state::store::RestoreOptions::default(),
+        )?;
+        writer.add_store(space, &mut store)?;
+    }
+    let summary = writer.finish()?;
+    let own = Manifest { kind: SnapshotKind::Savepoint, shards: Vec::new(), ..manifest.clone() };
+    CheckpointDirectory::open(dir)?.commit(&own)?;
+    Ok(SavepointInfo { id: manifest.checkpoint_id, dir: dir.to_owned(), summary })
+}
+
+/// The savepoint space of operators' keyed state.
+pub const SPACE_STATE: &str = "state";
+/// The savepoint space of operators' timers.
+pub const SPACE_TIMERS: &str = "timers";
 
 /// The store directory of stage `stage` on `shard` of `parallelism`, relative to the
 /// checkpoint root.
@@ -579,6 +724,8 @@ pub struct RestorePoint {
     pub manifest: Manifest,
     /// Its metadata.
     pub metadata: JobMetadata,
+    /// The savepoint, when the job starts from one (its state is read by uid and key group).
+    pub savepoint: Option<Arc<weir_state::savepoint::Savepoint>>,
 }
 
 impl RestorePoint {
@@ -601,7 +748,19 @@ pub fn latest_restore_point(root: &Path) -> Result<Option<RestorePoint>> {
     let Some(manifest) = latest.manifest else { return Ok(None) };
     let metadata = JobMetadata::decode(&manifest.metadata)
         .map_err(|e| RuntimeError::Checkpoint(format!("checkpoint {}: {e}", manifest.checkpoint_id)))?;
-    Ok(Some(RestorePoint { manifest, metadata }))
+    Ok(Some(RestorePoint { manifest, metadata, savepoint: None }))
+}
+
+/// The savepoint in `dir`, checked: its manifest and files are intact.
+pub fn savepoint_restore_point(dir: &Path) -> Result<RestorePoint> {
+    let Some(mut point) = latest_restore_point(dir)? else {
+        return Err(RuntimeError::Checkpoint(format!("{} holds no complete savepoint", dir.display())));
+    };
+    if point.manifest.kind != SnapshotKind::Savepoint {
+        return Err(RuntimeError::Checkpoint(format!("{} is not a savepoint directory", dir.display())));
+    }
+    point.savepoint = Some(Arc::new(weir_state::savepoint::Savepoint::open(dir)?));
+    Ok(point)
 }
 
 #[cfg(test)]

@@ -35,6 +35,8 @@ use crate::stage::{ConnectionId, Element, ExchangeRx, ExchangeTx, LocalFuture, S
 /// Job-wide state shared by all shards: cancellation, dead letters, counters.
 #[derive(Debug, Default)]
 pub struct JobShared {
+    /// Checkpointing of the run attempt in progress.
+    current: Mutex<Option<Arc<CheckpointShared>>>,
     checkpoint_stats: Arc<Mutex<crate::checkpointing::CheckpointStats>>,
     cancelled: AtomicBool,
     failed: AtomicBool,
@@ -100,7 +102,10 @@ impl ShardRuntime {
     /// A job resuming from a checkpoint maps the store of that checkpoint back in place (its
     /// files are not copied or rebuilt: only the log tail after the last index snapshot is
     /// replayed); a stage the checkpoint does not know starts empty.
-    pub fn stage_store(&self, stage: &str) -> Result<StateStore> {
+    ///
+    /// A job starting from a savepoint gets a new store holding, of the savepoint's `space`
+    /// (keyed state or timers), the entries of `operators` in this shard's key groups.
+    pub fn stage_store(&self, stage: &str, space: &str, operators: &[&'static str]) -> Result<StateStore> {
         let config = StoreConfig {
             shard: self.shard as u32,
             segment_bytes: self.config.segment_bytes,
@@ -109,6 +114,11 @@ impl ShardRuntime {
             ..StoreConfig::default()
         };
         let dir = self.state_dir.join(stage);
+        if let Some(savepoint) = self.restore.as_ref().and_then(|r| r.savepoint.as_ref()) {
+            let mut store = StateStore::create(&dir, config)?;
+            savepoint.restore_into(space, &|uid| operators.contains(&uid), &mut store)?;
+            return Ok(store);
+        }
         if let (Some(restore), Some(root)) = (&self.restore, &self.root)
             && let Some(handle) = restore.handle(&self.store_dir(stage))
         {
@@ -454,6 +464,48 @@ impl JobHandle {
         self.shared.checkpoint_stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// Takes a savepoint into `dir` (which must not hold one) and returns once it is complete.
+    pub fn savepoint(&self, dir: impl Into<PathBuf>) -> Result<crate::checkpointing::SavepointInfo> {
+        self.request_savepoint(dir.into(), None)
+    }
+
+    /// Stops the job with a savepoint into `dir`: sources stop right after its barrier, so the
+    /// savepoint holds exactly what the job consumed. With `drain`, event time is first advanced
+    /// to the end (every window and event-time timer fires, and its output is committed);
+    /// without, pending windows and timers stay in the savepoint and fire after a resume.
+    pub fn stop_with_savepoint(
+        self,
+        dir: impl Into<PathBuf>,
+        drain: bool,
+    ) -> Result<(crate::checkpointing::SavepointInfo, JobReport)> {
+        let info = self.request_savepoint(dir.into(), Some(drain))?;
+        let report = self.wait()?;
+        Ok((info, report))
+    }
+
+    fn request_savepoint(&self, dir: PathBuf, stop: Option<bool>) -> Result<crate::checkpointing::SavepointInfo> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // The first run attempt may still be starting.
+        let current = loop {
+            let current = self.shared.current.lock().ok().and_then(|c| c.clone());
+            match current {
+                Some(c) => break c,
+                None if std::time::Instant::now() < deadline
+                    && !self.thread.as_ref().is_none_or(|t| t.is_finished()) =>
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                None => {
+                    return Err(RuntimeError::Checkpoint("the job runs without checkpoints, or is not running".into()));
+                }
+            }
+        };
+        current
+            .request_savepoint(dir, stop)
+            .recv()
+            .unwrap_or_else(|_| Err(RuntimeError::Checkpoint("the job stopped before the savepoint completed".into())))
+    }
+
     /// Asks the job to stop: sources end their input early, and the job completes.
     pub fn cancel(&self) {
         self.shared.cancelled.store(true, Ordering::SeqCst);
@@ -556,7 +608,13 @@ impl JobPlan {
                 Arc::clone(&self.shared.checkpoint_stats),
                 Arc::clone(&self.config.clock),
             )?;
+            if let Ok(mut current) = self.shared.current.lock() {
+                *current = Some(driver.shared());
+            }
             let result = self.attempt(restart, Some(driver.shared()), restore.map(Arc::new));
+            if let Ok(mut current) = self.shared.current.lock() {
+                *current = None;
+            }
             driver.stop();
             let error = match result {
                 Ok(()) => return Ok(()),
@@ -590,7 +648,20 @@ impl JobPlan {
                 settings.dir.display()
             )));
         }
-        let restore = crate::checkpointing::latest_restore_point(&settings.dir)?;
+        let mut restore = crate::checkpointing::latest_restore_point(&settings.dir)?;
+        if restore.is_none()
+            && !has_checkpoints
+            && let Some(savepoint) = &settings.savepoint
+        {
+            let point = crate::checkpointing::savepoint_restore_point(savepoint)?;
+            self.check_savepoint(&point, settings.allow_unmatched_state)?;
+            let dir = settings.dir.join(format!("p{}", self.config.parallelism.max(1)));
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)
+                    .map_err(|e| RuntimeError::Checkpoint(format!("cannot clear {}: {e}", dir.display())))?;
+            }
+            return Ok(Some(point));
+        }
         match &restore {
             None if has_checkpoints => {
                 return Err(RuntimeError::Checkpoint(format!(
@@ -624,7 +695,51 @@ impl JobPlan {
                 directory.discard_after(point.manifest.checkpoint_id)?;
             }
         }
+        if let Some(point) = restore.as_mut() {
+            point.savepoint = None;
+        }
         Ok(restore)
+    }
+
+    /// Whether the job can start from savepoint `point`: the same number of key groups, every
+    /// operator with state still there (unless dropping it is allowed), and sources resumed
+    /// at the parallelism their offsets were recorded at.
+    fn check_savepoint(&self, point: &RestorePoint, allow_unmatched: bool) -> Result<()> {
+        let id = point.manifest.checkpoint_id;
+        if point.manifest.max_parallelism != self.config.max_parallelism {
+            return Err(RuntimeError::Checkpoint(format!(
+                "savepoint {id} has {} key groups; the job has {}",
+                point.manifest.max_parallelism, self.config.max_parallelism
+            )));
+        }
+        let ours: std::collections::BTreeSet<&str> = self.stages.iter().flat_map(|s| s.operator_uids()).collect();
+        let unmatched: Vec<String> = point
+            .savepoint
+            .as_ref()
+            .map(|sp| sp.operator_uids())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|uid| !ours.contains(uid.as_str()))
+            .collect();
+        if !unmatched.is_empty() && !allow_unmatched {
+            return Err(RuntimeError::Checkpoint(format!(
+                "savepoint {id} holds state of operators the job does not have: {}; set \
+                 allow_unmatched_state to drop it",
+                unmatched.join(", ")
+            )));
+        }
+        let parallelism = self.config.parallelism.max(1);
+        if point.manifest.parallelism as usize != parallelism {
+            let stages: std::collections::BTreeSet<&str> = self.stages.iter().map(|s| s.name()).collect();
+            if let Some(source) = point.metadata.sources.iter().find(|s| stages.contains(s.uid.as_str())) {
+                return Err(RuntimeError::Checkpoint(format!(
+                    "source {} recorded its offsets at parallelism {}; it cannot resume at {parallelism} \
+                     (give the new input another uid)",
+                    source.uid, point.manifest.parallelism
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn attempt(

@@ -193,8 +193,12 @@ where
                     // A barrier travels in a batch of its own, so the reader's offset now is
                     // exactly the barrier's position in the input.
                     self.last_barrier = requested;
+                    let stop = checkpoints.stop_at(requested);
+                    if stop == Some(true) && !self.end_pending {
+                        out.push(Element::Watermark(END_OF_TIME));
+                    }
                     out.push(Element::Barrier(requested));
-                    if self.end_pending {
+                    if self.end_pending || stop.is_some() {
                         self.ended = true;
                         out.push(Element::End);
                     }
@@ -784,6 +788,8 @@ pub trait StageFactory: Send + Sync + 'static {
     fn output(&self) -> Option<ConnectionId>;
     /// Whether the output connection only ever goes shard-to-itself.
     fn output_is_forward(&self) -> bool;
+    /// The uids of the stateful operators whose state lives in this stage's stores.
+    fn operator_uids(&self) -> Vec<&'static str>;
     /// This shard's task; `index` is the stage's position in the job.
     fn spawn(&self, rt: Rc<ShardRuntime>, index: usize) -> Result<LocalFuture<'static, Result<()>>>;
 }
@@ -828,13 +834,19 @@ where
     fn output_is_forward(&self) -> bool {
         self.forward
     }
+    fn operator_uids(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        self.chain.operator_uids(&mut out);
+        out
+    }
     fn spawn(&self, rt: Rc<ShardRuntime>, index: usize) -> Result<LocalFuture<'static, Result<()>>> {
         let pump = self.input.pump(&rt)?;
         let (node, tx) = self.terminal.build(&rt, self.output)?;
         let chain = self.chain.build(node);
+        let operators = self.operator_uids();
         let stores = StageStores {
-            state: rt.stage_store(self.name())?,
-            timers: rt.stage_store(&timer_store_name(self.name()))?,
+            state: rt.stage_store(self.name(), crate::checkpointing::SPACE_STATE, &operators)?,
+            timers: rt.stage_store(&timer_store_name(self.name()), crate::checkpointing::SPACE_TIMERS, &operators)?,
             retained: std::collections::BTreeMap::new(),
             last: None,
         };
@@ -915,8 +927,11 @@ fn run_chain<In: 'static, N: Node<In>>(
                     pass.snapshots.push((id, state, timers));
                 }
                 Element::End => {
-                    chain.watermark(&mut env, END_OF_TIME)?;
-                    chain.tick(&mut env)?;
+                    // Stopped without drain: pending windows and timers stay in the savepoint.
+                    if !rt.checkpoints().is_some_and(|c| c.stopping_without_drain()) {
+                        chain.watermark(&mut env, END_OF_TIME)?;
+                        chain.tick(&mut env)?;
+                    }
                     chain.end(&mut env)?;
                     pass.done = true;
                     break;

@@ -296,6 +296,12 @@ impl<T, F> std::fmt::Debug for ExactlyOnceCallbackSink<T, F> {
     }
 }
 
+impl<T, F> Clone for ExactlyOnceCallbackSink<T, F> {
+    fn clone(&self) -> Self {
+        ExactlyOnceCallbackSink { f: Arc::clone(&self.f), held: Arc::clone(&self.held) }
+    }
+}
+
 impl<T, F> ExactlyOnceCallbackSink<T, F> {
     /// Delivers committed records to `f`.
     pub fn new(f: F) -> Self {
@@ -400,10 +406,7 @@ impl<T: Send + 'static> ExactlyOnceCollectSink<T> {
 
 impl<T> Clone for ExactlyOnceCollectSink<T> {
     fn clone(&self) -> Self {
-        ExactlyOnceCollectSink {
-            items: Arc::clone(&self.items),
-            inner: ExactlyOnceCallbackSink { f: Arc::clone(&self.inner.f), held: Arc::clone(&self.inner.held) },
-        }
+        ExactlyOnceCollectSink { items: Arc::clone(&self.items), inner: self.inner.clone() }
     }
 }
 

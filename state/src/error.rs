@@ -57,6 +57,17 @@ pub enum StateError {
         /// The version this build reads.
         expected: u32,
     },
+    /// State partitioned into `found` key groups was offered to a store or savepoint with
+    /// `expected` key groups. Key groups only map onto each other at equal max parallelism.
+    #[error("max parallelism mismatch: {path} has {found} key groups, expected {expected}", path = .path.display())]
+    MaxParallelismMismatch {
+        /// The savepoint directory or store directory holding the state.
+        path: PathBuf,
+        /// Its max parallelism.
+        found: u16,
+        /// The max parallelism of the other side.
+        expected: u16,
+    },
     /// The caller misused the API.
     #[error("misuse: {0}")]
     Misuse(String),
@@ -72,7 +83,7 @@ impl StateError {
                 _ if source.kind() == io::ErrorKind::StorageFull => ErrorClass::StorageFull,
                 _ => ErrorClass::Io,
             },
-            StateError::Incompatible { .. } => ErrorClass::Incompatible,
+            StateError::Incompatible { .. } | StateError::MaxParallelismMismatch { .. } => ErrorClass::Incompatible,
             StateError::Misuse(_) => ErrorClass::Misuse,
         }
     }

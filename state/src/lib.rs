@@ -3,7 +3,9 @@
 //! This crate owns everything weir keeps on disk for state: segment files ([`segment`]), the
 //! record format ([`record`]), the index and its snapshots ([`index`]), key groups
 //! ([`keygroup`]), the per-shard [`StateStore`] with incremental checkpoints and restore
-//! ([`store`]), typed keyed state ([`states`]), and checkpoint manifests ([`manifest`]).
+//! ([`store`]), typed keyed state ([`states`]), checkpoint manifests ([`manifest`]), and savepoints, the
+//! canonical format organised by operator uid and key group that outlives a job version
+//! ([`savepoint`]).
 //!
 //! It knows nothing of threads, executors or operators: a store is single-threaded, and the
 //! work that makes a checkpoint durable is handed back as a [`store::DurabilityTask`] for the
@@ -37,6 +39,7 @@ pub mod ingest;
 pub mod keygroup;
 pub mod manifest;
 pub mod record;
+pub mod savepoint;
 pub mod segment;
 pub mod states;
 pub mod store;

@@ -987,7 +987,7 @@ impl StateStore {
 
     /// `put_raw` for value bytes that may sit at any alignment (copies them via the aligned
     /// buffer first; the log aligns them again).
-    fn put_raw_aligned(&mut self, state: StateId, key: Key<'_>, value: &[u8]) -> Result<()> {
+    pub(crate) fn put_raw_aligned(&mut self, state: StateId, key: Key<'_>, value: &[u8]) -> Result<()> {
         let mut buf = std::mem::take(&mut self.value_buf);
         buf.clear();
         buf.extend_from_slice(value);
