@@ -265,10 +265,10 @@ impl CheckpointShared {
         let request = SavepointRequest { dir, stop, reply };
         match self.to_coordinator.lock() {
             Ok(tx) => {
-                if let Err(e) = tx.send(Msg::Savepoint(request)) {
-                    if let Msg::Savepoint(r) = e.0 {
-                        let _ = r.reply.send(Err(RuntimeError::Checkpoint("the job is not running".into())));
-                    }
+                if let Err(e) = tx.send(Msg::Savepoint(request))
+                    && let Msg::Savepoint(r) = e.0
+                {
+                    let _ = r.reply.send(Err(RuntimeError::Checkpoint("the job is not running".into())));
                 }
             }
             Err(_) => {
