@@ -105,3 +105,105 @@ fn keyed_count_is_exact_after_a_panic_p2() {
 fn keyed_count_is_exact_after_a_panic_p4_unpinned() {
     keyed_count_with_a_panic(4);
 }
+
+/// Records `(key, timestamp, value)` by offset; the reader fails once (an I/O error of the
+/// source, which kills the shard) when it first passes offset `fail_at`.
+struct FlakySource {
+    n: u64,
+    fail_at: u64,
+    failed: Arc<AtomicBool>,
+}
+
+struct FlakyReader {
+    n: u64,
+    fail_at: u64,
+    failed: Arc<AtomicBool>,
+    next: u64,
+    stride: u64,
+    start: u64,
+}
+
+fn event(i: u64) -> (u64, i64, u64) {
+    (mix(i) % 37, (i / 3) as i64, i % 1000)
+}
+
+impl Source for FlakySource {
+    type Out = (u64, i64, u64);
+    type Reader = FlakyReader;
+    fn reader(&self, shard: usize, parallelism: usize) -> weir::Result<FlakyReader> {
+        Ok(FlakyReader {
+            n: self.n,
+            fail_at: self.fail_at,
+            failed: Arc::clone(&self.failed),
+            next: shard as u64,
+            stride: parallelism as u64,
+            start: shard as u64,
+        })
+    }
+}
+
+impl SourceReader for FlakyReader {
+    type Out = (u64, i64, u64);
+    fn read(
+        &mut self,
+        out: &mut Vec<(u64, i64, u64)>,
+        _: &mut Vec<weir::source::DeadLetter>,
+        max: usize,
+    ) -> weir::Result<weir::source::ReadStatus> {
+        for _ in 0..max {
+            if self.next >= self.n {
+                return Ok(weir::source::ReadStatus::End);
+            }
+            if self.next >= self.fail_at && !self.failed.swap(true, Ordering::SeqCst) {
+                return Err(RuntimeError::Source { source_name: "flaky".into(), reason: "injected read error".into() });
+            }
+            out.push(event(self.next));
+            self.next += self.stride;
+        }
+        Ok(weir::source::ReadStatus::More)
+    }
+    fn offset(&self) -> u64 {
+        (self.next - self.start) / self.stride
+    }
+    fn seek(&mut self, offset: u64) -> weir::Result<()> {
+        self.next = self.start + offset * self.stride;
+        Ok(())
+    }
+}
+
+/// Event-time windows with a source failure after checkpoints completed: each window's sum is
+/// exact and no window fires twice.
+#[test]
+fn event_time_windows_are_exact_after_a_source_failure() {
+    let n = records() / 4;
+    let dir = tempfile::tempdir().unwrap();
+    let failed = Arc::new(AtomicBool::new(false));
+    let source = FlakySource { n, fail_at: n / 2 + mix(seed()) % (n / 4), failed: Arc::clone(&failed) };
+    let out = ExactlyOnceCollectSink::new();
+    let job = Job::new("windows-after-failure");
+    job.source_with_watermarks(
+        "events",
+        source,
+        WatermarkStrategy::bounded_out_of_orderness(100)
+            .with_timestamp_assigner(|e: &(u64, i64, u64), _: Option<i64>| e.1),
+    )
+    .key_by("by-key", |e: &(u64, i64, u64)| e.0)
+    .window("sums", TumblingWindows::event_time(5_000))
+    .reduce(|a: (u64, i64, u64), b: (u64, i64, u64)| (a.0, a.1.max(b.1), a.2 + b.2))
+    .sink("out", out.clone());
+    let config = JobConfig::default().with_parallelism(2).with_checkpointing(settings(dir.path(), 5));
+    let stats = job.run(config).unwrap().wait().unwrap().checkpoints;
+    assert!(failed.load(Ordering::SeqCst));
+    assert_eq!(stats.restarts, 1, "{stats:?}");
+    assert!(stats.restored.get(1).copied().flatten().is_some(), "restarted from a checkpoint: {stats:?}");
+    let mut expected: BTreeMap<(u64, i64), u64> = BTreeMap::new();
+    for i in 0..n {
+        let (k, ts, v) = event(i);
+        *expected.entry((k, ts - ts.rem_euclid(5_000))).or_default() += v;
+    }
+    let mut fired: BTreeMap<(u64, i64), u64> = BTreeMap::new();
+    for ((k, window, (_, _, sum)), _) in out.take() {
+        assert!(fired.insert((k, window.start()), sum).is_none(), "window ({k}, {window:?}) fired twice");
+    }
+    assert_eq!(fired, expected);
+}

@@ -1,0 +1,104 @@
+//! A process killed with SIGKILL mid-run, resumed by a new process from its checkpoint
+//! directory: the committed output equals the failure-free run's.
+//!
+//! The test runs its own binary as the child (`crash_child`, ignored unless `WEIR_CRASH_DIR`
+//! is set), kills it once a few checkpoints are complete, and resumes the job in-process from
+//! the same directory.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use weir::checkpointing::CheckpointSettings;
+use weir::prelude::*;
+use weir::twophase::TransactionalFileSink;
+
+const N: u64 = 1_500_000;
+const KEYS: u64 = 1_000;
+
+struct Keys;
+
+impl Generator for Keys {
+    type Out = u64;
+    fn generate(&self, offset: u64) -> Option<u64> {
+        (offset < N).then(|| offset.wrapping_mul(0x9e37_79b9_7f4a_7c15) % KEYS)
+    }
+}
+
+/// Keyed counting into exactly-once part files under `dir/out`, checkpoints in `dir/checkpoints`.
+fn run_job(dir: &Path) -> weir::runner::JobReport {
+    let job = Job::new("crash");
+    job.source("numbers", GeneratorSource::new(Keys))
+        .key_by("by-key", |k: &u64| *k)
+        .reduce("count", |k: &u64| (*k, 0u64), |(k, c): (u64, u64), _| (k, c + 1))
+        .sink("out", TransactionalFileSink::new(dir.join("out"), |(k, c): &(u64, u64)| format!("{k} {c}")));
+    let settings = CheckpointSettings::new(dir.join("checkpoints"), 10);
+    job.run(JobConfig::default().with_parallelism(2).with_checkpointing(settings)).unwrap().wait().unwrap()
+}
+
+#[test]
+#[ignore = "the child process of killed_process_resumes_with_identical_committed_output"]
+fn crash_child() {
+    if let Ok(dir) = std::env::var("WEIR_CRASH_DIR") {
+        run_job(Path::new(&dir));
+    }
+}
+
+fn committed_lines(out: &Path) -> Vec<String> {
+    let mut lines = Vec::new();
+    for entry in std::fs::read_dir(out).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name().to_string_lossy().starts_with("part-") {
+            lines.extend(std::fs::read_to_string(entry.path()).unwrap().lines().map(str::to_owned));
+        }
+    }
+    lines.sort();
+    lines
+}
+
+#[test]
+fn killed_process_resumes_with_identical_committed_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "crash_child", "--ignored", "--nocapture"])
+        .env("WEIR_CRASH_DIR", dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once a few checkpoints are complete (and while it still runs).
+    let manifests = dir.path().join("checkpoints").join("manifests");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let complete = std::fs::read_dir(&manifests)
+            .map(|d| {
+                d.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".manifest")).count()
+            })
+            .unwrap_or(0);
+        if complete >= 2 {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the child finished before it could be killed");
+        assert!(Instant::now() < deadline, "no checkpoint completed in the child");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the child was killed, it did not finish");
+    let partial = committed_lines(&dir.path().join("out"));
+    // A new process (here: this one) resumes from the directory.
+    let report = run_job(dir.path());
+    let restored = report.checkpoints.restored.first().copied().flatten();
+    assert!(restored.is_some(), "resumed from a checkpoint of the killed process: {:?}", report.checkpoints);
+    let lines = committed_lines(&dir.path().join("out"));
+    assert!(lines.len() > partial.len());
+    let mut expected = BTreeMap::<u64, u64>::new();
+    for i in 0..N {
+        *expected.entry(Keys.generate(i).unwrap()).or_default() += 1;
+    }
+    let mut want: Vec<String> = expected.iter().flat_map(|(k, n)| (1..=*n).map(move |c| format!("{k} {c}"))).collect();
+    want.sort();
+    assert_eq!(lines.len(), want.len(), "no committed line lost or duplicated");
+    assert!(lines == want, "committed output equals the failure-free run's");
+}
