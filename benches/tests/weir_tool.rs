@@ -64,3 +64,52 @@ fn verify_passes_on_intact_files_and_names_the_first_bad_one() {
     assert!(!ok);
     assert!(err.contains("not a checkpoint directory"), "{err}");
 }
+
+/// A checkpointed job's directory lists its source offsets; a savepoint lists its operators,
+/// and a damaged savepoint file fails verification, named.
+#[test]
+fn inspect_shows_source_offsets_and_savepoints() {
+    use weir::checkpointing::CheckpointSettings;
+    use weir::prelude::*;
+    let work = tempfile::tempdir().unwrap();
+    let checkpoints = work.path().join("checkpoints");
+    let job = Job::new("tool");
+    job.source("numbers", VecSource::new((0..10_000u64).collect()))
+        .key_by("by-key", |n: &u64| n % 10)
+        .reduce("count", |k: &u64| (*k, 0u64), |(k, c): (u64, u64), _| (k, c + 1))
+        .sink("out", CollectSink::new());
+    let config = JobConfig::default().with_parallelism(2).with_checkpointing(CheckpointSettings::new(&checkpoints, 5));
+    job.run(config).unwrap().wait().unwrap();
+    let (ok, out, err) = weir(&["inspect", checkpoints.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("job=tool"), "{out}");
+    assert!(out.contains("source numbers shard 0 offset=5000"), "{out}");
+    assert!(out.contains("source numbers shard 1 offset=5000"), "{out}");
+    let (ok, out, err) = weir(&["verify", checkpoints.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+
+    // A savepoint of a job that is still running (its source never ends).
+    let savepoint = work.path().join("savepoint");
+    let job = Job::new("tool");
+    let endless = IterSource::new(|shard: usize, _| (0u64..).map(move |n| n * 2 + shard as u64));
+    job.source("numbers", endless)
+        .key_by("by-key", |n: &u64| n % 10)
+        .reduce("count", |k: &u64| (*k, 0u64), |(k, c): (u64, u64), _| (k, c + 1))
+        .sink("out", CollectSink::new());
+    let settings = CheckpointSettings::new(work.path().join("run-2"), 5);
+    let handle = job.run(JobConfig::default().with_parallelism(2).with_checkpointing(settings)).unwrap();
+    handle.stop_with_savepoint(&savepoint, false).unwrap();
+    let (ok, out, err) = weir(&["inspect", savepoint.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("savepoint ") && out.contains("operator count"), "{out}");
+    let (ok, out, err) = weir(&["verify", savepoint.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let file = savepoint.join(weir::state::savepoint::savepoint_file_name("count"));
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&file, bytes).unwrap();
+    let (ok, _, err) = weir(&["verify", savepoint.to_str().unwrap()]);
+    assert!(!ok, "a damaged savepoint must fail verification");
+    assert!(err.contains(&file.display().to_string()), "{err}");
+}

@@ -1,10 +1,12 @@
 //! `weir`: inspects and verifies checkpoint directories.
 //!
-//! - `weir inspect DIR`: every checkpoint and savepoint in `DIR` (newest last) with its shards'
-//!   stores, key groups, keys, live bytes, segments, index snapshot and named states.
+//! - `weir inspect DIR`: every checkpoint and savepoint in `DIR` (newest last) with its job,
+//!   operators and source offsets, its shards' stores (key groups, keys, live bytes, segments,
+//!   index snapshot, named states) or, for a savepoint, its operators' files (entries, bytes,
+//!   key groups).
 //! - `weir verify DIR`: checks every CRC every manifest depends on (manifests, segment headers,
-//!   every record up to each checkpoint's seal, index snapshot chunks) and exits non-zero naming
-//!   the first bad file and offset.
+//!   every record up to each checkpoint's seal, index snapshot chunks, every block of a
+//!   savepoint's files) and exits non-zero naming the first bad file and offset.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -45,7 +47,7 @@ fn manifests(dir: &Path) -> Result<(CheckpointDirectory, Vec<u64>), String> {
     Ok((checkpoints, ids))
 }
 
-fn describe(manifest: &Manifest) {
+fn describe(dir: &Path, manifest: &Manifest) {
     let kind = match manifest.kind {
         SnapshotKind::Checkpoint => "checkpoint",
         SnapshotKind::Savepoint => "savepoint",
@@ -58,6 +60,33 @@ fn describe(manifest: &Manifest) {
         manifest.created_ms,
         manifest.metadata.len()
     );
+    match weir::checkpointing::JobMetadata::decode(&manifest.metadata) {
+        Ok(meta) => {
+            println!("  job={} operators=[{}]", meta.job, meta.operators.join(", "));
+            for source in &meta.sources {
+                println!("  source {} shard {} offset={}", source.uid, source.shard, source.offset);
+            }
+        }
+        Err(e) if !manifest.metadata.is_empty() => println!("  metadata UNREADABLE: {e}"),
+        Err(_) => {}
+    }
+    if manifest.kind == SnapshotKind::Savepoint {
+        match weir_state::savepoint::Savepoint::open(dir) {
+            Ok(savepoint) => {
+                for op in savepoint.summary().operators {
+                    println!(
+                        "  operator {} file={} entries={} bytes={} key_groups={}",
+                        op.uid,
+                        op.file_name,
+                        op.entries,
+                        op.file_bytes,
+                        op.key_groups.len()
+                    );
+                }
+            }
+            Err(e) => println!("  savepoint files UNUSABLE: {e}"),
+        }
+    }
     for shard in &manifest.shards {
         let h = &shard.handle;
         let states: Vec<&str> = h.states.iter().map(|s| s.name.as_str()).collect();
@@ -83,7 +112,7 @@ fn inspect(dir: &Path) -> Result<(), String> {
     }
     for id in ids {
         match checkpoints.read(id) {
-            Ok(manifest) => describe(&manifest),
+            Ok(manifest) => describe(dir, &manifest),
             Err(e) => println!("checkpoint {id}  UNUSABLE: {e}"),
         }
     }
@@ -95,6 +124,10 @@ fn verify(dir: &Path) -> Result<(), String> {
     let (mut stores, mut records) = (0u64, 0u64);
     for id in &ids {
         let manifest = checkpoints.read(*id).map_err(|e| e.to_string())?;
+        if manifest.kind == SnapshotKind::Savepoint {
+            let savepoint = weir_state::savepoint::Savepoint::open(dir).map_err(|e| e.to_string())?;
+            records += savepoint.verify_all().map_err(|e| e.to_string())?;
+        }
         for shard in &manifest.shards {
             let store_dir = dir.join(&shard.store_dir);
             let mut store = StateStore::restore(
