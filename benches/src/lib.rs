@@ -3,6 +3,7 @@
 //!
 //! - [`nexmark`]: a faithful, deterministic Nexmark event generator, random access by offset.
 
+pub mod checkpoint_bench;
 pub mod nexmark;
 pub mod nexmark_queries;
 pub mod pipeline_bench;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use weir_bench::nexmark_queries::{self, Query};
-use weir_bench::{pipeline_bench, state_bench};
+use weir_bench::{checkpoint_bench, pipeline_bench, state_bench};
 
 /// Weir's benchmark harness: plain programs that print numbers, each with its baseline.
 #[derive(Parser, Debug)]
@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Quick tour (the default): Nexmark Q1/Q2/Q5, chain, keyed count, latency, state ops,
-    /// checkpoint, restore.
+    /// checkpoint, restore, checkpoint overhead, recovery.
     Demo,
     /// State put/get throughput against HashMap<u64, u64>.
     StateOps {
@@ -75,6 +75,27 @@ enum Command {
         /// State sizes in MiB, comma separated.
         #[arg(long, value_delimiter = ',', default_values_t = [100u64, 1024, 4096])]
         state_mib: Vec<u64>,
+    },
+    /// Keyed count with checkpoints every 100 ms and every 10 ms against none.
+    CheckpointOverhead {
+        /// Records.
+        #[arg(long, default_value_t = 20_000_000)]
+        records: u64,
+        /// Parallelism.
+        #[arg(long, default_value_t = 2)]
+        parallelism: usize,
+        /// Distinct keys.
+        #[arg(long, default_value_t = 100_000)]
+        keys: u64,
+    },
+    /// Recovery time (panic to first output after the in-process restart) across state sizes.
+    Recovery {
+        /// State sizes in MiB, comma separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [100u64, 1024])]
+        state_mib: Vec<u64>,
+        /// Parallelism.
+        #[arg(long, default_value_t = 2)]
+        parallelism: usize,
     },
 }
 
@@ -186,6 +207,65 @@ fn nexmark(base: &std::path::Path, events: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// Checkpoint intervals measured against the job without checkpoints.
+const OVERHEAD_INTERVALS_MS: [i64; 2] = [100, 10];
+
+fn checkpoint_overhead(base: &std::path::Path, records: u64, parallelism: usize, keys: u64) -> Result<(), String> {
+    let baseline = checkpoint_bench::overhead(records, keys, parallelism, None, base).map_err(|e| e.to_string())?;
+    println!(
+        "checkpoint-overhead records={records} keys={keys} P={parallelism} no-checkpoints {:.2} M events/s",
+        baseline.events_per_s / 1e6
+    );
+    for interval_ms in OVERHEAD_INTERVALS_MS {
+        pipeline_bench::settle();
+        let run = checkpoint_bench::overhead(records, keys, parallelism, Some(interval_ms), base)
+            .map_err(|e| e.to_string())?;
+        let c = run.checkpoints.unwrap_or_default();
+        println!(
+            "  every {interval_ms:>3}ms {:.2} M events/s ratio={:.2} checkpoints={} aborted={} duration {} alignment {} sync {}",
+            run.events_per_s / 1e6,
+            run.events_per_s / baseline.events_per_s,
+            c.completed,
+            c.aborted,
+            c.duration,
+            c.alignment,
+            c.sync
+        );
+    }
+    Ok(())
+}
+
+fn recovery(base: &std::path::Path, sizes: &[u64], parallelism: usize) -> Result<(), String> {
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    let mut first: Option<f64> = None;
+    for &mib in sizes {
+        let r = checkpoint_bench::recovery(mib << 20, parallelism, base).map_err(|e| e.to_string())?;
+        let after_fill = ms(r.after_fill.until_output);
+        let ratio = after_fill / *first.get_or_insert(after_fill);
+        println!(
+            "recovery state={:>5}MiB keys={:>8} P={parallelism} after-fill={after_fill:7.2}ms (x{ratio:.2} of smallest) after-index-snapshot={:7.2}ms fill={:.1}s",
+            r.state_bytes >> 20,
+            r.keys,
+            ms(r.after_index_snapshot.until_output),
+            r.fill.as_secs_f64()
+        );
+        for (what, f) in [("after-fill", r.after_fill), ("after-index-snapshot", r.after_index_snapshot)] {
+            let replayed = f.replayed_bytes.map_or("?".to_owned(), |b| format!("{:.1}MiB", b as f64 / 1048576.0));
+            println!(
+                "  {what:<20} restored checkpoint {} (replayed {replayed}): restarted +{:.2}ms operators open +{:.2}ms first output +{:.2}ms",
+                f.restored,
+                ms(f.until_restarted),
+                ms(f.until_reopened),
+                ms(f.until_output)
+            );
+        }
+        let c = r.checkpoints;
+        println!("  checkpoints={} aborted={} duration {} sync {}", c.completed, c.aborted, c.duration, c.sync);
+        pipeline_bench::settle();
+    }
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let base = cli.data_dir;
@@ -196,7 +276,9 @@ fn main() {
             .and_then(|_| latency(&base, 3.0, 2))
             .and_then(|_| state_ops(&base, &[1_000_000]))
             .and_then(|_| state_checkpoint(&base, 100, 1.0, 20))
-            .and_then(|_| state_restore(&base, &[100])),
+            .and_then(|_| state_restore(&base, &[100]))
+            .and_then(|_| checkpoint_overhead(&base, 3_000_000, 2, 100_000))
+            .and_then(|_| recovery(&base, &[64], 2)),
         Command::Chain { records } => chain(&base, records),
         Command::Nexmark { events } => nexmark(&base, events),
         Command::Keyed { records, keys } => keyed(&base, records, keys).map(|_| ()),
@@ -206,6 +288,10 @@ fn main() {
             state_checkpoint(&base, state_mib, changed_percent, rounds)
         }
         Command::StateRestore { state_mib } => state_restore(&base, &state_mib),
+        Command::CheckpointOverhead { records, parallelism, keys } => {
+            checkpoint_overhead(&base, records, parallelism, keys)
+        }
+        Command::Recovery { state_mib, parallelism } => recovery(&base, &state_mib, parallelism),
     };
     if let Err(e) = result {
         eprintln!("weir-bench: {e}");

@@ -143,6 +143,13 @@ impl ShardRuntime {
         self.restore.as_ref().map(|r| r.manifest.checkpoint_id)
     }
 
+    /// The handle of stage store `stage` on this shard in the checkpoint this run restored
+    /// (`None` for a savepoint: its stores are new).
+    pub fn restored_handle(&self, stage: &str) -> Option<weir_state::store::CheckpointHandle> {
+        let restore = self.restore.as_ref().filter(|r| r.savepoint.is_none())?;
+        restore.handle(&self.store_dir(stage)).cloned()
+    }
+
     /// The offset source `uid` had on this shard in the checkpoint this run started from.
     pub fn restored_offset(&self, uid: &str) -> Option<u64> {
         self.restore.as_ref().and_then(|r| r.offset(uid, self.shard))
@@ -691,8 +698,12 @@ impl JobPlan {
                         point.manifest.checkpoint_id, point.manifest.max_parallelism, self.config.max_parallelism
                     )));
                 }
-                // A later checkpoint would be overwritten by a store continuing from this one.
+                // A later checkpoint would be overwritten by a store continuing from this one;
+                // an older one is no longer tracked (its files may be collected).
                 directory.discard_after(point.manifest.checkpoint_id)?;
+                for older in directory.list()?.into_iter().filter(|id| *id < point.manifest.checkpoint_id) {
+                    directory.remove(older)?;
+                }
             }
         }
         if let Some(point) = restore.as_mut() {

@@ -850,6 +850,16 @@ where
             retained: std::collections::BTreeMap::new(),
             last: None,
         };
+        // The checkpoint this run restored stays restorable until a newer one completes: its
+        // files are kept by garbage collection like those of checkpoints taken in this run.
+        let mut stores = stores;
+        if let (Some(id), Some(state), Some(timers)) = (
+            rt.restored_checkpoint(),
+            rt.restored_handle(self.name()),
+            rt.restored_handle(&timer_store_name(self.name())),
+        ) {
+            stores.retained.insert(id, [state, timers]);
+        }
         let task = index * rt.parallelism + rt.shard;
         Ok(Box::pin(run_stage(pump, chain, tx, stores, rt, self.name(), task)))
     }

@@ -1,0 +1,551 @@
+//! Benchmarks of checkpoints in running jobs, each against a baseline measured in the same run.
+//!
+//! - `overhead`: the keyed count of [`crate::pipeline_bench::keyed`] without checkpoints (the
+//!   baseline) and with aligned checkpoints at a given interval: events/s, and the checkpoints'
+//!   durations (trigger to manifest durable), alignments and durability syncs.
+//! - `recovery`: a job builds keyed state of a given size (a `[u8; 96]` value per key, so a
+//!   record is a 144-byte slot) and a user function panics; the job restarts in-process from
+//!   its latest checkpoint. Recovery time runs from the panic to the first record that reaches
+//!   a sink after the restart. The job fails twice: right after its state was written and a
+//!   checkpoint covered it (the restore replays what the log gained since the store's last
+//!   index snapshot), and again once an index snapshot covers the state (the restore replays
+//!   almost nothing). The claim under test: recovery does not grow with the state, because a
+//!   restore maps the store's files instead of rebuilding them.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use weir::checkpointing::{CheckpointSettings, CheckpointStats, RestartStrategy};
+use weir::prelude::*;
+use weir::source::{DeadLetter, ReadStatus};
+use weir_state::manifest::CheckpointDirectory;
+use weir_state::record::slot_bytes;
+use weir_state::segment::SEGMENT_HEADER_BYTES;
+use weir_state::store::{CheckpointHandle, address_offset, address_segment, log_address};
+
+use crate::pipeline_bench::{Numbers, SumSink};
+
+/// A fresh directory under `base` for one run; removed when dropped.
+fn run_dir(base: &Path, prefix: &str) -> weir::Result<tempfile::TempDir> {
+    let io = |what: &str, e: std::io::Error| RuntimeError::Checkpoint(format!("cannot create {what}: {e}"));
+    std::fs::create_dir_all(base).map_err(|e| io(&base.display().to_string(), e))?;
+    tempfile::Builder::new().prefix(prefix).tempdir_in(base).map_err(|e| io("a run directory", e))
+}
+
+/// p50 and p99 of some durations, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Percentiles {
+    /// Median, microseconds.
+    pub p50_us: u64,
+    /// 99th percentile, microseconds.
+    pub p99_us: u64,
+}
+
+impl Percentiles {
+    /// Percentiles of `durations` (zero when there are none).
+    pub fn of(durations: impl Iterator<Item = Duration>) -> Percentiles {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
+        for d in durations {
+            h.saturating_record((d.as_micros() as u64).max(1));
+        }
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        Percentiles { p50_us: h.value_at_quantile(0.5), p99_us: h.value_at_quantile(0.99) }
+    }
+}
+
+impl std::fmt::Display for Percentiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |us: u64| us as f64 / 1000.0;
+        write!(f, "p50={:.2}ms p99={:.2}ms", ms(self.p50_us), ms(self.p99_us))
+    }
+}
+
+/// What the coordinator measured of a job's complete checkpoints.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckpointSummary {
+    /// Complete checkpoints (the final one, taken after the last record, included).
+    pub completed: usize,
+    /// Aborted checkpoints.
+    pub aborted: usize,
+    /// Trigger to complete (manifest durable).
+    pub duration: Percentiles,
+    /// The longest barrier alignment of any stage instance, per checkpoint.
+    pub alignment: Percentiles,
+    /// The longest durability task (fsync, msync, index snapshot), per checkpoint.
+    pub sync: Percentiles,
+}
+
+impl CheckpointSummary {
+    /// Summarises `stats`.
+    pub fn of(stats: &CheckpointStats) -> CheckpointSummary {
+        let completed = &stats.completed;
+        CheckpointSummary {
+            completed: completed.len(),
+            aborted: stats.aborted.len(),
+            duration: Percentiles::of(completed.iter().map(|c| c.duration)),
+            alignment: Percentiles::of(completed.iter().map(|c| c.alignment)),
+            sync: Percentiles::of(completed.iter().map(|c| c.sync)),
+        }
+    }
+}
+
+/// One run of the keyed count.
+#[derive(Debug, Clone, Copy)]
+pub struct OverheadRun {
+    /// Records/s from `run` until the job finished (with checkpoints: including the final
+    /// checkpoint, which commits the last output).
+    pub events_per_s: f64,
+    /// The job's checkpoints (`None` without checkpointing).
+    pub checkpoints: Option<CheckpointSummary>,
+}
+
+/// The keyed count (`records` over `keys` keys, rolling count per key, a summing sink) at
+/// `parallelism`, checkpointed every `interval_ms` (`None`: without checkpoints), with its
+/// state in a fresh directory under `base`.
+pub fn overhead(
+    records: u64,
+    keys: u64,
+    parallelism: usize,
+    interval_ms: Option<i64>,
+    base: &Path,
+) -> weir::Result<OverheadRun> {
+    let dir = run_dir(base, "checkpoint-overhead")?;
+    let job = Job::new("checkpoint-overhead");
+    let sink = SumSink::default();
+    job.source("numbers", GeneratorSource::new(Numbers { count: records }))
+        .key_by("by-key", move |n: &u64| n.wrapping_mul(0x9E37_79B9_7F4A_7C15) % keys)
+        .reduce("count", |_: &u64| 0u64, |n: u64, _: u64| n + 1)
+        .sink("sum", sink.clone());
+    let mut config =
+        JobConfig { data_dir: dir.path().to_owned(), ..JobConfig::default() }.with_parallelism(parallelism);
+    if let Some(interval_ms) = interval_ms {
+        config = config.with_checkpointing(CheckpointSettings::new(dir.path().join("checkpoints"), interval_ms));
+    }
+    let started = Instant::now();
+    let report = job.run(config)?.wait()?;
+    let elapsed = started.elapsed();
+    assert_eq!(sink.count.load(Ordering::Relaxed), records, "every record counted once");
+    dir.close().map_err(|e| RuntimeError::Checkpoint(format!("cannot remove the run directory: {e}")))?;
+    Ok(OverheadRun {
+        events_per_s: records as f64 / elapsed.as_secs_f64(),
+        checkpoints: interval_ms.map(|_| CheckpointSummary::of(&report.checkpoints)),
+    })
+}
+
+/// The value kept per key by the recovery benchmark: with an 8-byte key its record fills a
+/// 144-byte slot.
+pub type Payload = [u8; 96];
+
+/// Bytes one key of the recovery benchmark's state takes in the log.
+pub const RECORD_BYTES: u64 = slot_bytes(8, std::mem::size_of::<Payload>() as u32) as u64;
+
+/// Records per second the source emits once every key was written (updates of existing keys),
+/// summed over shards: the job keeps producing output, at little cost, while the benchmark
+/// waits for checkpoints and after each restart.
+const TRICKLE_PER_S: f64 = 20_000.0;
+
+/// Checkpoint interval of the recovery benchmark.
+const RECOVERY_INTERVAL_MS: i64 = 200;
+
+/// Failures the recovery benchmark injects into one job (see [`recovery`]).
+const FAILURES: usize = 2;
+
+/// When things happened around one injected failure.
+#[derive(Debug, Clone, Copy)]
+struct FailureMarks {
+    /// Just before the panic.
+    failed_at: Instant,
+    /// The first source reader made after it (the new attempt's shards run).
+    restarted_at: Option<Instant>,
+    /// The first operator opened after it (its stage's stores were restored).
+    reopened_at: Option<Instant>,
+    /// The first record a sink wrote after it.
+    first_output_at: Option<Instant>,
+}
+
+/// What the recovery benchmark's job and the benchmark thread share.
+#[derive(Debug, Default)]
+struct RecoveryProbe {
+    /// Keys the operator created (first writes), summed over shards.
+    inserted: AtomicU64,
+    /// The benchmark asks for a failure: the next record panics.
+    fail: AtomicBool,
+    /// One entry per failure injected so far; a run attempt is number `failures.len()` when it
+    /// starts (its readers, operators and writers are made after the panic that ended the
+    /// previous one).
+    failures: Mutex<Vec<FailureMarks>>,
+    /// The source ends its input.
+    stop: AtomicBool,
+}
+
+impl RecoveryProbe {
+    /// The run attempt starting now (0: the first).
+    fn attempt(&self) -> usize {
+        lock(&self.failures).len()
+    }
+
+    /// Notes `now` in the field `mark` selects of the failure before `attempt`, if it is the
+    /// first such event.
+    fn note(&self, attempt: usize, mark: impl FnOnce(&mut FailureMarks) -> &mut Option<Instant>) {
+        let mut failures = lock(&self.failures);
+        if let Some(marks) = attempt.checked_sub(1).and_then(|i| failures.get_mut(i)) {
+            mark(marks).get_or_insert_with(Instant::now);
+        }
+    }
+
+    fn marks(&self, failure: usize) -> Option<FailureMarks> {
+        lock(&self.failures).get(failure).copied()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Every key `0..keys` once (shard `s` of `P` writes keys `s, s + P, ...`), as fast as the job
+/// takes them; then updates of existing keys at [`TRICKLE_PER_S`] until told to stop. Records
+/// are `(key, is_update)`; offsets count records, so a restarted reader replays exactly.
+#[derive(Debug, Clone)]
+struct FillThenTrickle {
+    keys: u64,
+    probe: Arc<RecoveryProbe>,
+}
+
+struct FillReader {
+    probe: Arc<RecoveryProbe>,
+    shard: u64,
+    stride: u64,
+    /// Keys this shard writes.
+    fill: u64,
+    produced: u64,
+    /// Offset and time at which this reader began trickling.
+    trickle_from: Option<(u64, Instant)>,
+    rate_per_s: f64,
+}
+
+impl Source for FillThenTrickle {
+    type Out = (u64, bool);
+    type Reader = FillReader;
+    fn reader(&self, shard: usize, parallelism: usize) -> weir::Result<FillReader> {
+        self.probe.note(self.probe.attempt(), |m| &mut m.restarted_at);
+        let (shard, stride) = (shard as u64, parallelism.max(1) as u64);
+        Ok(FillReader {
+            probe: Arc::clone(&self.probe),
+            shard,
+            stride,
+            fill: self.keys.saturating_sub(shard).div_ceil(stride),
+            produced: 0,
+            trickle_from: None,
+            rate_per_s: TRICKLE_PER_S / stride as f64,
+        })
+    }
+}
+
+impl SourceReader for FillReader {
+    type Out = (u64, bool);
+    fn read(&mut self, out: &mut Vec<(u64, bool)>, _: &mut Vec<DeadLetter>, max: usize) -> weir::Result<ReadStatus> {
+        if self.produced < self.fill {
+            let n = (self.fill - self.produced).min(max as u64);
+            out.extend((self.produced..self.produced + n).map(|i| (self.shard + i * self.stride, false)));
+            self.produced += n;
+            return Ok(ReadStatus::More);
+        }
+        if self.probe.stop.load(Ordering::Relaxed) {
+            return Ok(ReadStatus::End);
+        }
+        // The first update is due at once, so a restarted job has output without waiting.
+        let (from, since) = *self.trickle_from.get_or_insert_with(|| (self.produced, Instant::now()));
+        let due = from + 1 + (since.elapsed().as_secs_f64() * self.rate_per_s) as u64;
+        if due <= self.produced {
+            return Ok(ReadStatus::Idle);
+        }
+        let n = (due - self.produced).min(max as u64);
+        let fill = self.fill.max(1);
+        out.extend((self.produced..self.produced + n).map(|i| (self.shard + (i % fill) * self.stride, true)));
+        self.produced += n;
+        Ok(ReadStatus::More)
+    }
+    fn offset(&self) -> u64 {
+        self.produced
+    }
+    fn seek(&mut self, offset: u64) -> weir::Result<()> {
+        self.produced = offset;
+        self.trickle_from = None;
+        Ok(())
+    }
+}
+
+/// Marks the panic the recovery benchmark injects; the panic hook keeps it off stderr.
+const INJECTED: &str = "weir-bench: injected failure";
+
+/// Writes a [`Payload`] per key; panics when the probe asks for it.
+struct Fill {
+    probe: Arc<RecoveryProbe>,
+    payload: Option<ValueState<Payload>>,
+    /// Keys created since they were last added to the probe (one atomic add per batch of keys,
+    /// not per key).
+    inserted: u64,
+}
+
+impl KeyedProcessFunction for Fill {
+    type Key = u64;
+    type In = (u64, bool);
+    type Out = u64;
+    fn open(&mut self, states: &mut StateRegistry<'_>) -> weir::operators::Result<()> {
+        self.probe.note(self.probe.attempt(), |m| &mut m.reopened_at);
+        self.payload = Some(states.value("payload")?);
+        Ok(())
+    }
+    fn process(
+        &mut self,
+        (key, update): (u64, bool),
+        ctx: &mut ProcessContext<'_, u64, u64>,
+    ) -> weir::operators::Result<()> {
+        if self.probe.fail.swap(false, Ordering::SeqCst) {
+            let failed_at = Instant::now();
+            lock(&self.probe.failures).push(FailureMarks {
+                failed_at,
+                restarted_at: None,
+                reopened_at: None,
+                first_output_at: None,
+            });
+            panic!("{INJECTED}");
+        }
+        let payload = self.payload.expect("opened");
+        let mut value = [0u8; 96];
+        value[..8].copy_from_slice(&key.to_le_bytes());
+        value[8] = u8::from(update);
+        ctx.set(&payload, &value)?;
+        if !update {
+            self.inserted += 1;
+        }
+        // Updates only come once this shard's source wrote its keys, and keep coming: the
+        // remainder reaches the probe with the first of them.
+        if self.inserted >= 4096 || (update && self.inserted > 0) {
+            self.probe.inserted.fetch_add(std::mem::take(&mut self.inserted), Ordering::Relaxed);
+        }
+        ctx.output(key);
+        Ok(())
+    }
+}
+
+/// Notes the first record written after each failure.
+#[derive(Debug, Clone)]
+struct FirstOutputSink {
+    probe: Arc<RecoveryProbe>,
+}
+
+struct FirstOutputWriter {
+    probe: Arc<RecoveryProbe>,
+    /// The run attempt that made it.
+    attempt: usize,
+    noted: bool,
+}
+
+impl Sink for FirstOutputSink {
+    type In = u64;
+    type Writer = FirstOutputWriter;
+    fn writer(&self, _: usize, _: usize) -> weir::Result<FirstOutputWriter> {
+        let attempt = self.probe.attempt();
+        Ok(FirstOutputWriter { probe: Arc::clone(&self.probe), attempt, noted: attempt == 0 })
+    }
+}
+
+impl SinkWriter for FirstOutputWriter {
+    type In = u64;
+    #[inline]
+    fn write(&mut self, _: u64, _: i64) -> weir::Result<()> {
+        if !self.noted {
+            self.noted = true;
+            self.probe.note(self.attempt, |m| &mut m.first_output_at);
+        }
+        Ok(())
+    }
+    fn flush(&mut self) -> weir::Result<()> {
+        Ok(())
+    }
+}
+
+/// Keeps the injected panic's message off stderr (it is expected); other panics print as usual.
+fn quiet_injected_panics() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let injected = info.payload().downcast_ref::<String>().is_some_and(|m| m == INJECTED);
+            if !injected {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// One failure and the recovery from it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Recovery {
+    /// From the panic to the first record at a sink after the restart.
+    pub until_output: Duration,
+    /// From the panic until the restarted attempt made its first source reader (the failed
+    /// attempt stopped, the coordinator restarted, new shards started).
+    pub until_restarted: Duration,
+    /// From the panic until the first operator of the new attempt opened (its stage's stores
+    /// were restored).
+    pub until_reopened: Duration,
+    /// The checkpoint restored.
+    pub restored: u64,
+    /// The most log bytes a restored store replayed on top of its index snapshot (`None`: the
+    /// manifest was gone before it could be read).
+    pub replayed_bytes: Option<u64>,
+}
+
+/// Result of the recovery benchmark at one state size.
+#[derive(Debug, Clone, Copy)]
+pub struct RecoveryResult {
+    /// Keys in the state.
+    pub keys: u64,
+    /// Bytes of the log records holding them (`keys * RECORD_BYTES`).
+    pub state_bytes: u64,
+    /// Time to write every key (from `run`).
+    pub fill: Duration,
+    /// Failure right after the state was written and a checkpoint covered it: the restore
+    /// replays the log written since the last index snapshot.
+    pub after_fill: Recovery,
+    /// Failure once an index snapshot was taken after the first restart: the restore replays
+    /// (almost) nothing.
+    pub after_index_snapshot: Recovery,
+    /// The job's checkpoints, over all its run attempts.
+    pub checkpoints: CheckpointSummary,
+}
+
+/// Polls `ready` every millisecond until it returns `Some`, for at most `limit`.
+fn wait_for<T>(limit: Duration, what: &str, mut ready: impl FnMut() -> Option<T>) -> weir::Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(t) = ready() {
+            return Ok(t);
+        }
+        if Instant::now() > deadline {
+            return Err(RuntimeError::Checkpoint(format!("recovery bench: no {what} after {limit:?}")));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The id of the newest complete checkpoint of the job (0: none).
+fn newest_checkpoint(handle: &JobHandle) -> u64 {
+    handle.checkpoint_stats().completed.last().map_or(0, |c| c.id)
+}
+
+/// Waits until `n` checkpoints triggered after now completed.
+fn wait_for_checkpoints(handle: &JobHandle, n: u64, limit: Duration) -> weir::Result<()> {
+    // At most `max_concurrent` (1) checkpoint is in flight now, triggered before now: ids
+    // from `newest + 2` on are triggered later.
+    let target = newest_checkpoint(handle) + 1 + n;
+    wait_for(limit, "checkpoint", || (newest_checkpoint(handle) >= target).then_some(()))
+}
+
+/// Has the job fail once and waits for the first output after its restart.
+fn fail_and_recover(handle: &JobHandle, probe: &RecoveryProbe, dir: &Path, limit: Duration) -> weir::Result<Recovery> {
+    let failure = probe.attempt();
+    probe.fail.store(true, Ordering::SeqCst);
+    let marks =
+        wait_for(limit, "output after the restart", || probe.marks(failure).filter(|m| m.first_output_at.is_some()))?;
+    let restored = handle.checkpoint_stats().restored.get(failure + 1).copied().flatten().unwrap_or(0);
+    let since = |t: Option<Instant>| t.map(|t| t - marks.failed_at).unwrap_or_default();
+    Ok(Recovery {
+        until_output: since(marks.first_output_at),
+        until_restarted: since(marks.restarted_at),
+        until_reopened: since(marks.reopened_at),
+        restored,
+        replayed_bytes: replayed_bytes(dir, restored),
+    })
+}
+
+/// The most log bytes any store of checkpoint `id` replays on top of its index snapshot when
+/// restored, if the checkpoint's manifest is still there.
+fn replayed_bytes(dir: &Path, id: u64) -> Option<u64> {
+    let manifest = CheckpointDirectory::open(dir).ok()?.read(id).ok()?;
+    manifest.shards.iter().filter_map(|s| replay_of(&s.handle)).max()
+}
+
+/// Log bytes between a store's index snapshot (or its first record) and its seal.
+fn replay_of(handle: &CheckpointHandle) -> Option<u64> {
+    let from = match &handle.index_snapshot {
+        Some(index) => index.seal,
+        None => log_address(handle.segments.first()?.id, SEGMENT_HEADER_BYTES),
+    };
+    let bytes = handle
+        .segments
+        .iter()
+        .filter(|s| s.id >= address_segment(from))
+        .map(|s| {
+            let start = if s.id == address_segment(from) { address_offset(from) } else { SEGMENT_HEADER_BYTES };
+            u64::from(s.data_end.saturating_sub(start))
+        })
+        .sum();
+    Some(bytes)
+}
+
+/// Recovery time of a job holding `state_bytes` of keyed state at `parallelism`, checkpointed
+/// every 200 ms into a fresh directory under `base`. The job fails twice: once right after
+/// its state was written and a checkpoint covered it, and once more after an index snapshot
+/// was taken (so that the two restores differ in what they replay).
+pub fn recovery(state_bytes: u64, parallelism: usize, base: &Path) -> weir::Result<RecoveryResult> {
+    quiet_injected_panics();
+    let dir = run_dir(base, "recovery")?;
+    let keys = (state_bytes / RECORD_BYTES).max(1);
+    let probe = Arc::new(RecoveryProbe::default());
+    let job = Job::new("recovery");
+    let fill_probe = Arc::clone(&probe);
+    job.source("fill", FillThenTrickle { keys, probe: Arc::clone(&probe) })
+        .key_by("by-key", |r: &(u64, bool)| r.0)
+        .process("payload", move || Fill { probe: Arc::clone(&fill_probe), payload: None, inserted: 0 })
+        .sink("first-output", FirstOutputSink { probe: Arc::clone(&probe) });
+    let settings = CheckpointSettings::new(dir.path(), RECOVERY_INTERVAL_MS)
+        .with_restart(RestartStrategy::FixedDelay { attempts: FAILURES as u32, delay: Duration::ZERO });
+    let config = JobConfig { data_dir: dir.path().to_owned(), ..JobConfig::default() }
+        .with_parallelism(parallelism)
+        .with_checkpointing(settings);
+    let started = Instant::now();
+    let handle = job.run(config)?;
+    // Generous bounds: a stuck job fails the benchmark rather than hanging it.
+    let limit = Duration::from_secs(60) + Duration::from_secs(state_bytes >> 26);
+    let measured = (|| -> weir::Result<(Duration, Recovery, Recovery)> {
+        wait_for(limit, "complete state", || (probe.inserted.load(Ordering::Relaxed) >= keys).then_some(()))?;
+        let fill = started.elapsed();
+        wait_for_checkpoints(&handle, 1, limit)?;
+        let after_fill = fail_and_recover(&handle, &probe, dir.path(), limit)?;
+        // A restored store takes its next index snapshot after this many checkpoints (or
+        // after a bound of appended bytes the trickle does not reach); one more writes it.
+        let every = u64::from(weir_state::StoreConfig::default().index_snapshot_every);
+        wait_for_checkpoints(&handle, every + 1, limit)?;
+        let after_index_snapshot = fail_and_recover(&handle, &probe, dir.path(), limit)?;
+        Ok((fill, after_fill, after_index_snapshot))
+    })();
+    probe.stop.store(true, Ordering::SeqCst);
+    if measured.is_err() {
+        handle.cancel();
+    }
+    let report = handle.wait();
+    let (fill, after_fill, after_index_snapshot) = measured?;
+    let stats = report?.checkpoints;
+    if stats.restarts != FAILURES as u32 || stats.restored.iter().skip(1).any(Option::is_none) {
+        return Err(RuntimeError::Checkpoint(format!(
+            "recovery bench: expected {FAILURES} restarts from checkpoints: {stats:?}"
+        )));
+    }
+    dir.close().map_err(|e| RuntimeError::Checkpoint(format!("cannot remove the run directory: {e}")))?;
+    Ok(RecoveryResult {
+        keys,
+        state_bytes: keys * RECORD_BYTES,
+        fill,
+        after_fill,
+        after_index_snapshot,
+        checkpoints: CheckpointSummary::of(&stats),
+    })
+}
