@@ -1032,10 +1032,10 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
         batch.clear();
         let pumped = pump.next(&mut batch, &rt).await?;
         let records = batch.iter().filter(|e| matches!(e, Element::Record(..))).count() as u64;
-        if let Some(Element::Barrier(id)) = batch.iter().rev().find(|e| matches!(e, Element::Barrier(_))) {
+        let mut pass = run_chain(&mut chain, &mut stores, &rt, name, &mut last_tick, ChainCall::Batch(&mut batch))?;
+        if let Some((id, ..)) = pass.snapshots.last() {
             last_barrier = *id;
         }
-        let mut pass = run_chain(&mut chain, &mut stores, &rt, name, &mut last_tick, ChainCall::Batch(&mut batch))?;
         hand_over_snapshots(&mut pass, &mut stores, pump.as_ref(), &rt, name, task)?;
         let done = pass.done;
         rt.count_batch(name, records);
