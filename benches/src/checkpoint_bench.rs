@@ -181,6 +181,8 @@ struct RecoveryProbe {
     failures: Mutex<Vec<FailureMarks>>,
     /// The source ends its input.
     stop: AtomicBool,
+    /// Records the sinks wrote (added at each flush).
+    outputs: AtomicU64,
 }
 
 impl RecoveryProbe {
@@ -208,11 +210,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Every key `0..keys` once (shard `s` of `P` writes keys `s, s + P, ...`), as fast as the job
-/// takes them; then updates of existing keys at [`TRICKLE_PER_S`] until told to stop. Records
+/// takes them; then updates of existing keys at `rate_per_s` until told to stop. Records
 /// are `(key, is_update)`; offsets count records, so a restarted reader replays exactly.
 #[derive(Debug, Clone)]
 struct FillThenTrickle {
     keys: u64,
+    /// Updates per second once every key was written, summed over shards.
+    rate_per_s: f64,
     probe: Arc<RecoveryProbe>,
 }
 
@@ -241,7 +245,7 @@ impl Source for FillThenTrickle {
             fill: self.keys.saturating_sub(shard).div_ceil(stride),
             produced: 0,
             trickle_from: None,
-            rate_per_s: TRICKLE_PER_S / stride as f64,
+            rate_per_s: self.rate_per_s / stride as f64,
         })
     }
 }
@@ -345,6 +349,8 @@ struct FirstOutputWriter {
     /// The run attempt that made it.
     attempt: usize,
     noted: bool,
+    /// Records written since the last flush.
+    written: u64,
 }
 
 impl Sink for FirstOutputSink {
@@ -352,7 +358,7 @@ impl Sink for FirstOutputSink {
     type Writer = FirstOutputWriter;
     fn writer(&self, _: usize, _: usize) -> weir::Result<FirstOutputWriter> {
         let attempt = self.probe.attempt();
-        Ok(FirstOutputWriter { probe: Arc::clone(&self.probe), attempt, noted: attempt == 0 })
+        Ok(FirstOutputWriter { probe: Arc::clone(&self.probe), attempt, noted: attempt == 0, written: 0 })
     }
 }
 
@@ -360,6 +366,7 @@ impl SinkWriter for FirstOutputWriter {
     type In = u64;
     #[inline]
     fn write(&mut self, _: u64, _: i64) -> weir::Result<()> {
+        self.written += 1;
         if !self.noted {
             self.noted = true;
             self.probe.note(self.attempt, |m| &mut m.first_output_at);
@@ -367,7 +374,11 @@ impl SinkWriter for FirstOutputWriter {
         Ok(())
     }
     fn flush(&mut self) -> weir::Result<()> {
+        self.probe.outputs.fetch_add(std::mem::take(&mut self.written), Ordering::Relaxed);
         Ok(())
+    }
+    fn pre_commit(&mut self, _: u64) -> weir::Result<()> {
+        self.flush()
     }
 }
 
@@ -502,7 +513,7 @@ pub fn recovery(state_bytes: u64, parallelism: usize, base: &Path) -> weir::Resu
     let probe = Arc::new(RecoveryProbe::default());
     let job = Job::new("recovery");
     let fill_probe = Arc::clone(&probe);
-    job.source("fill", FillThenTrickle { keys, probe: Arc::clone(&probe) })
+    job.source("fill", FillThenTrickle { keys, rate_per_s: TRICKLE_PER_S, probe: Arc::clone(&probe) })
         .key_by("by-key", |r: &(u64, bool)| r.0)
         .process("payload", move || Fill { probe: Arc::clone(&fill_probe), payload: None, inserted: 0 })
         .sink("first-output", FirstOutputSink { probe: Arc::clone(&probe) });
@@ -547,5 +558,94 @@ pub fn recovery(state_bytes: u64, parallelism: usize, base: &Path) -> weir::Resu
         after_fill,
         after_index_snapshot,
         checkpoints: CheckpointSummary::of(&stats),
+    })
+}
+
+/// Checkpoints of a job holding a large state of which a fixed share changes per interval.
+#[derive(Debug, Clone, Copy)]
+pub struct ScaleRun {
+    /// Keys in the state.
+    pub keys: u64,
+    /// Bytes of the log records holding them (`keys * RECORD_BYTES`).
+    pub state_bytes: u64,
+    /// Time to write every key.
+    pub fill: Duration,
+    /// Updates per second the job took while measured (the source asks for `keys * share /
+    /// interval`).
+    pub updates_per_s: f64,
+    /// Checkpoints triggered after the state was complete (every one in the window).
+    pub checkpoints: CheckpointSummary,
+    /// The longest checkpoint in the window.
+    pub max: Duration,
+    /// Index snapshots the job wrote in the background, in all.
+    pub index_snapshots: u64,
+}
+
+/// Checkpoint durations with `state_bytes` of keyed state (a [`Payload`] per key) of which
+/// `changed_percent` is rewritten per checkpoint interval (updates spread evenly in time),
+/// checkpointed every `interval_ms` at `parallelism`, measured over `seconds` once the state
+/// is complete.
+pub fn at_scale(
+    state_bytes: u64,
+    changed_percent: f64,
+    interval_ms: i64,
+    parallelism: usize,
+    seconds: f64,
+    base: &Path,
+) -> weir::Result<ScaleRun> {
+    let dir = run_dir(base, "checkpoint-scale")?;
+    let keys = (state_bytes / RECORD_BYTES).max(1);
+    let rate_per_s = keys as f64 * changed_percent / 100.0 * 1000.0 / interval_ms.max(1) as f64;
+    let probe = Arc::new(RecoveryProbe::default());
+    let job = Job::new("checkpoint-scale");
+    let fill_probe = Arc::clone(&probe);
+    job.source("fill", FillThenTrickle { keys, rate_per_s, probe: Arc::clone(&probe) })
+        .key_by("by-key", |r: &(u64, bool)| r.0)
+        .process("payload", move || Fill { probe: Arc::clone(&fill_probe), payload: None, inserted: 0 })
+        .sink("first-output", FirstOutputSink { probe: Arc::clone(&probe) });
+    let config = JobConfig { data_dir: dir.path().to_owned(), ..JobConfig::default() }
+        .with_parallelism(parallelism)
+        .with_checkpointing(CheckpointSettings::new(dir.path(), interval_ms));
+    let started = Instant::now();
+    let handle = job.run(config)?;
+    let limit = Duration::from_secs(60) + Duration::from_secs(state_bytes >> 26);
+    let measured = (|| -> weir::Result<(Duration, u64, u64, f64)> {
+        wait_for(limit, "complete state", || (probe.inserted.load(Ordering::Relaxed) >= keys).then_some(()))?;
+        let fill = started.elapsed();
+        // The checkpoint covering the fill, and one more, are not part of the steady state.
+        wait_for_checkpoints(&handle, 2, limit)?;
+        let first = newest_checkpoint(&handle);
+        let (window, outputs) = (Instant::now(), probe.outputs.load(Ordering::Relaxed));
+        std::thread::sleep(Duration::from_secs_f64(seconds));
+        let updates = probe.outputs.load(Ordering::Relaxed) - outputs;
+        Ok((fill, first, newest_checkpoint(&handle), updates as f64 / window.elapsed().as_secs_f64()))
+    })();
+    probe.stop.store(true, Ordering::SeqCst);
+    if measured.is_err() {
+        handle.cancel();
+    }
+    let report = handle.wait();
+    let (fill, first, last, updates_per_s) = measured?;
+    let stats = report?.checkpoints;
+    let mut in_window = stats.clone();
+    in_window.completed.retain(|c| c.id > first && c.id <= last);
+    let max = in_window.completed.iter().map(|c| c.duration).max().unwrap_or_default();
+    if std::env::var_os("WEIR_BENCH_VERBOSE").is_some() {
+        for c in &in_window.completed {
+            eprintln!(
+                "checkpoint {} duration={:?} alignment={:?} sync={:?} manifest={:?}",
+                c.id, c.duration, c.alignment, c.sync, c.manifest
+            );
+        }
+    }
+    dir.close().map_err(|e| RuntimeError::Checkpoint(format!("cannot remove the run directory: {e}")))?;
+    Ok(ScaleRun {
+        keys,
+        state_bytes: keys * RECORD_BYTES,
+        fill,
+        updates_per_s,
+        checkpoints: CheckpointSummary::of(&in_window),
+        max,
+        index_snapshots: stats.index_snapshots,
     })
 }

@@ -88,6 +88,25 @@ enum Command {
         #[arg(long, default_value_t = 100_000)]
         keys: u64,
     },
+    /// Checkpoint durations of a running job with a large state of which a share changes per
+    /// interval (the target: p99 under 5 ms at 1 GiB and 1%).
+    CheckpointScale {
+        /// State size in MiB.
+        #[arg(long, default_value_t = 1024)]
+        state_mib: u64,
+        /// Percent of the keys updated per checkpoint interval.
+        #[arg(long, default_value_t = 1.0)]
+        changed_percent: f64,
+        /// Checkpoint interval.
+        #[arg(long, default_value_t = 100)]
+        interval_ms: i64,
+        /// Parallelism.
+        #[arg(long, default_value_t = 2)]
+        parallelism: usize,
+        /// Seconds measured once the state is complete.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
     /// Recovery time (panic to first output after the in-process restart) across state sizes.
     Recovery {
         /// State sizes in MiB, comma separated.
@@ -235,6 +254,37 @@ fn checkpoint_overhead(base: &std::path::Path, records: u64, parallelism: usize,
     Ok(())
 }
 
+fn checkpoint_scale(
+    base: &std::path::Path,
+    mib: u64,
+    pct: f64,
+    interval_ms: i64,
+    parallelism: usize,
+    seconds: f64,
+) -> Result<(), String> {
+    let r = checkpoint_bench::at_scale(mib << 20, pct, interval_ms, parallelism, seconds, base)
+        .map_err(|e| e.to_string())?;
+    let asked = r.keys as f64 * pct / 100.0 * 1000.0 / interval_ms as f64;
+    let c = r.checkpoints;
+    println!(
+        "checkpoint-scale state={}MiB keys={} changed={pct}%/interval every {interval_ms}ms P={parallelism}: duration {} max={:.2}ms (p99 / 5ms target = {:.2}) alignment {} sync {} checkpoints={} aborted={} updates={:.0}/s ({:.2} of asked) index-snapshots={} fill={:.1}s",
+        r.state_bytes >> 20,
+        r.keys,
+        c.duration,
+        r.max.as_secs_f64() * 1000.0,
+        c.duration.p99_us as f64 / 5000.0,
+        c.alignment,
+        c.sync,
+        c.completed,
+        c.aborted,
+        r.updates_per_s,
+        r.updates_per_s / asked,
+        r.index_snapshots,
+        r.fill.as_secs_f64(),
+    );
+    Ok(())
+}
+
 fn recovery(base: &std::path::Path, sizes: &[u64], parallelism: usize) -> Result<(), String> {
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
     let mut first: Option<f64> = None;
@@ -278,6 +328,7 @@ fn main() {
             .and_then(|_| state_checkpoint(&base, 100, 1.0, 20))
             .and_then(|_| state_restore(&base, &[100]))
             .and_then(|_| checkpoint_overhead(&base, 3_000_000, 2, 100_000))
+            .and_then(|_| checkpoint_scale(&base, 128, 1.0, 100, 2, 2.0))
             .and_then(|_| recovery(&base, &[64], 2)),
         Command::Chain { records } => chain(&base, records),
         Command::Nexmark { events } => nexmark(&base, events),
@@ -290,6 +341,9 @@ fn main() {
         Command::StateRestore { state_mib } => state_restore(&base, &state_mib),
         Command::CheckpointOverhead { records, parallelism, keys } => {
             checkpoint_overhead(&base, records, parallelism, keys)
+        }
+        Command::CheckpointScale { state_mib, changed_percent, interval_ms, parallelism, seconds } => {
+            checkpoint_scale(&base, state_mib, changed_percent, interval_ms, parallelism, seconds)
         }
         Command::Recovery { state_mib, parallelism } => recovery(&base, &state_mib, parallelism),
     };

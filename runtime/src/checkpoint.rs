@@ -207,6 +207,13 @@ impl<H: Clone> Coordinator<H> {
         }
     }
 
+    /// Counts the first interval from `now_ms` (the job started or restarted), so that the
+    /// first checkpoint is due one interval later rather than at once: a restarted job's first
+    /// checkpoint then does not wait on the slowest store's restore.
+    pub fn start_interval_at(&mut self, now_ms: i64) {
+        self.last_trigger_ms = Some(now_ms);
+    }
+
     /// Checkpoints in flight.
     pub fn in_flight(&self) -> Vec<CheckpointId> {
         self.in_flight.keys().copied().collect()
@@ -323,6 +330,17 @@ impl<H: Clone> Coordinator<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_checkpoint_is_due_one_interval_after_a_start() {
+        let config = CheckpointConfig { interval_ms: 100, ..CheckpointConfig::default() };
+        let mut fresh: Coordinator<u64> = Coordinator::new(config.clone(), 1, 1);
+        assert_eq!(fresh.tick(1000), vec![Command::Trigger(1)], "without a start time: at once");
+        let mut restarted: Coordinator<u64> = Coordinator::new(config, 1, 8);
+        restarted.start_interval_at(1000);
+        assert!(restarted.tick(1050).is_empty(), "a restarted job does not checkpoint at once");
+        assert_eq!(restarted.tick(1100), vec![Command::Trigger(8)]);
+    }
 
     #[test]
     fn aligner_blocks_until_every_input_delivered_the_barrier() {

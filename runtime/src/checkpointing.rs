@@ -186,6 +186,8 @@ pub struct CheckpointStat {
     pub alignment: Duration,
     /// The longest time a durability task took.
     pub sync: Duration,
+    /// Writing the manifest (the last step).
+    pub manifest: Duration,
 }
 
 /// Counters of a job's checkpoints, over all its run attempts.
@@ -199,6 +201,12 @@ pub struct CheckpointStats {
     pub restarts: u32,
     /// The checkpoint each run attempt restored (`None`: started empty).
     pub restored: Vec<Option<CheckpointId>>,
+    /// Index snapshots written in the background (detached from their checkpoints).
+    pub index_snapshots: u64,
+    /// Background work that failed (index snapshots not written, files not deleted). None of
+    /// it affects correctness: a store keeps its previous index snapshot, garbage stays for
+    /// the next collection.
+    pub background_errors: Vec<String>,
 }
 
 /// What the shards of one run attempt and its coordinator share.
@@ -222,9 +230,88 @@ pub struct CheckpointShared {
     stop_after: AtomicU64,
     /// Whether that stop drains event time first.
     drain: AtomicBool,
+    /// The background worker's queue (see [`Background`]).
+    background: Mutex<Sender<Background>>,
+    /// Set when the attempt stops: the background worker drops what is queued and a running
+    /// index snapshot write gives up.
+    cancel_background: Arc<AtomicBool>,
+}
+
+/// Work a stage hands off its shard's thread that no checkpoint waits for. It runs on one
+/// background thread per run attempt, so it never delays a checkpoint's durability tasks.
+pub enum Background {
+    /// Write back full pages of a store's mutable region, so that the next checkpoint has
+    /// little left to sync; `busy` is cleared when done (one task per store at a time).
+    WriteBehind(weir_state::store::WriteBehindTask, Arc<AtomicBool>),
+    /// Write an index snapshot taken at a checkpoint but detached from it.
+    IndexSnapshot(weir_state::store::IndexSnapshotTask),
+    /// Delete files a store let go of (unlinking can block for milliseconds).
+    Delete(Vec<PathBuf>),
+}
+
+impl std::fmt::Debug for Background {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Background::WriteBehind(..) => f.write_str("WriteBehind"),
+            Background::IndexSnapshot(t) => write!(f, "IndexSnapshot({} bytes)", t.bytes()),
+            Background::Delete(paths) => write!(f, "Delete({} files)", paths.len()),
+        }
+    }
+}
+
+fn background_worker(rx: &Receiver<Background>, cancel: &AtomicBool, stats: &Mutex<CheckpointStats>) {
+    let failed = |what: String| {
+        if let Ok(mut s) = stats.lock()
+            && s.background_errors.len() < 100
+        {
+            s.background_errors.push(what);
+        }
+    };
+    while let Ok(job) = rx.recv() {
+        if cancel.load(Ordering::Relaxed) {
+            // Dropping the job abandons it: an index snapshot unwritten, garbage left for the
+            // next attempt's collection, a write-behind undone (the checkpoint syncs anyway).
+            continue;
+        }
+        match job {
+            Background::WriteBehind(task, busy) => {
+                // Only a hint: the next checkpoint syncs the same bytes and reports errors.
+                let _ = task.run();
+                busy.store(false, Ordering::Release);
+            }
+            Background::IndexSnapshot(task) => {
+                // A failed snapshot leaves the store on its previous one (a longer replay).
+                match task.run(cancel) {
+                    Ok(_) => {
+                        if let Ok(mut s) = stats.lock() {
+                            s.index_snapshots += 1;
+                        }
+                    }
+                    Err(_) if cancel.load(Ordering::Relaxed) => {}
+                    Err(e) => failed(format!("index snapshot not written: {e}")),
+                }
+            }
+            Background::Delete(paths) => {
+                for path in paths {
+                    if let Err(e) = std::fs::remove_file(&path)
+                        && e.kind() != std::io::ErrorKind::NotFound
+                    {
+                        failed(format!("cannot delete {}: {e}", path.display()));
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl CheckpointShared {
+    /// Queues `job` for the background worker.
+    pub fn background(&self, job: Background) {
+        if let Ok(tx) = self.background.lock() {
+            let _ = tx.send(job);
+        }
+    }
+
     /// The newest checkpoint sources should inject (0: none yet).
     pub fn requested(&self) -> CheckpointId {
         self.requested.load(Ordering::Acquire)
@@ -365,6 +452,7 @@ pub struct CheckpointDriver {
     shared: Arc<CheckpointShared>,
     coordinator: Option<std::thread::JoinHandle<()>>,
     workers: Vec<std::thread::JoinHandle<()>>,
+    background: Option<std::thread::JoinHandle<()>>,
     stop: Sender<Msg>,
 }
 
@@ -392,6 +480,8 @@ impl CheckpointDriver {
         let (to_coordinator, inbox) = channel::<Msg>();
         let queues: Vec<(Sender<Work>, Receiver<Work>)> = (0..WORKERS).map(|_| channel::<Work>()).collect();
         let (work_tx, work_rx): (Vec<_>, Vec<_>) = queues.into_iter().unzip();
+        let (background_tx, background_rx) = channel::<Background>();
+        let cancel_background = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(CheckpointShared {
             attempt,
             mode: settings.protocol.mode,
@@ -405,7 +495,16 @@ impl CheckpointDriver {
             restored,
             stop_after: AtomicU64::new(0),
             drain: AtomicBool::new(false),
+            background: Mutex::new(background_tx),
+            cancel_background: Arc::clone(&cancel_background),
         });
+        let background = std::thread::Builder::new()
+            .name("weir-background".into())
+            .spawn({
+                let stats = Arc::clone(&stats);
+                move || background_worker(&background_rx, &cancel_background, &stats)
+            })
+            .map_err(|e| RuntimeError::Checkpoint(format!("cannot start the background worker: {e}")))?;
         let workers = work_rx
             .into_iter()
             .enumerate()
@@ -418,7 +517,8 @@ impl CheckpointDriver {
             })
             .collect::<Result<Vec<_>>>()?;
         let tasks = layout.stages.len() * layout.parallelism;
-        let coordinator = Coordinator::new(settings.protocol.clone(), tasks, restored.map_or(1, |r| r + 1));
+        let mut coordinator = Coordinator::new(settings.protocol.clone(), tasks, restored.map_or(1, |r| r + 1));
+        coordinator.start_interval_at(clock.now_ms());
         let run = CoordinatorLoop {
             shared: Arc::clone(&shared),
             coordinator,
@@ -439,7 +539,13 @@ impl CheckpointDriver {
             .name("weir-coordinator".into())
             .spawn(move || run.run())
             .map_err(|e| RuntimeError::Checkpoint(format!("cannot start the coordinator: {e}")))?;
-        Ok(CheckpointDriver { shared, coordinator: Some(coordinator), workers, stop: to_coordinator })
+        Ok(CheckpointDriver {
+            shared,
+            coordinator: Some(coordinator),
+            workers,
+            background: Some(background),
+            stop: to_coordinator,
+        })
     }
 
     /// What the shards of this attempt share with the coordinator.
@@ -453,10 +559,15 @@ impl CheckpointDriver {
         if let Some(c) = self.coordinator.take() {
             let _ = c.join();
         }
-        // Dropping the shared sender side closes the work queue once no shard holds it.
+        // Background work is only worth finishing while the attempt runs.
+        self.shared.cancel_background.store(true, Ordering::Relaxed);
+        // Dropping the shared sender side closes the work queues once no shard holds it.
         drop(self.shared);
         for w in self.workers.drain(..) {
             let _ = w.join();
+        }
+        if let Some(b) = self.background.take() {
+            let _ = b.join();
         }
     }
 }
@@ -596,12 +707,14 @@ impl CoordinatorLoop {
                     Command::WriteManifest(id, acks) => {
                         let alignment = acks.iter().map(|(_, (s, _))| s.alignment).max().unwrap_or_default();
                         let sync = acks.iter().map(|(_, (_, d))| *d).max().unwrap_or_default();
+                        let writing = Instant::now();
                         let result = self.write_manifest(id, acks.into_iter().map(|(_, (s, _))| s).collect());
+                        let manifest = writing.elapsed();
                         if result.is_ok()
                             && let Ok(mut stats) = self.stats.lock()
                         {
                             let duration = self.started.get(&id).map(|s| s.elapsed()).unwrap_or_default();
-                            stats.completed.push(CheckpointStat { id, duration, alignment, sync });
+                            stats.completed.push(CheckpointStat { id, duration, alignment, sync, manifest });
                         }
                         let now = self.clock.now_ms();
                         next.extend(self.coordinator.on_manifest(id, result.map_err(|e| e.to_string()), now));

@@ -178,10 +178,21 @@ impl ShardRuntime {
     /// Waits a little when a source has nothing to read: longer the longer it stays idle, at
     /// most one tick interval.
     pub async fn idle_wait(&self) {
+        self.idle_wait_unless(|| false).await;
+    }
+
+    /// [`ShardRuntime::idle_wait`], cut short (within a millisecond) once `wake` holds: an idle
+    /// source injects a requested checkpoint barrier without waiting out its backoff.
+    pub async fn idle_wait_unless(&self, wake: impl Fn() -> bool) {
         let polls = self.idle_polls.get().saturating_add(1);
         self.idle_polls.set(polls);
         let cap = self.config.tick_interval_ms.clamp(1, 10) as u64;
-        glommio::timer::sleep(Duration::from_millis(u64::from(polls).min(cap))).await;
+        for _ in 0..u64::from(polls).min(cap) {
+            if wake() {
+                return;
+            }
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// A source produced records: the next idle wait starts short again.

@@ -169,7 +169,8 @@ where
     A: TimestampAssigner<R::Out> + 'static,
 {
     fn wait<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, ()> {
-        Box::pin(rt.idle_wait())
+        let last = self.last_barrier;
+        Box::pin(rt.idle_wait_unless(move || rt.checkpoints().is_some_and(|c| c.requested() > last)))
     }
 
     fn offset(&self) -> Option<u64> {
@@ -849,6 +850,7 @@ where
             timers: rt.stage_store(&timer_store_name(self.name()), crate::checkpointing::SPACE_TIMERS, &operators)?,
             retained: std::collections::BTreeMap::new(),
             last: None,
+            writing_behind: std::sync::Arc::default(),
         };
         // The checkpoint this run restored stays restorable until a newer one completes: its
         // files are kept by garbage collection like those of checkpoints taken in this run.
@@ -878,6 +880,31 @@ struct StageStores {
     retained: std::collections::BTreeMap<u64, [weir_state::store::CheckpointHandle; 2]>,
     /// The last snapshot handed over: it stands for this instance once it finished.
     last: Option<(u64, crate::checkpointing::TaskSnapshot)>,
+    /// Whether a write-behind task of the state store is queued or running.
+    writing_behind: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Full pages of a state store's log written back in the background once this many bytes
+/// accumulated since the last write-behind: the checkpoint then syncs at most about this much
+/// (plus the last partial page) itself.
+const WRITE_BEHIND_BYTES: u32 = 1 << 20;
+
+impl StageStores {
+    /// Hands the state store's full unsynced pages to the background worker, if there are
+    /// enough and none is being written back.
+    fn write_behind(&mut self, checkpoints: &crate::checkpointing::CheckpointShared) {
+        use std::sync::atomic::Ordering;
+        if self.writing_behind.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(task) = self.state.write_behind(WRITE_BEHIND_BYTES) {
+            self.writing_behind.store(true, Ordering::Release);
+            checkpoints.background(crate::checkpointing::Background::WriteBehind(
+                task,
+                std::sync::Arc::clone(&self.writing_behind),
+            ));
+        }
+    }
 }
 
 /// What a stage does between elements: push a batch down the chain, or tell it a checkpoint
@@ -976,9 +1003,15 @@ fn hand_over_snapshots<In>(
 ) -> Result<()> {
     let Some(checkpoints) = rt.checkpoints() else { return Ok(()) };
     if pass.snapshots.is_empty() {
+        stores.write_behind(checkpoints);
         return Ok(());
     }
-    for (id, state, timers) in pass.snapshots.drain(..) {
+    for (id, mut state, mut timers) in pass.snapshots.drain(..) {
+        // An index snapshot is written apart from the checkpoint: writing a file the size of
+        // the index would otherwise be most of the checkpoint's duration.
+        for index in [state.detach_index(), timers.detach_index()].into_iter().flatten() {
+            checkpoints.background(crate::checkpointing::Background::IndexSnapshot(index));
+        }
         let offsets = pump
             .offset()
             .map(|offset| crate::checkpointing::SourceOffset { uid: name.to_owned(), shard: rt.shard as u32, offset })
@@ -1002,9 +1035,12 @@ fn hand_over_snapshots<In>(
     let newest = retained.iter().max().copied().or(checkpoints.restored).unwrap_or(0);
     stores.retained.retain(|id, _| *id > newest || retained.contains(id));
     let states: Vec<_> = stores.retained.values().map(|[s, _]| s).collect();
-    stores.state.collect_garbage(&states)?;
+    let mut garbage = stores.state.garbage(&states)?;
     let timers: Vec<_> = stores.retained.values().map(|[_, t]| t).collect();
-    stores.timers.collect_garbage(&timers)?;
+    garbage.extend(stores.timers.garbage(&timers)?);
+    if !garbage.is_empty() {
+        checkpoints.background(crate::checkpointing::Background::Delete(garbage));
+    }
     Ok(())
 }
 

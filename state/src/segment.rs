@@ -279,6 +279,16 @@ impl SegmentFlusher {
         self.map.flush_range(offset as usize, len as usize).map_err(|e| StateError::io("msync", &self.path, e))
     }
 
+    /// Starts writing back `[offset, offset + len)` without waiting for it, and without the
+    /// journal commit and device cache flush a sync costs: a later [`SegmentFlusher::flush_range`]
+    /// then has little left to do. Uses `posix_fadvise(DONTNEED)`, which on Linux starts
+    /// writeback of the range's dirty pages; it cannot drop them, as they stay mapped.
+    pub fn start_writeback(&self, offset: u32, len: u32) -> Result<()> {
+        let Some(len) = std::num::NonZeroU64::new(u64::from(len)) else { return Ok(()) };
+        rustix::fs::fadvise(&*self.file, u64::from(offset), Some(len), rustix::fs::Advice::DontNeed)
+            .map_err(|e| StateError::io("fadvise", &self.path, e.into()))
+    }
+
     /// `fsync` of the file: makes its allocation (metadata) durable; used once for new segments.
     pub fn sync_file(&self) -> Result<()> {
         self.file.sync_all().map_err(|e| StateError::io("fsync segment", &self.path, e))

@@ -242,6 +242,33 @@ struct Ledger {
     failed_sync: Option<String>,
     /// The buffer of the last index snapshot, handed back for the next one.
     spare_index_buf: Option<Vec<u8>>,
+    /// Index snapshots written apart from their checkpoint ([`PendingCheckpoint::detach_index`])
+    /// and not confirmed yet, with whether each one's file is durable. One becomes
+    /// `confirmed_index` once its file is durable and the log up to its seal is synced. Their
+    /// files and segments are kept meanwhile, and no further snapshot starts. (At most two: one
+    /// copy may have started before the previous one was detached.)
+    detached_index: Vec<(IndexSnapshotRef, bool)>,
+}
+
+impl Ledger {
+    /// Confirms the detached index snapshot if its file is durable and the log it reflects is.
+    fn promote_detached(&mut self) {
+        let synced_upto = self.synced_upto;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.detached_index)
+            .into_iter()
+            .partition(|(snapshot, durable)| *durable && snapshot.seal <= synced_upto);
+        self.detached_index = waiting;
+        for (snapshot, _) in ready {
+            if self.confirmed_index.as_ref().is_none_or(|c| c.checkpoint_id < snapshot.checkpoint_id) {
+                self.confirmed_index = Some(snapshot);
+            }
+        }
+    }
+
+    /// Forgets the detached snapshot of checkpoint `id` (abandoned or failed).
+    fn drop_detached(&mut self, id: u64) {
+        self.detached_index.retain(|(s, _)| s.checkpoint_id != id);
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -303,6 +330,8 @@ pub struct StateStore {
     counters: StoreStats,
     /// The index snapshot being copied (copy-on-write) since the checkpoint it reflects.
     pending_index: Option<IndexSnapshotRef>,
+    /// The log up to here was handed to a write-behind task.
+    behind_upto: LogAddress,
 }
 
 impl StateStore {
@@ -333,6 +362,7 @@ impl StateStore {
             last_checkpoint: None,
             counters: StoreStats::default(),
             pending_index: None,
+            behind_upto: 0,
             config,
         };
         store.open_segment(1)?;
@@ -672,25 +702,22 @@ impl StateStore {
         {
             return Err(StateError::Misuse(format!("checkpoint {checkpoint_id} is not after {prev}")));
         }
-        let (synced_upto, confirmed_index, spare) = {
+        let (synced_upto, confirmed_index, spare, take_index) = {
             let mut ledger = self.ledger.lock().map_err(|_| StateError::Misuse("ledger poisoned".into()))?;
             if let Some(failure) = &ledger.failed_sync {
                 return Err(StateError::Misuse(format!(
                     "an earlier sync failed ({failure}); the files are suspect: restore from the last complete checkpoint"
                 )));
             }
-            let spare = if self.checkpoints_since_index + 1 >= self.config.index_snapshot_every
-                || self.bytes_since_index >= self.config.index_snapshot_tail_bytes
-            {
-                ledger.spare_index_buf.take()
-            } else {
-                None
-            };
-            (ledger.synced_upto, ledger.confirmed_index.clone(), spare)
+            // A detached snapshot still being written postpones the next one: snapshots never
+            // queue up behind a slow disk.
+            let due = (self.checkpoints_since_index + 1 >= self.config.index_snapshot_every
+                || self.bytes_since_index >= self.config.index_snapshot_tail_bytes)
+                && ledger.detached_index.is_empty();
+            let spare = if due { ledger.spare_index_buf.take() } else { None };
+            (ledger.synced_upto, ledger.confirmed_index.clone(), spare, due)
         };
         let seal = self.tail();
-        let take_index = self.checkpoints_since_index + 1 >= self.config.index_snapshot_every
-            || self.bytes_since_index >= self.config.index_snapshot_tail_bytes;
         // An index snapshot started at an earlier checkpoint (copy-on-write since) is finished
         // now and written by this checkpoint's task; one is started now if due, and finished
         // and written by the next checkpoint. So no checkpoint copies the whole table on the
@@ -712,14 +739,20 @@ impl StateStore {
             self.index.begin_copy(spare.unwrap_or_default())?;
             self.pending_index = Some(IndexSnapshotRef { checkpoint_id, seal, segments });
         }
+        let segments_for = |index: Option<&IndexSnapshotRef>| -> Vec<SegmentRef> {
+            (self.first_segment..=self.tail_segment)
+                .filter(|&id| self.has_segment(id) && self.needed_by(id, index))
+                .map(|id| {
+                    let s = self.stats[id as usize];
+                    SegmentRef { id, data_end: s.data_end, live_bytes: s.live_bytes }
+                })
+                .collect()
+        };
+        // Should the caller write the index snapshot apart from the checkpoint, the handle
+        // falls back to the confirmed snapshot (and the segments a replay from it needs).
+        let fallback = index_write.as_ref().map(|_| (confirmed_index.clone(), segments_for(confirmed_index.as_ref())));
         let index_ref = index_write.as_ref().map(|w| w.snapshot.clone()).or(confirmed_index);
-        let segments: Vec<SegmentRef> = (self.first_segment..=self.tail_segment)
-            .filter(|&id| self.has_segment(id) && self.needed_by(id, index_ref.as_ref()))
-            .map(|id| {
-                let s = self.stats[id as usize];
-                SegmentRef { id, data_end: s.data_end, live_bytes: s.live_bytes }
-            })
-            .collect();
+        let segments = segments_for(index_ref.as_ref());
         let handle = CheckpointHandle {
             checkpoint_id,
             shard: self.config.shard,
@@ -755,7 +788,7 @@ impl StateStore {
             index_write,
             ledger: Arc::clone(&self.ledger),
         };
-        Ok(PendingCheckpoint { handle, task })
+        Ok(PendingCheckpoint { handle, task, fallback })
     }
 
     /// Whether the current state, restored from `index` plus a replay, needs segment `id`.
@@ -783,12 +816,20 @@ impl StateStore {
     /// Writes back full pages of the mutable region in the background, so that a checkpoint
     /// finds little left to sync. Returns a task to run off the caller's thread, or `None` when
     /// there is less than `min_bytes` to write. Correctness never depends on it.
-    pub fn write_behind(&self, min_bytes: u32) -> Option<WriteBehindTask> {
-        let from = self.ledger.lock().ok()?.synced_upto.max(self.seal);
-        let to = log_address(self.tail_segment, self.tail_offset & !4095).max(from);
-        let ranges = self.ranges_to_sync(from, to).ok()?;
+    pub fn write_behind(&mut self, min_bytes: u32) -> Option<WriteBehindTask> {
+        // Whole pages only: the page the tail is in keeps changing.
+        let to = log_address(self.tail_segment, self.tail_offset & !4095);
+        if to < self.behind_upto.saturating_add(u64::from(min_bytes)) {
+            return None;
+        }
+        let from = self.ledger.lock().ok()?.synced_upto.max(self.seal).max(self.behind_upto);
+        let ranges = self.ranges_to_sync(from, to.max(from)).ok()?;
         let total: u64 = ranges.iter().map(|r| u64::from(r.2)).sum();
-        (total >= u64::from(min_bytes)).then_some(WriteBehindTask { ranges })
+        if total < u64::from(min_bytes) {
+            return None;
+        }
+        self.behind_upto = to;
+        Some(WriteBehindTask { ranges })
     }
 
     /// Restores the store of `handle` from its directory `dir`: maps its segments and index
@@ -863,6 +904,7 @@ impl StateStore {
                 confirmed_index: handle.index_snapshot.clone(),
                 failed_sync: None,
                 spare_index_buf: None,
+                detached_index: Vec::new(),
             })),
             checkpoints_since_index: 0,
             bytes_since_index: 0,
@@ -870,6 +912,7 @@ impl StateStore {
             last_checkpoint: Some(handle.checkpoint_id),
             counters: StoreStats::default(),
             pending_index: None,
+            behind_upto: 0,
             config,
         };
         store.replay(replay_from, handle.seal)?;
@@ -1056,19 +1099,33 @@ impl StateStore {
     /// Deletes segment and index snapshot files that neither the current state nor any of the
     /// `retained` checkpoints needs. `retained` must list every checkpoint that may still be
     /// restored, including one whose durability task is still running. Returns the number of
-    /// files deleted.
+    /// files deleted. See [`StateStore::garbage`] to delete them on another thread.
     pub fn collect_garbage(&mut self, retained: &[&CheckpointHandle]) -> Result<usize> {
-        let confirmed = self.ledger.lock().ok().and_then(|l| l.confirmed_index.clone());
-        let mut deleted = 0;
+        let garbage = self.garbage(retained)?;
+        for path in &garbage {
+            std::fs::remove_file(path).map_err(|e| StateError::io("delete", path, e))?;
+        }
+        Ok(garbage.len())
+    }
+
+    /// The files no checkpoint in `retained` (nor the store itself) needs, which the store
+    /// has let go of (unmapped): the caller deletes them, on any thread (unlinking a large file
+    /// can block for milliseconds). The store never writes to these paths again.
+    pub fn garbage(&mut self, retained: &[&CheckpointHandle]) -> Result<Vec<PathBuf>> {
+        let (confirmed, detached) = match self.ledger.lock() {
+            Ok(l) => (l.confirmed_index.clone(), l.detached_index.iter().map(|d| d.0.clone()).collect()),
+            Err(_) => (None, Vec::new()),
+        };
+        let mut garbage = Vec::new();
         let entries = std::fs::read_dir(&self.dir).map_err(|e| StateError::io("list store dir", &self.dir, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| StateError::io("list store dir", &self.dir, e))?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
             let keep = if let Some(id) = parse_segment_file_name(&name) {
-                // The segments a snapshot still being copied points into are needed too: the
-                // next checkpoint's handle will reference that snapshot.
-                let pending = self.pending_index.as_ref().is_some_and(|p| p.segments.contains(&id));
+                // The segments a snapshot still being copied or written points into are needed
+                // too: later checkpoints' handles will reference that snapshot.
+                let pending = self.pending_index.iter().chain(&detached).any(|p| p.segments.contains(&id));
                 let needed_now = self.has_segment(id) && (pending || self.needed_by(id, confirmed.as_ref()));
                 let keep = needed_now || retained.iter().any(|h| h.segments.iter().any(|s| s.id == id));
                 if !keep && let Some(slot) = self.segments.get_mut(id as usize) {
@@ -1077,20 +1134,19 @@ impl StateStore {
                 keep
             } else if let Some(id) = parse_index_file_name(&name) {
                 retained.iter().any(|h| h.index_snapshot.as_ref().is_some_and(|r| r.checkpoint_id == id))
-                    || confirmed.as_ref().is_some_and(|r| r.checkpoint_id == id)
+                    || confirmed.iter().chain(&detached).any(|r| r.checkpoint_id == id)
                     || self.last_checkpoint.is_some_and(|last| id >= last)
             } else {
                 true
             };
             if !keep {
-                std::fs::remove_file(entry.path()).map_err(|e| StateError::io("delete", entry.path(), e))?;
-                deleted += 1;
+                garbage.push(entry.path());
             }
         }
         while self.first_segment < self.tail_segment && !self.has_segment(self.first_segment) {
             self.first_segment += 1;
         }
-        Ok(deleted)
+        Ok(garbage)
     }
 }
 
@@ -1135,6 +1191,78 @@ pub struct PendingCheckpoint {
     /// Run this off the executor thread (a blocking pool); the checkpoint's part of this shard
     /// is durable when it returns `Ok`.
     pub task: DurabilityTask,
+    /// The confirmed index snapshot and the segments the handle lists when the index snapshot
+    /// this checkpoint writes is detached from it.
+    fallback: Option<(Option<IndexSnapshotRef>, Vec<SegmentRef>)>,
+}
+
+impl PendingCheckpoint {
+    /// Takes the index snapshot this checkpoint would write (if one is due) out of its
+    /// durability task, so that the checkpoint's duration does not include writing a file the
+    /// size of the index. The handle then refers to the newest confirmed snapshot instead (a
+    /// restore replays a longer log tail); the detached snapshot is confirmed, and referred to
+    /// by later checkpoints, once its task succeeded and the log up to its seal is durable.
+    /// Until then the store starts no other snapshot and keeps its file and segments.
+    pub fn detach_index(&mut self) -> Option<IndexSnapshotTask> {
+        let write = self.task.index_write.take()?;
+        let (index, segments) = self.fallback.take().unwrap_or_default();
+        self.handle.index_snapshot = index;
+        self.handle.segments = segments;
+        let ledger = Arc::clone(&self.task.ledger);
+        if let Ok(mut l) = ledger.lock() {
+            l.detached_index.push((write.snapshot.clone(), false));
+        }
+        Some(IndexSnapshotTask { write: Some(write), dir: self.task.dir.clone(), ledger })
+    }
+}
+
+/// An index snapshot written apart from its checkpoint (see [`PendingCheckpoint::detach_index`]).
+/// Dropping it unrun abandons the snapshot; the store then starts another when one is due.
+#[derive(Debug)]
+pub struct IndexSnapshotTask {
+    write: Option<IndexWrite>,
+    dir: PathBuf,
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+impl IndexSnapshotTask {
+    /// Bytes of slots the snapshot holds.
+    pub fn bytes(&self) -> u64 {
+        self.write.as_ref().map_or(0, |w| w.slots.len() as u64)
+    }
+
+    /// Writes the snapshot file durably, blocking the calling thread; stops early (and writes
+    /// nothing) once `cancel` is set. Returns the bytes written. A failure leaves the store
+    /// sound: later checkpoints keep referring to the older snapshot.
+    pub fn run(mut self, cancel: &std::sync::atomic::AtomicBool) -> Result<u64> {
+        let Some(w) = self.write.take() else { return Ok(0) };
+        let header = crate::index::snapshot_header(w.capacity, w.len, w.snapshot.seal, &w.slots);
+        let written = write_durably_cancellable(&w.path, &[&header, &w.slots], &self.dir, Some(cancel));
+        let bytes = (header.len() + w.slots.len()) as u64;
+        if let Ok(mut ledger) = self.ledger.lock() {
+            ledger.spare_index_buf = Some(w.slots);
+            let id = w.snapshot.checkpoint_id;
+            match ledger.detached_index.iter_mut().find(|(s, _)| s.checkpoint_id == id) {
+                Some((_, durable)) if written.is_ok() => {
+                    *durable = true;
+                    ledger.promote_detached();
+                }
+                _ => ledger.drop_detached(id),
+            }
+        }
+        written.map(|()| bytes)
+    }
+}
+
+impl Drop for IndexSnapshotTask {
+    fn drop(&mut self) {
+        if let Some(w) = self.write.take()
+            && let Ok(mut ledger) = self.ledger.lock()
+        {
+            ledger.drop_detached(w.snapshot.checkpoint_id);
+            ledger.spare_index_buf = Some(w.slots);
+        }
+    }
 }
 
 /// The work that makes one store's checkpoint durable: fsync of new segment files and of
@@ -1202,6 +1330,7 @@ impl DurabilityTask {
         }
         if let Ok(mut ledger) = self.ledger.lock() {
             ledger.synced_upto = ledger.synced_upto.max(self.seal);
+            ledger.promote_detached();
             if let Some(snapshot) = written_index
                 && ledger.confirmed_index.as_ref().is_none_or(|c| c.checkpoint_id < snapshot.checkpoint_id)
             {
@@ -1258,6 +1387,23 @@ impl Completion {
 /// partial one, and an existing file at `path` is replaced (new inode), never truncated, so an
 /// older index snapshot that is still mapped copy-on-write is never cut short under its mapping.
 pub(crate) fn write_durably(path: &Path, parts: &[&[u8]], dir: &Path) -> Result<()> {
+    write_durably_cancellable(path, parts, dir, None)
+}
+
+/// How fast a background index snapshot is written: slow enough that its CPU (the copy into
+/// the page cache) and disk bandwidth leave room for the shards and for checkpoints' syncs.
+const BACKGROUND_WRITE_BYTES_PER_S: u64 = 256 << 20;
+
+/// [`write_durably`]; with `cancel` (a background write) paced to
+/// [`BACKGROUND_WRITE_BYTES_PER_S`] with writeback started piece by piece (so that the final
+/// fsync, and any other file's sync meanwhile, does not meet a mass of dirty pages), and given
+/// up (removing the temp file) once `cancel` is set.
+fn write_durably_cancellable(
+    path: &Path,
+    parts: &[&[u8]],
+    dir: &Path,
+    cancel: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<()> {
     use std::io::Write;
     crate::faults::check("state::write_file", path)?;
     let mut tmp_name = path.as_os_str().to_owned();
@@ -1265,8 +1411,28 @@ pub(crate) fn write_durably(path: &Path, parts: &[&[u8]], dir: &Path) -> Result<
     let tmp = PathBuf::from(tmp_name);
     let written = (|| {
         let mut file = std::fs::File::create(&tmp).map_err(|e| StateError::io("create", &tmp, e))?;
+        let started = Instant::now();
+        let mut written = 0u64;
         for bytes in parts {
-            file.write_all(bytes).map_err(|e| StateError::io("write", &tmp, e))?;
+            // Pieces of 4 MiB, so that a cancel takes effect within one of them.
+            for piece in bytes.chunks(4 << 20) {
+                let Some(cancel) = cancel else {
+                    file.write_all(piece).map_err(|e| StateError::io("write", &tmp, e))?;
+                    continue;
+                };
+                if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(StateError::Misuse(format!("writing {} was cancelled", path.display())));
+                }
+                file.write_all(piece).map_err(|e| StateError::io("write", &tmp, e))?;
+                let len = std::num::NonZeroU64::new(piece.len() as u64);
+                // Starts writeback of what was just written; only a hint.
+                let _ = rustix::fs::fadvise(&file, written, len, rustix::fs::Advice::DontNeed);
+                written += piece.len() as u64;
+                let due = Duration::from_secs_f64(written as f64 / BACKGROUND_WRITE_BYTES_PER_S as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
         }
         file.sync_all().map_err(|e| StateError::io("fsync", &tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| StateError::io("rename", path, e))
@@ -1285,12 +1451,12 @@ pub struct WriteBehindTask {
 }
 
 impl WriteBehindTask {
-    /// Writes the ranges back, blocking the calling thread. An error here is only a hint:
-    /// the next checkpoint syncs the same bytes and reports failures itself.
+    /// Starts writing the ranges back (it does not wait for the disk). An error here is only a
+    /// hint: the next checkpoint syncs the same bytes and reports failures itself.
     pub fn run(self) -> Result<u64> {
         let mut bytes = 0;
         for (f, off, len) in &self.ranges {
-            f.flush_range(*off, *len)?;
+            f.start_writeback(*off, *len)?;
             bytes += u64::from(*len);
         }
         Ok(bytes)

@@ -1,0 +1,179 @@
+//! Work a store hands to other threads between and beside checkpoints: write-behind of the
+//! mutable region, index snapshots written apart from their checkpoint (detached), and
+//! garbage deleted by the caller. None of it may change what a restore gives.
+
+use std::sync::atomic::AtomicBool;
+
+use weir_state::keygroup::KeyGroupRange;
+use weir_state::states::ValueState;
+use weir_state::store::{CheckpointHandle, Key, RestoreOptions, index_file_name};
+use weir_state::{StateStore, StoreConfig};
+
+fn config() -> StoreConfig {
+    StoreConfig {
+        segment_bytes: 64 * 1024,
+        max_parallelism: 16,
+        key_groups: KeyGroupRange::all(16),
+        index_snapshot_every: 1,
+        ..StoreConfig::default()
+    }
+}
+
+const KEYS: u64 = 2000;
+
+fn fill(store: &mut StateStore, v: ValueState<u64>, base: u64) {
+    for k in 0..KEYS {
+        v.put(store, Key::new(&k.to_be_bytes(), 16), &(base + k)).unwrap();
+    }
+}
+
+fn assert_restores(dir: &std::path::Path, handle: &CheckpointHandle, v: ValueState<u64>, base: u64) {
+    let restored = StateStore::restore(dir, handle, config(), RestoreOptions { verify_all: true }).unwrap();
+    for k in 0..KEYS {
+        assert_eq!(v.get_owned(&restored, Key::new(&k.to_be_bytes(), 16)).unwrap(), Some(base + k), "key {k}");
+    }
+}
+
+fn exists(dir: &std::path::Path, name: &str) -> bool {
+    dir.join(name).exists()
+}
+
+#[test]
+fn write_behind_hands_out_each_page_once_and_never_changes_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = StateStore::create(dir.path(), config()).unwrap();
+    let v: ValueState<u64> = ValueState::register(&mut store, "op/v").unwrap();
+    assert!(store.write_behind(4096).is_none(), "nothing written yet");
+    fill(&mut store, v, 0);
+    let task = store.write_behind(4096).expect("whole pages to write back");
+    assert!(store.write_behind(4096).is_none(), "the same pages are not handed out twice");
+    assert!(task.run().unwrap() >= 4096);
+    store.checkpoint(1).unwrap().task.run().unwrap();
+    // Sealed records are not updated in place: these updates append.
+    fill(&mut store, v, 10_000);
+    let second = store.write_behind(4096).expect("the new pages");
+    // A checkpoint taken while write-behind is pending still syncs everything itself.
+    let pending = store.checkpoint(2).unwrap();
+    pending.task.run().unwrap();
+    second.run().unwrap();
+    assert_restores(dir.path(), &pending.handle, v, 10_000);
+}
+
+#[test]
+fn a_detached_index_snapshot_is_referred_to_only_once_it_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = StateStore::create(dir.path(), config()).unwrap();
+    let v: ValueState<u64> = ValueState::register(&mut store, "op/v").unwrap();
+    fill(&mut store, v, 0);
+    // Checkpoint 1 starts an index snapshot (copy-on-write); checkpoint 2 finishes it.
+    let mut first = store.checkpoint(1).unwrap();
+    assert!(first.detach_index().is_none(), "no snapshot is finished at the first checkpoint");
+    first.task.run().unwrap();
+    fill(&mut store, v, 1000);
+    let mut second = store.checkpoint(2).unwrap();
+    let index = second.detach_index().expect("the snapshot started at checkpoint 1");
+    assert!(index.bytes() > 0);
+    assert!(second.handle.index_snapshot.is_none(), "not confirmed yet: the handle replays the log");
+    second.task.run().unwrap();
+    assert_restores(dir.path(), &second.handle, v, 1000);
+
+    // Checkpoint 2 started another copy before the first was detached; checkpoint 3 finishes
+    // it. While either is being written, no other snapshot starts, and garbage collection
+    // keeps them.
+    fill(&mut store, v, 2000);
+    let mut third = store.checkpoint(3).unwrap();
+    let index2 = third.detach_index().expect("the snapshot started at checkpoint 2");
+    third.task.run().unwrap();
+    fill(&mut store, v, 2500);
+    let mut between = store.checkpoint(4).unwrap();
+    assert!(between.detach_index().is_none(), "snapshots are still being written");
+    between.task.run().unwrap();
+    store.collect_garbage(&[&between.handle]).unwrap();
+    let cancel = AtomicBool::new(false);
+    let written = index.run(&cancel).unwrap();
+    assert!(written > 0);
+    assert!(exists(dir.path(), &index_file_name(1)));
+    store.collect_garbage(&[&between.handle]).unwrap();
+    assert!(exists(dir.path(), &index_file_name(1)), "the confirmed snapshot is kept");
+
+    // From now on checkpoints restore from it; then from the second, once that is durable.
+    fill(&mut store, v, 2800);
+    let after_first = store.checkpoint(5).unwrap();
+    assert_eq!(after_first.handle.index_snapshot.as_ref().map(|r| r.checkpoint_id), Some(1));
+    after_first.task.run().unwrap();
+    assert_restores(dir.path(), &after_first.handle, v, 2800);
+    index2.run(&cancel).unwrap();
+    fill(&mut store, v, 3000);
+    let fourth = store.checkpoint(6).unwrap();
+    assert_eq!(fourth.handle.index_snapshot.as_ref().map(|r| r.checkpoint_id), Some(2));
+    fourth.task.run().unwrap();
+    assert_restores(dir.path(), &fourth.handle, v, 3000);
+    assert_restores(dir.path(), &second.handle, v, 1000);
+}
+
+#[test]
+fn a_cancelled_or_dropped_index_snapshot_is_abandoned_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = StateStore::create(dir.path(), config()).unwrap();
+    let v: ValueState<u64> = ValueState::register(&mut store, "op/v").unwrap();
+    fill(&mut store, v, 0);
+    store.checkpoint(1).unwrap().task.run().unwrap();
+    fill(&mut store, v, 1000);
+    let mut second = store.checkpoint(2).unwrap();
+    let index = second.detach_index().unwrap();
+    second.task.run().unwrap();
+    let cancel = AtomicBool::new(true);
+    assert!(index.run(&cancel).is_err(), "a cancelled write reports it");
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(!names.iter().any(|n| n.ends_with(".tmp") || n == &index_file_name(1)), "{names:?}");
+
+    // The next due snapshot starts again; dropping its task unrun abandons it too.
+    fill(&mut store, v, 2000);
+    let third = store.checkpoint(3).unwrap();
+    third.task.run().unwrap();
+    fill(&mut store, v, 3000);
+    let mut fourth = store.checkpoint(4).unwrap();
+    let dropped = fourth.detach_index().expect("a new snapshot was started at checkpoint 3");
+    drop(dropped);
+    fourth.task.run().unwrap();
+    assert_restores(dir.path(), &fourth.handle, v, 3000);
+    // Snapshots go on: checkpoint 5 writes one (inline), which checkpoint 6 refers to.
+    fill(&mut store, v, 4000);
+    let fifth = store.checkpoint(5).unwrap();
+    fifth.task.run().unwrap();
+    fill(&mut store, v, 5000);
+    let sixth = store.checkpoint(6).unwrap();
+    sixth.task.run().unwrap();
+    let used = sixth.handle.index_snapshot.as_ref().map(|r| r.checkpoint_id);
+    assert!(used.is_some_and(|id| id != 3), "{used:?}");
+    assert!(!exists(dir.path(), &index_file_name(3)), "the abandoned snapshot was never written");
+    assert_restores(dir.path(), &sixth.handle, v, 5000);
+}
+
+#[test]
+fn garbage_is_let_go_by_the_store_and_deleted_by_the_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = StateStore::create(dir.path(), config()).unwrap();
+    let v: ValueState<u64> = ValueState::register(&mut store, "op/v").unwrap();
+    let mut last = None;
+    for round in 0..8u64 {
+        fill(&mut store, v, round * 10_000);
+        let pending = store.checkpoint(round + 1).unwrap();
+        pending.task.run().unwrap();
+        last = Some(pending.handle);
+    }
+    let last = last.unwrap();
+    let garbage = store.garbage(&[&last]).unwrap();
+    assert!(!garbage.is_empty(), "eight rounds over 2000 keys leave dead segments");
+    assert!(garbage.iter().all(|p| p.exists()), "the store does not delete them itself");
+    for path in &garbage {
+        std::fs::remove_file(path).unwrap();
+    }
+    assert!(store.garbage(&[&last]).unwrap().is_empty());
+    assert_restores(dir.path(), &last, v, 70_000);
+    fill(&mut store, v, 80_000);
+    let next = store.checkpoint(9).unwrap();
+    next.task.run().unwrap();
+    assert_restores(dir.path(), &next.handle, v, 80_000);
+}
