@@ -259,6 +259,18 @@ impl std::fmt::Debug for Background {
     }
 }
 
+/// Files to unlink when dropped (on the reaper thread).
+struct Trash(Vec<PathBuf>);
+
+impl Drop for Trash {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            // A file left behind is collected again by the store's next garbage collection.
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 fn background_worker(rx: &Receiver<Background>, cancel: &AtomicBool, stats: &Mutex<CheckpointStats>) {
     let failed = |what: String| {
         if let Ok(mut s) = stats.lock()
@@ -281,7 +293,17 @@ fn background_worker(rx: &Receiver<Background>, cancel: &AtomicBool, stats: &Mut
             }
             Background::IndexSnapshot(task) => {
                 // A failed snapshot leaves the store on its previous one (a longer replay).
-                match task.run(cancel) {
+                let t0 = Instant::now();
+                let r = task.run(cancel);
+                if std::env::var_os("WEIR_DEBUG_RESTART").is_some() {
+                    eprintln!(
+                        "index task {:?} in {:?} cancelled={}",
+                        r.as_ref().map_err(|e| e.to_string()),
+                        t0.elapsed(),
+                        cancel.load(Ordering::Relaxed)
+                    );
+                }
+                match r {
                     Ok(_) => {
                         if let Ok(mut s) = stats.lock() {
                             s.index_snapshots += 1;
@@ -292,13 +314,23 @@ fn background_worker(rx: &Receiver<Background>, cancel: &AtomicBool, stats: &Mut
                 }
             }
             Background::Delete(paths) => {
+                // Renamed to a name no store uses (fast, and done before the attempt stops, as
+                // the next attempt may create a file of the same name), then unlinked by the
+                // reaper (which nobody waits for; an unlink can block for tens of ms).
+                let mut trash = Vec::with_capacity(paths.len());
                 for path in paths {
-                    if let Err(e) = std::fs::remove_file(&path)
-                        && e.kind() != std::io::ErrorKind::NotFound
-                    {
-                        failed(format!("cannot delete {}: {e}", path.display()));
+                    if cancel.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let mut name = path.clone().into_os_string();
+                    name.push(weir_state::store::TRASH_SUFFIX);
+                    match std::fs::rename(&path, &name) {
+                        Ok(()) => trash.push(PathBuf::from(name)),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => failed(format!("cannot delete {}: {e}", path.display())),
                     }
                 }
+                crate::runner::reap(Box::new(Trash(trash)));
             }
         }
     }
@@ -553,8 +585,13 @@ impl CheckpointDriver {
         Arc::clone(&self.shared)
     }
 
-    /// Stops the coordinator and the workers (after the attempt's shards stopped).
-    pub fn stop(mut self) {
+    /// Stops the coordinator and the background worker (after the attempt's shards stopped),
+    /// and waits for the durability workers when `wait_for_syncs` (at the end of a job).
+    /// Without it (a restart) they finish their syncs on their own: they only sync files the
+    /// next attempt maps too, and their acks carry this attempt's number, which no later
+    /// coordinator counts. The coordinator (manifests) and the background worker (the only
+    /// other writer of named files) are always waited for.
+    pub fn stop(mut self, wait_for_syncs: bool) {
         let _ = self.stop.send(Msg::Stop);
         if let Some(c) = self.coordinator.take() {
             let _ = c.join();
@@ -564,10 +601,16 @@ impl CheckpointDriver {
         // Dropping the shared sender side closes the work queues once no shard holds it.
         drop(self.shared);
         for w in self.workers.drain(..) {
-            let _ = w.join();
+            if wait_for_syncs {
+                let _ = w.join();
+            }
         }
+        let t0 = Instant::now();
         if let Some(b) = self.background.take() {
             let _ = b.join();
+        }
+        if std::env::var_os("WEIR_DEBUG_RESTART").is_some() {
+            eprintln!("background joined in {:?}", t0.elapsed());
         }
     }
 }

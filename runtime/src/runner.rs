@@ -613,7 +613,11 @@ impl JobPlan {
         };
         let mut restart = 0;
         loop {
+            let t0 = std::time::Instant::now();
             let restore = self.restore_point(&settings, restart)?;
+            if std::env::var_os("WEIR_DEBUG_RESTART").is_some() {
+                eprintln!("restore point in {:?}", t0.elapsed());
+            }
             let restored = restore.as_ref().map(|r| r.manifest.checkpoint_id);
             if let Ok(mut stats) = self.shared.checkpoint_stats.lock() {
                 stats.restored.push(restored);
@@ -630,10 +634,14 @@ impl JobPlan {
                 *current = Some(driver.shared());
             }
             let result = self.attempt(restart, Some(driver.shared()), restore.map(Arc::new));
+            let t0 = std::time::Instant::now();
             if let Ok(mut current) = self.shared.current.lock() {
                 *current = None;
             }
-            driver.stop();
+            driver.stop(result.is_ok());
+            if std::env::var_os("WEIR_DEBUG_RESTART").is_some() {
+                eprintln!("attempt {restart} ended; driver stopped in {:?}", t0.elapsed());
+            }
             let error = match result {
                 Ok(()) => return Ok(()),
                 Err(e) => unwrap_shard_error(e),
@@ -897,5 +905,31 @@ async fn run_shard(
     match cause {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Drops `value` on a reaper thread shared by all jobs of the process (or here, should the
+/// thread not start): for values whose drop is slow and that nobody waits for, such as a failed
+/// run attempt's mapped stores.
+pub(crate) fn reap(value: Box<dyn Send>) {
+    use std::sync::OnceLock;
+    use std::sync::mpsc::{Sender, channel};
+    static REAPER: OnceLock<Option<Mutex<Sender<Box<dyn Send>>>>> = OnceLock::new();
+    let reaper = REAPER.get_or_init(|| {
+        let (tx, rx) = channel::<Box<dyn Send>>();
+        let started = std::thread::Builder::new().name("weir-reaper".into()).spawn(move || {
+            while let Ok(value) = rx.recv() {
+                drop(value);
+            }
+        });
+        started.ok().map(|_| Mutex::new(tx))
+    });
+    match reaper.as_ref().and_then(|tx| tx.lock().ok()) {
+        Some(tx) => {
+            if let Err(returned) = tx.send(value) {
+                drop(returned.0);
+            }
+        }
+        None => drop(value),
     }
 }

@@ -884,6 +884,32 @@ struct StageStores {
     writing_behind: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// Owns a stage instance's stores while it runs and, when it ends (a failure included), hands
+/// them to a reaper thread: unmapping a store of hundreds of MiB takes tens of milliseconds,
+/// which a restart would otherwise wait for on the shard's thread.
+struct ReapOnDrop(Option<StageStores>);
+
+impl std::ops::Deref for ReapOnDrop {
+    type Target = StageStores;
+    fn deref(&self) -> &StageStores {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for ReapOnDrop {
+    fn deref_mut(&mut self) -> &mut StageStores {
+        self.0.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for ReapOnDrop {
+    fn drop(&mut self) {
+        if let Some(stores) = self.0.take() {
+            crate::runner::reap(Box::new(stores));
+        }
+    }
+}
+
 /// Full pages of a state store's log written back in the background once this many bytes
 /// accumulated since the last write-behind: the checkpoint then syncs at most about this much
 /// (plus the last partial page) itself.
@@ -1048,11 +1074,12 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
     mut pump: Box<dyn InputPump<In>>,
     mut chain: N,
     tx: Option<SharedTx<Out>>,
-    mut stores: StageStores,
+    stores: StageStores,
     rt: Rc<ShardRuntime>,
     name: &'static str,
     task: usize,
 ) -> Result<()> {
+    let mut stores = ReapOnDrop(Some(stores));
     let mut batch = Vec::with_capacity(rt.config.source_batch.max(rt.config.batch_len) + 8);
     let mut last_tick = i64::MIN;
     let mut last_barrier = 0;

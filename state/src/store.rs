@@ -154,6 +154,10 @@ impl IndexSnapshotRef {
     }
 }
 
+/// A file in a store's directory whose name ends in this is garbage (a caller of
+/// [`StateStore::garbage`] renamed it so before deleting it).
+pub const TRASH_SUFFIX: &str = ".trash";
+
 /// The file name of the index snapshot written at checkpoint `id`.
 pub fn index_file_name(id: u64) -> String {
     format!("index-{id:010}.idx")
@@ -1132,6 +1136,8 @@ impl StateStore {
                     *slot = None;
                 }
                 keep
+            } else if name.ends_with(TRASH_SUFFIX) {
+                false
             } else if let Some(id) = parse_index_file_name(&name) {
                 retained.iter().any(|h| h.index_snapshot.as_ref().is_some_and(|r| r.checkpoint_id == id))
                     || confirmed.iter().chain(&detached).any(|r| r.checkpoint_id == id)
@@ -1429,12 +1435,22 @@ fn write_durably_cancellable(
                 let _ = rustix::fs::fadvise(&file, written, len, rustix::fs::Advice::DontNeed);
                 written += piece.len() as u64;
                 let due = Duration::from_secs_f64(written as f64 / BACKGROUND_WRITE_BYTES_PER_S as f64);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    std::thread::sleep(wait);
+                while let Some(wait) = due.checked_sub(started.elapsed()) {
+                    if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    std::thread::sleep(wait.min(Duration::from_millis(1)));
                 }
             }
         }
+        let cancelled = || cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed));
+        if cancelled() {
+            return Err(StateError::Misuse(format!("writing {} was cancelled", path.display())));
+        }
         file.sync_all().map_err(|e| StateError::io("fsync", &tmp, e))?;
+        if cancelled() {
+            return Err(StateError::Misuse(format!("writing {} was cancelled", path.display())));
+        }
         std::fs::rename(&tmp, path).map_err(|e| StateError::io("rename", path, e))
     })();
     if written.is_err() {
