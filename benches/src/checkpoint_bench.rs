@@ -152,6 +152,10 @@ const TRICKLE_PER_S: f64 = 20_000.0;
 /// Checkpoint interval of the recovery benchmark.
 const RECOVERY_INTERVAL_MS: i64 = 200;
 
+/// What the second failure of the recovery benchmark waits for: a checkpoint whose restore
+/// replays less than this.
+const SMALL_REPLAY: u64 = 8 << 20;
+
 /// Failures the recovery benchmark injects into one job (see [`recovery`]).
 const FAILURES: usize = 2;
 
@@ -531,10 +535,13 @@ pub fn recovery(state_bytes: u64, parallelism: usize, base: &Path) -> weir::Resu
         let fill = started.elapsed();
         wait_for_checkpoints(&handle, 1, limit)?;
         let after_fill = fail_and_recover(&handle, &probe, dir.path(), limit)?;
-        // A restored store takes its next index snapshot after this many checkpoints (or
-        // after a bound of appended bytes the trickle does not reach); one more writes it.
-        let every = u64::from(weir_state::StoreConfig::default().index_snapshot_every);
-        wait_for_checkpoints(&handle, every + 1, limit)?;
+        // A restored store takes its next index snapshot soon (its replayed tail counts
+        // towards the bound); it is written in the background, and named by the checkpoints
+        // after it is durable. Wait for a checkpoint whose restore replays little.
+        wait_for(limit, "checkpoint on a fresh index snapshot", || {
+            let newest = newest_checkpoint(&handle);
+            replayed_bytes(dir.path(), newest).is_some_and(|b| b < SMALL_REPLAY).then_some(())
+        })?;
         let after_index_snapshot = fail_and_recover(&handle, &probe, dir.path(), limit)?;
         Ok((fill, after_fill, after_index_snapshot))
     })();
@@ -545,6 +552,11 @@ pub fn recovery(state_bytes: u64, parallelism: usize, base: &Path) -> weir::Resu
     let report = handle.wait();
     let (fill, after_fill, after_index_snapshot) = measured?;
     let stats = report?.checkpoints;
+    if std::env::var_os("WEIR_BENCH_VERBOSE").is_some() {
+        for (id, reason) in &stats.aborted {
+            eprintln!("aborted checkpoint {id}: {reason}");
+        }
+    }
     if stats.restarts != FAILURES as u32 || stats.restored.iter().skip(1).any(Option::is_none) {
         return Err(RuntimeError::Checkpoint(format!(
             "recovery bench: expected {FAILURES} restarts from checkpoints: {stats:?}"

@@ -293,17 +293,7 @@ fn background_worker(rx: &Receiver<Background>, cancel: &AtomicBool, stats: &Mut
             }
             Background::IndexSnapshot(task) => {
                 // A failed snapshot leaves the store on its previous one (a longer replay).
-                let t0 = Instant::now();
-                let r = task.run(cancel);
-                if std::env::var_os("WEIR_DEBUG_RESTART").is_some() {
-                    eprintln!(
-                        "index task {:?} in {:?} cancelled={}",
-                        r.as_ref().map_err(|e| e.to_string()),
-                        t0.elapsed(),
-                        cancel.load(Ordering::Relaxed)
-                    );
-                }
-                match r {
+                match task.run(cancel) {
                     Ok(_) => {
                         if let Ok(mut s) = stats.lock() {
                             s.index_snapshots += 1;
@@ -508,7 +498,8 @@ impl CheckpointDriver {
         stats: Arc<Mutex<CheckpointStats>>,
         clock: Arc<dyn crate::clock::Clock>,
     ) -> Result<CheckpointDriver> {
-        let directory = CheckpointDirectory::open(&settings.dir)?;
+        // The previous attempt's coordinator has stopped: this is the only writer now.
+        let directory = CheckpointDirectory::open_for_writing(&settings.dir)?;
         let (to_coordinator, inbox) = channel::<Msg>();
         let queues: Vec<(Sender<Work>, Receiver<Work>)> = (0..WORKERS).map(|_| channel::<Work>()).collect();
         let (work_tx, work_rx): (Vec<_>, Vec<_>) = queues.into_iter().unzip();
@@ -605,12 +596,8 @@ impl CheckpointDriver {
                 let _ = w.join();
             }
         }
-        let t0 = Instant::now();
         if let Some(b) = self.background.take() {
             let _ = b.join();
-        }
-        if std::env::var_os("WEIR_DEBUG_RESTART").is_some() {
-            eprintln!("background joined in {:?}", t0.elapsed());
         }
     }
 }

@@ -613,11 +613,7 @@ impl JobPlan {
         };
         let mut restart = 0;
         loop {
-            let t0 = std::time::Instant::now();
             let restore = self.restore_point(&settings, restart)?;
-            if std::env::var_os("WEIR_DEBUG_RESTART").is_some() {
-                eprintln!("restore point in {:?}", t0.elapsed());
-            }
             let restored = restore.as_ref().map(|r| r.manifest.checkpoint_id);
             if let Ok(mut stats) = self.shared.checkpoint_stats.lock() {
                 stats.restored.push(restored);
@@ -634,14 +630,10 @@ impl JobPlan {
                 *current = Some(driver.shared());
             }
             let result = self.attempt(restart, Some(driver.shared()), restore.map(Arc::new));
-            let t0 = std::time::Instant::now();
             if let Ok(mut current) = self.shared.current.lock() {
                 *current = None;
             }
             driver.stop(result.is_ok());
-            if std::env::var_os("WEIR_DEBUG_RESTART").is_some() {
-                eprintln!("attempt {restart} ended; driver stopped in {:?}", t0.elapsed());
-            }
             let error = match result {
                 Ok(()) => return Ok(()),
                 Err(e) => unwrap_shard_error(e),
@@ -720,8 +712,16 @@ impl JobPlan {
                 // A later checkpoint would be overwritten by a store continuing from this one;
                 // an older one is no longer tracked (its files may be collected).
                 directory.discard_after(point.manifest.checkpoint_id)?;
-                for older in directory.list()?.into_iter().filter(|id| *id < point.manifest.checkpoint_id) {
-                    directory.remove(older)?;
+                // Removed by the reaper (each removal fsyncs the directory), off the restart's
+                // path; one left behind is removed at the next restore.
+                let older: Vec<u64> =
+                    directory.list()?.into_iter().filter(|id| *id < point.manifest.checkpoint_id).collect();
+                if !older.is_empty() {
+                    reap(Box::new(OnDrop(Some(move || {
+                        for id in older {
+                            let _ = directory.remove(id);
+                        }
+                    }))));
                 }
             }
         }
@@ -905,6 +905,17 @@ async fn run_shard(
     match cause {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Runs its function when dropped (on the reaper thread, see [`reap`]).
+struct OnDrop<F: FnOnce() + Send>(Option<F>);
+
+impl<F: FnOnce() + Send> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
     }
 }
 

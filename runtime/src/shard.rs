@@ -212,21 +212,13 @@ where
             }
         }
         drop(report);
-        let mut first_fail: Option<std::time::Instant> = None;
         for _ in 0..started {
             let Ok((shard, outcome)) = reports.recv() else { break };
             if outcome.is_err() {
                 stop.store(true, Ordering::Release);
                 failed.push(shard);
-                first_fail.get_or_insert_with(std::time::Instant::now);
-            }
-            if std::env::var_os("WEIR_DEBUG_RESTART").is_some() {
-                eprintln!("shard {shard} reported after first failure +{:?}", first_fail.map(|t| t.elapsed()));
             }
             outcomes[shard] = Some(outcome);
-        }
-        if std::env::var_os("WEIR_DEBUG_RESTART").is_some() {
-            eprintln!("all shards joined +{:?}", first_fail.map(|t| t.elapsed()));
         }
     });
 

@@ -4,13 +4,32 @@
 //! A slot holds the 64-bit hash of `(state id, key)` and the address of the key's newest record;
 //! the key itself lives only in the log, so a probe that matches the hash confirms by comparing
 //! the record's key (the `eq` callback). Linear probing, power-of-two capacity, at most 3/4 full,
-//! backward-shift deletion (no tombstones).
+//! backward-shift deletion (no tombstones in the table itself).
 //!
 //! An index snapshot is the slot array written to a file with a header and one CRC per chunk of
 //! [`CHUNK_SLOTS`] slots. Restoring maps that file copy-on-write (`MAP_PRIVATE`): the table is
 //! usable at once, whatever its size, and a chunk is CRC-checked the first time a probe touches
 //! it, so corruption is still detected before a single slot of that chunk is trusted. That is
 //! what keeps restore time flat as state grows.
+//!
+//! # The delta of a restore
+//! A restore also replays the log written after the snapshot. Replaying into the mapped table
+//! would make every replayed key cost a probe at a random place in it: a chunk CRC check, a
+//! copy-on-write page fault, and a key compare with a random old record of the log; a tail of
+//! random keys touches the whole table. So the replay goes into the *delta*, a small table in
+//! anonymous memory in front of the mapped one (the *base*), with the same slots, whose address
+//! may carry a tombstone marker: the key is deleted, and the address is its Delete record's.
+//! [`Index::replay_put`] and [`Index::replay_delete`] probe the delta alone, comparing keys with
+//! replayed records only, so a restore costs time in proportion to the replayed tail.
+//!
+//! While a delta exists, [`Index::find`] asks it first: a live entry answers, a tombstone means
+//! absent, no entry means ask the base. Updates of keys in the delta stay there, a delete there
+//! leaves a tombstone (the base may hold the key too); new keys go into the base, so the delta
+//! never grows after the replay. The store folds the delta into the base a bounded number of
+//! entries at a time ([`Index::next_fold_entry`], [`Index::fold_entry`]), between batches of
+//! work; lookups give the same answers at every step. When it is empty, [`Index::finish_fold`]
+//! drops it and checks the key count. Whatever needs a single table (a snapshot, listing all
+//! entries) needs the fold finished first.
 //!
 //! # Snapshot file layout (`index-<checkpoint>.idx`)
 //! | offset | size | field |
@@ -47,6 +66,15 @@ pub const INDEX_FORMAT_VERSION: u32 = 1;
 pub const CHUNK_SLOTS: usize = 4096;
 const PAGE: usize = 4096;
 const MIN_CAPACITY: usize = 1024;
+const MIN_DELTA_CAPACITY: usize = 1024;
+
+/// Marks the address in a delta slot as a tombstone: the key is deleted, whatever the base table
+/// says, and the rest of the address is that of its Delete record (which carries the key, so a
+/// probe confirms a tombstone like any entry). Never set in the base table.
+const TOMBSTONE: u64 = 1 << 63;
+
+// A log address never carries the tombstone marker.
+const _: () = assert!(crate::store::log_address(crate::store::MAX_SEGMENT_ID, u32::MAX) & TOMBSTONE == 0);
 
 /// One slot of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Pod, Zeroable)]
@@ -68,14 +96,16 @@ struct LazyCheck {
     unverified: Cell<usize>,
 }
 
-/// The index table.
+/// The index: the base table and, after a restore until folded, the delta in front of it.
 #[derive(Debug)]
 pub struct Index {
     mem: MmapMut,
     capacity: usize,
+    /// Occupied slots of the base table (all keys when there is no delta).
     len: usize,
     lazy: Option<LazyCheck>,
     copy: Option<SnapshotCopy>,
+    delta: Option<Box<Delta>>,
 }
 
 /// A snapshot of the table being taken copy-on-write: a chunk is copied into `buf` the first
@@ -88,6 +118,189 @@ struct SnapshotCopy {
     remaining: usize,
     capacity: usize,
     len: usize,
+}
+
+/// A slot [`Index::find`] matched: in the base table or in the delta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotRef {
+    /// A slot of the base table.
+    Base(usize),
+    /// A slot of the delta.
+    Delta(usize),
+}
+
+/// What [`Index::find`] found. Valid until the index next changes.
+#[derive(Debug)]
+#[must_use]
+pub enum Found {
+    /// The key's entry: its slot and the address of its newest record.
+    Live {
+        /// Where the entry is, for [`Index::set_addr`] and [`Index::remove`].
+        slot: SlotRef,
+        /// The address of the key's newest record.
+        addr: u64,
+    },
+    /// The key has no entry; [`Index::insert`] adds one.
+    Absent(Vacancy),
+}
+
+/// Where a key that [`Index::find`] did not find goes, consumed by [`Index::insert`]. It carries
+/// the key's tombstone in the delta, if any: the new entry must replace it, since an entry put
+/// anywhere else would be hidden by it.
+#[derive(Debug)]
+pub struct Vacancy {
+    hash: u64,
+    tombstone: Option<usize>,
+}
+
+/// A delta entry that [`Index::fold_entry`] moves into the base table next, from
+/// [`Index::next_fold_entry`].
+#[derive(Debug)]
+pub struct FoldEntry {
+    slot: usize,
+    hash: u64,
+    addr: u64,
+}
+
+impl FoldEntry {
+    /// The entry's hash.
+    pub fn hash(&self) -> u64 {
+        self.hash
+    }
+
+    /// The address of the entry's record (the Delete record for a tombstone); the key to look
+    /// for in the base table is that record's key.
+    pub fn addr(&self) -> u64 {
+        self.addr & !TOMBSTONE
+    }
+}
+
+/// Progress of folding the delta into the base table ([`Index::finish_fold`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FoldStatus {
+    /// Entries remain in the delta.
+    Pending,
+    /// There is no delta (any more): the index is a single table.
+    Done,
+    /// The delta is folded, but the base table does not hold the number of keys
+    /// [`Index::end_replay`] was given: the snapshot and the replayed log do not fit together.
+    CountMismatch {
+        /// Keys in the base table.
+        counted: usize,
+        /// Keys there should be.
+        expected: usize,
+    },
+}
+
+/// The delta of a restore: a small table, in the slot format, of what the replay of the log
+/// tail changed, plus a tombstone for every replayed delete. A lookup asks it first, so the
+/// replay never reads the base table (a probe there would CRC-check its chunk, fault its pages
+/// and compare keys with records anywhere in the log).
+struct Delta {
+    slots: Vec<Slot>,
+    /// Occupied slots, live or tombstone.
+    used: usize,
+    /// Live keys of the whole index, delta and base together.
+    keys: usize,
+    /// Where the fold looks for its next entry.
+    cursor: usize,
+}
+
+impl std::fmt::Debug for Delta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delta")
+            .field("capacity", &self.slots.len())
+            .field("used", &self.used)
+            .field("keys", &self.keys)
+            .field("cursor", &self.cursor)
+            .finish()
+    }
+}
+
+impl Delta {
+    fn new() -> Delta {
+        Delta { slots: vec![Slot::zeroed(); MIN_DELTA_CAPACITY], used: 0, keys: 0, cursor: 0 }
+    }
+
+    fn mask(&self) -> usize {
+        self.slots.len() - 1
+    }
+
+    /// `Ok(slot)` of the entry (live or tombstone) of `hash` for which `eq` holds, else
+    /// `Err(slot)` of the empty slot that ends its probe run.
+    fn probe(&self, hash: u64, eq: &mut impl FnMut(u64) -> Result<bool>) -> Result<std::result::Result<usize, usize>> {
+        let mask = self.mask();
+        let mut i = hash as usize & mask;
+        loop {
+            let slot = self.slots[i];
+            if slot.addr == 0 {
+                return Ok(Err(i));
+            }
+            if slot.hash == hash && eq(slot.addr & !TOMBSTONE)? {
+                return Ok(Ok(i));
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    fn lookup(&self, hash: u64, eq: &mut impl FnMut(u64) -> Result<bool>) -> Result<Option<Found>> {
+        Ok(match self.probe(hash, eq)? {
+            Ok(i) if self.slots[i].addr & TOMBSTONE != 0 => Some(Found::Absent(Vacancy { hash, tombstone: Some(i) })),
+            Ok(i) => Some(Found::Live { slot: SlotRef::Delta(i), addr: self.slots[i].addr }),
+            Err(_) => None,
+        })
+    }
+
+    /// Sets the entry of `slot.hash` for which `eq` holds to `slot`, or adds it.
+    fn upsert(&mut self, slot: Slot, eq: &mut impl FnMut(u64) -> Result<bool>) -> Result<()> {
+        if (self.used + 1) * 4 > self.slots.len() * 3 {
+            self.grow();
+        }
+        match self.probe(slot.hash, eq)? {
+            Ok(i) => self.slots[i].addr = slot.addr,
+            Err(i) => {
+                self.slots[i] = slot;
+                self.used += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn grow(&mut self) {
+        let bigger = vec![Slot::zeroed(); self.slots.len() * 2];
+        let old = std::mem::replace(&mut self.slots, bigger);
+        let mask = self.mask();
+        for slot in old.into_iter().filter(|s| s.addr != 0) {
+            let mut i = slot.hash as usize & mask;
+            while self.slots[i].addr != 0 {
+                i = (i + 1) & mask;
+            }
+            self.slots[i] = slot;
+        }
+        self.cursor = 0;
+    }
+
+    /// Removes the entry in slot `i`, shifting later entries of its probe run back.
+    fn remove_at(&mut self, i: usize) {
+        let mask = self.mask();
+        let mut hole = i;
+        let mut j = i;
+        loop {
+            j = (j + 1) & mask;
+            let slot = self.slots[j];
+            if slot.addr == 0 {
+                break;
+            }
+            let home = slot.hash as usize & mask;
+            let stays = if hole <= j { hole < home && home <= j } else { hole < home || home <= j };
+            if !stays {
+                self.slots[hole] = slot;
+                hole = j;
+            }
+        }
+        self.slots[hole] = Slot::zeroed();
+        self.used -= 1;
+    }
 }
 
 impl Index {
@@ -105,22 +318,32 @@ impl Index {
         // Huge pages where the kernel has them: a probe is a random access into the table, and
         // with 4 KiB pages most probes of a large table also miss the TLB. Only a hint.
         let _ = mem.advise(memmap2::Advice::HugePage);
-        Ok(Index { mem, capacity, len: 0, lazy: None, copy: None })
+        Ok(Index { mem, capacity, len: 0, lazy: None, copy: None, delta: None })
     }
 
-    /// Number of keys in the table.
+    /// Number of keys in the index.
     pub fn len(&self) -> usize {
-        self.len
+        self.delta.as_ref().map_or(self.len, |d| d.keys)
     }
 
-    /// Whether the table is empty.
+    /// Whether the index holds no key.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
-    /// Bytes of the slot array.
+    /// Bytes of the base table's slot array.
     pub fn table_bytes(&self) -> usize {
         self.capacity * size_of::<Slot>()
+    }
+
+    /// Whether a delta (from a restore) is in front of the base table, not yet folded into it.
+    pub fn has_delta(&self) -> bool {
+        self.delta.is_some()
+    }
+
+    /// Entries (live or tombstone) in the delta; 0 without one.
+    pub fn delta_entries(&self) -> usize {
+        self.delta.as_ref().map_or(0, |d| d.used)
     }
 
     fn slots(&self) -> &[Slot] {
@@ -161,7 +384,7 @@ impl Index {
         Ok(())
     }
 
-    /// Checks every chunk not yet checked; afterwards the table is plain memory.
+    /// Checks every chunk of the base table not yet checked; afterwards it is plain memory.
     pub fn verify_all(&mut self) -> Result<()> {
         if let Some(lazy) = &self.lazy {
             for chunk in 0..lazy.chunk_crcs.len() {
@@ -172,8 +395,24 @@ impl Index {
         Ok(())
     }
 
-    /// Finds the slot of the entry with `hash` for which `eq(addr)` holds.
-    pub fn find(&self, hash: u64, mut eq: impl FnMut(u64) -> Result<bool>) -> Result<Option<usize>> {
+    /// Finds the entry with `hash` for which `eq(addr)` holds: in the delta first (where a
+    /// tombstone means absent), then in the base table.
+    #[inline]
+    pub fn find(&self, hash: u64, mut eq: impl FnMut(u64) -> Result<bool>) -> Result<Found> {
+        if let Some(delta) = &self.delta
+            && let Some(found) = delta.lookup(hash, &mut eq)?
+        {
+            return Ok(found);
+        }
+        Ok(match self.find_in_base(hash, eq)? {
+            Some(i) => Found::Live { slot: SlotRef::Base(i), addr: self.slots()[i].addr },
+            None => Found::Absent(Vacancy { hash, tombstone: None }),
+        })
+    }
+
+    /// The slot of the base table holding the entry with `hash` for which `eq(addr)` holds,
+    /// ignoring the delta. Used to fold a [`FoldEntry`].
+    pub fn find_in_base(&self, hash: u64, mut eq: impl FnMut(u64) -> Result<bool>) -> Result<Option<usize>> {
         let mask = self.capacity - 1;
         let mut i = hash as usize & mask;
         loop {
@@ -189,20 +428,58 @@ impl Index {
         }
     }
 
-    /// The address stored in slot `i` (from [`Index::find`]).
-    pub fn addr_at(&self, i: usize) -> u64 {
-        self.slots()[i].addr
+    /// Replaces the address of the live entry in `slot` (from [`Index::find`]).
+    #[inline]
+    pub fn set_addr(&mut self, slot: SlotRef, addr: u64) {
+        debug_assert!(addr != 0 && addr & TOMBSTONE == 0);
+        match slot {
+            SlotRef::Base(i) => self.set_base_addr(i, addr),
+            SlotRef::Delta(i) => {
+                let delta = self.delta.as_mut().expect("a delta slot of an index without a delta");
+                debug_assert!(delta.slots[i].addr != 0 && delta.slots[i].addr & TOMBSTONE == 0);
+                delta.slots[i].addr = addr;
+            }
+        }
     }
 
-    /// Replaces the address in slot `i` (from [`Index::find`]).
-    pub fn set_addr(&mut self, i: usize, addr: u64) {
-        debug_assert!(addr != 0 && self.slots()[i].addr != 0);
+    #[inline]
+    fn set_base_addr(&mut self, i: usize, addr: u64) {
+        debug_assert!(self.slots()[i].addr != 0);
         self.before_write(i);
         self.slots_mut()[i].addr = addr;
     }
 
-    /// Inserts an entry whose key is known to be absent.
-    pub fn insert_new(&mut self, hash: u64, addr: u64) -> Result<()> {
+    /// Adds an entry for the key that [`Index::find`] reported absent.
+    #[inline]
+    pub fn insert(&mut self, vacancy: Vacancy, addr: u64) -> Result<()> {
+        debug_assert!(addr != 0 && addr & TOMBSTONE == 0);
+        if self.delta.is_some() {
+            return self.insert_with_delta(vacancy, addr);
+        }
+        debug_assert!(vacancy.tombstone.is_none());
+        self.insert_new(vacancy.hash, addr)
+    }
+
+    /// A new key goes into the base table, so that the delta never grows after the replay
+    /// (and the fold always ends); only a tombstone of the key is revived in place.
+    #[cold]
+    fn insert_with_delta(&mut self, vacancy: Vacancy, addr: u64) -> Result<()> {
+        match vacancy.tombstone {
+            Some(i) => {
+                let delta = self.delta.as_mut().expect("checked by the caller");
+                debug_assert!(delta.slots[i].hash == vacancy.hash && delta.slots[i].addr & TOMBSTONE != 0);
+                delta.slots[i].addr = addr;
+            }
+            None => self.insert_new(vacancy.hash, addr)?,
+        }
+        if let Some(delta) = &mut self.delta {
+            delta.keys += 1;
+        }
+        Ok(())
+    }
+
+    /// Inserts an entry whose key is known to be absent from the base table into it.
+    fn insert_new(&mut self, hash: u64, addr: u64) -> Result<()> {
         debug_assert!(addr != 0);
         if (self.len + 1) * 4 > self.capacity * 3 {
             self.grow()?;
@@ -221,8 +498,28 @@ impl Index {
         }
     }
 
-    /// Removes the entry in slot `i`, shifting later entries of its probe run back.
-    pub fn remove_at(&mut self, i: usize) -> Result<()> {
+    /// Removes the live entry in `slot` (from [`Index::find`]) of a key whose Delete record is
+    /// at `delete_record`. An entry of the delta becomes a tombstone pointing at that record
+    /// (the base table may hold the key too); one of the base table is removed from it.
+    pub fn remove(&mut self, slot: SlotRef, delete_record: u64) -> Result<()> {
+        debug_assert!(delete_record != 0 && delete_record & TOMBSTONE == 0);
+        match slot {
+            SlotRef::Base(i) => self.remove_at(i)?,
+            SlotRef::Delta(i) => {
+                let delta = self.delta.as_mut().expect("a delta slot of an index without a delta");
+                debug_assert!(delta.slots[i].addr != 0 && delta.slots[i].addr & TOMBSTONE == 0);
+                delta.slots[i].addr = delete_record | TOMBSTONE;
+            }
+        }
+        if let Some(delta) = &mut self.delta {
+            delta.keys -= 1;
+        }
+        Ok(())
+    }
+
+    /// Removes the entry in slot `i` of the base table, shifting later entries of its probe run
+    /// back.
+    fn remove_at(&mut self, i: usize) -> Result<()> {
         let mask = self.capacity - 1;
         let mut hole = i;
         let mut j = i;
@@ -264,18 +561,111 @@ impl Index {
         }
         bigger.len = self.len;
         bigger.copy = copy;
+        bigger.delta = self.delta.take();
         *self = bigger;
         Ok(())
     }
 
-    /// All occupied slots, after checking every chunk.
+    /// Replays a Put of the key of `hash` whose record is at `addr` into the delta (started by
+    /// the first replayed record): the key's entry there is updated or added. `eq` is only
+    /// called with addresses of records replayed before, never with the base table's, so a
+    /// replay costs time in proportion to the replayed log alone.
+    pub fn replay_put(&mut self, hash: u64, addr: u64, mut eq: impl FnMut(u64) -> Result<bool>) -> Result<()> {
+        debug_assert!(addr != 0 && addr & TOMBSTONE == 0);
+        self.delta.get_or_insert_with(|| Box::new(Delta::new())).upsert(Slot { hash, addr }, &mut eq)
+    }
+
+    /// Replays a Delete of the key of `hash` whose Delete record is at `delete_record` into the
+    /// delta: the key's entry there becomes (or is added as) a tombstone. See
+    /// [`Index::replay_put`].
+    pub fn replay_delete(
+        &mut self,
+        hash: u64,
+        delete_record: u64,
+        mut eq: impl FnMut(u64) -> Result<bool>,
+    ) -> Result<()> {
+        debug_assert!(delete_record != 0 && delete_record & TOMBSTONE == 0);
+        let tombstone = Slot { hash, addr: delete_record | TOMBSTONE };
+        self.delta.get_or_insert_with(|| Box::new(Delta::new())).upsert(tombstone, &mut eq)
+    }
+
+    /// Ends a replay: the index now holds `keys` keys (as the checkpoint recorded them; counting
+    /// them here would need the base table). The count is checked when the fold ends
+    /// ([`FoldStatus::CountMismatch`]). Call it also when nothing was replayed.
+    pub fn end_replay(&mut self, keys: usize) {
+        self.delta.get_or_insert_with(|| Box::new(Delta::new())).keys = keys;
+    }
+
+    /// The next delta entry to fold, if any: look its key up with [`Index::find_in_base`], then
+    /// pass both to [`Index::fold_entry`], with no other change of the index in between.
+    pub fn next_fold_entry(&mut self) -> Option<FoldEntry> {
+        let delta = self.delta.as_mut()?;
+        if delta.used == 0 {
+            return None;
+        }
+        let mask = delta.mask();
+        // Ends: `used > 0`. A removal shifts later entries back into the cursor's slot, so it
+        // looks there again rather than moving on.
+        while delta.slots[delta.cursor].addr == 0 {
+            delta.cursor = (delta.cursor + 1) & mask;
+        }
+        let slot = delta.slots[delta.cursor];
+        Some(FoldEntry { slot: delta.cursor, hash: slot.hash, addr: slot.addr })
+    }
+
+    /// Moves `entry` from the delta into the base table, where [`Index::find_in_base`] found its
+    /// key in slot `in_base` (or did not): a live entry sets or adds the key there, a tombstone
+    /// removes it. Lookups give the same answers before and after.
+    pub fn fold_entry(&mut self, entry: FoldEntry, in_base: Option<usize>) -> Result<()> {
+        debug_assert!(
+            self.delta.as_ref().is_some_and(|d| d.slots[entry.slot] == Slot { hash: entry.hash, addr: entry.addr })
+        );
+        match (entry.addr & TOMBSTONE == 0, in_base) {
+            (true, Some(i)) => self.set_base_addr(i, entry.addr),
+            (true, None) => self.insert_new(entry.hash, entry.addr)?,
+            (false, Some(i)) => self.remove_at(i)?,
+            (false, None) => {}
+        }
+        if let Some(delta) = &mut self.delta {
+            delta.remove_at(entry.slot);
+        }
+        Ok(())
+    }
+
+    /// Ends the delta once it is empty, checking that the base table then holds the number of
+    /// keys the replay ended with (the index is a single table afterwards, even on a mismatch).
+    pub fn finish_fold(&mut self) -> FoldStatus {
+        match &self.delta {
+            None => FoldStatus::Done,
+            Some(delta) if delta.used > 0 => FoldStatus::Pending,
+            Some(delta) => {
+                let expected = delta.keys;
+                self.delta = None;
+                if self.len == expected {
+                    FoldStatus::Done
+                } else {
+                    FoldStatus::CountMismatch { counted: self.len, expected }
+                }
+            }
+        }
+    }
+
+    fn single_table(&self, what: &str) -> Result<()> {
+        match &self.delta {
+            Some(_) => Err(StateError::Misuse(format!("cannot {what} before the index delta is folded"))),
+            None => Ok(()),
+        }
+    }
+
+    /// All occupied slots, after checking every chunk. The delta must be folded first.
     pub fn entries(&mut self) -> Result<impl Iterator<Item = Slot> + '_> {
+        self.single_table("list index entries")?;
         self.verify_all()?;
         Ok(self.slots().iter().copied().filter(|s| s.addr != 0))
     }
 
     /// Serialises the table as a snapshot reflecting the log up to `seal` (header, chunk CRC
-    /// table and slots in one buffer).
+    /// table and slots in one buffer). The delta must be folded first.
     pub fn snapshot(&mut self, seal: u64) -> Result<Vec<u8>> {
         let mut slots = Vec::new();
         let (capacity, len) = self.copy_slots(&mut slots)?;
@@ -286,8 +676,9 @@ impl Index {
 
     /// Starts a copy-on-write snapshot of the table into `buf` (reused across snapshots). From
     /// now on a chunk is copied just before its first change; [`Index::finish_copy`] copies the
-    /// rest. Replaces (and drops) a copy still in progress.
+    /// rest. Replaces (and drops) a copy still in progress. The delta must be folded first.
     pub fn begin_copy(&mut self, mut buf: Vec<u8>) -> Result<()> {
+        self.single_table("snapshot the index")?;
         self.verify_all()?;
         let bytes = self.capacity * size_of::<Slot>();
         buf.clear();
@@ -355,6 +746,7 @@ impl Index {
     /// This is the only part of an index snapshot that runs on the caller's thread; the CRCs and
     /// the header are computed by [`snapshot_header`] where the file is written.
     pub fn copy_slots(&mut self, buf: &mut Vec<u8>) -> Result<(usize, usize)> {
+        self.single_table("snapshot the index")?;
         self.verify_all()?;
         buf.clear();
         buf.extend_from_slice(&self.mem[..]);
@@ -418,7 +810,7 @@ impl Index {
             verified: (0..chunks.div_ceil(64)).map(|_| Cell::new(0)).collect(),
             unverified: Cell::new(chunks),
         };
-        let index = Index { mem, capacity, len: len as usize, lazy: Some(lazy), copy: None };
+        let index = Index { mem, capacity, len: len as usize, lazy: Some(lazy), copy: None, delta: None };
         Ok((index, seal))
     }
 }
@@ -451,10 +843,92 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
-    /// The model: keys are the hashes themselves (with deliberately colliding home slots).
-    fn find(index: &Index, key: u64) -> Option<usize> {
-        let table: &Index = index;
-        table.find(key, |_| Ok(true)).unwrap().filter(|&i| table.slots()[i].hash == key)
+    /// In these tests a key is its hash (with deliberately colliding home slots), so a hash
+    /// match is a key match and `eq` always holds.
+    fn key_of(k: u64) -> u64 {
+        (k % 64) | (k << 32)
+    }
+
+    fn any_key(_: u64) -> Result<bool> {
+        Ok(true)
+    }
+
+    fn get(index: &Index, key: u64) -> Option<u64> {
+        match index.find(key, any_key).unwrap() {
+            Found::Live { addr, .. } => Some(addr),
+            Found::Absent(_) => None,
+        }
+    }
+
+    /// Sets `key` to `addr` (`Some`) or deletes it (`None`, its Delete record at `addr`), as the
+    /// store does.
+    fn apply(index: &mut Index, key: u64, op: std::result::Result<u64, u64>) {
+        match (index.find(key, any_key).unwrap(), op) {
+            (Found::Live { slot, .. }, Ok(addr)) => index.set_addr(slot, addr),
+            (Found::Absent(vacancy), Ok(addr)) => index.insert(vacancy, addr).unwrap(),
+            (Found::Live { slot, .. }, Err(delete_record)) => index.remove(slot, delete_record).unwrap(),
+            (Found::Absent(_), Err(_)) => {}
+        }
+    }
+
+    /// What the store's `maintain` does, with keys that are their hashes.
+    fn fold(index: &mut Index, budget: usize) -> Result<FoldStatus> {
+        for _ in 0..budget {
+            let Some(entry) = index.next_fold_entry() else { break };
+            let in_base = index.find_in_base(entry.hash(), any_key)?;
+            index.fold_entry(entry, in_base)?;
+        }
+        Ok(index.finish_fold())
+    }
+
+    fn same_contents(index: &Index, model: &BTreeMap<u64, u64>, keys: u64) -> std::result::Result<(), TestCaseError> {
+        prop_assert_eq!(index.len(), model.len());
+        for k in 0..keys {
+            let key = key_of(k);
+            prop_assert_eq!(get(index, key), model.get(&key).copied(), "key {}", k);
+        }
+        Ok(())
+    }
+
+    /// Builds a base table from `ops`, writes it as a snapshot and maps it back.
+    fn restored_base(
+        dir: &Path,
+        ops: &[(u64, u64, bool)],
+        model: &mut BTreeMap<u64, u64>,
+    ) -> std::result::Result<Index, TestCaseError> {
+        let mut index = Index::new().unwrap();
+        for &(k, addr, put) in ops {
+            let key = key_of(k);
+            if put {
+                apply(&mut index, key, Ok(addr));
+                model.insert(key, addr);
+            } else {
+                apply(&mut index, key, Err(addr));
+                model.remove(&key);
+            }
+        }
+        let path = dir.join("index-1.idx");
+        std::fs::write(&path, index.snapshot(1).unwrap()).unwrap();
+        let (base, _) = Index::open_snapshot(&path).unwrap();
+        prop_assert_eq!(base.len(), model.len());
+        Ok(base)
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Put(u64, u64),
+        Delete(u64, u64),
+        Fold(usize),
+    }
+
+    const KEYS: u64 = 1000;
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..KEYS, 1u64..1 << 40).prop_map(|(k, a)| Op::Put(k, a)),
+            3 => (0..KEYS, 1u64..1 << 40).prop_map(|(k, a)| Op::Delete(k, a)),
+            1 => prop_oneof![Just(0usize), 1usize..8, 8usize..200, Just(usize::MAX)].prop_map(Op::Fold),
+        ]
     }
 
     proptest! {
@@ -463,26 +937,163 @@ mod tests {
             let mut index = Index::new().unwrap();
             let mut model = BTreeMap::new();
             for (k, addr, insert) in ops {
-                // Force collisions: many keys share a home slot.
-                let key = (k % 64) | (k << 32);
-                let found = index.find(key, |_| Ok(true)).unwrap();
+                let key = key_of(k);
                 if insert {
-                    match found {
-                        Some(i) => index.set_addr(i, addr),
-                        None => index.insert_new(key, addr).unwrap(),
-                    }
+                    apply(&mut index, key, Ok(addr));
                     model.insert(key, addr);
-                } else if let Some(i) = found {
-                    index.remove_at(i).unwrap();
+                } else {
+                    apply(&mut index, key, Err(addr));
                     model.remove(&key);
                 }
                 prop_assert_eq!(index.len(), model.len());
             }
             for (key, addr) in &model {
-                let i = find(&index, *key).unwrap();
-                prop_assert_eq!(index.addr_at(i), *addr);
+                prop_assert_eq!(get(&index, *key), Some(*addr));
+            }
+            prop_assert!(!index.has_delta());
+        }
+
+        /// A restored base, a replayed delta in front of it, then lookups, updates, deletes and
+        /// fold steps of any budget interleaved: the index equals the model at every step, and
+        /// once folded it is a single table again with the right key count.
+        #[test]
+        fn delta_over_a_restored_base_behaves_like_a_map(
+            base_ops in proptest::collection::vec((0..KEYS, 1u64..1 << 40, any::<bool>()), 0..1000),
+            replay in proptest::collection::vec((0..KEYS, 1u64..1 << 40, any::<bool>()), 0..400),
+            ops in proptest::collection::vec(op(), 0..300),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut model = BTreeMap::new();
+            let mut index = restored_base(dir.path(), &base_ops, &mut model)?;
+            for (k, addr, put) in replay {
+                let key = key_of(k);
+                if put {
+                    index.replay_put(key, addr, any_key).unwrap();
+                    model.insert(key, addr);
+                } else {
+                    index.replay_delete(key, addr, any_key).unwrap();
+                    model.remove(&key);
+                }
+            }
+            index.end_replay(model.len());
+            prop_assert!(index.has_delta());
+            same_contents(&index, &model, KEYS)?;
+            let mut delta_entries = index.delta_entries();
+            for op in ops {
+                match op {
+                    Op::Put(k, addr) => {
+                        apply(&mut index, key_of(k), Ok(addr));
+                        model.insert(key_of(k), addr);
+                    }
+                    Op::Delete(k, addr) => {
+                        apply(&mut index, key_of(k), Err(addr));
+                        model.remove(&key_of(k));
+                    }
+                    Op::Fold(budget) => {
+                        let status = fold(&mut index, budget).unwrap();
+                        prop_assert_eq!(status == FoldStatus::Done, !index.has_delta());
+                        prop_assert!(matches!(status, FoldStatus::Pending | FoldStatus::Done), "{:?}", status);
+                    }
+                }
+                // The delta never grows after the replay, so the fold always ends.
+                prop_assert!(index.delta_entries() <= delta_entries);
+                delta_entries = index.delta_entries();
+                same_contents(&index, &model, KEYS)?;
+            }
+            prop_assert_eq!(fold(&mut index, usize::MAX).unwrap(), FoldStatus::Done);
+            prop_assert!(!index.has_delta());
+            same_contents(&index, &model, KEYS)?;
+            let entries: BTreeMap<u64, u64> = index.entries().unwrap().map(|s| (s.hash, s.addr)).collect();
+            prop_assert_eq!(entries, model);
+        }
+    }
+
+    /// New keys inserted during the overlay, and live delta entries folded in, grow the base
+    /// table; the delta survives the move.
+    #[test]
+    fn the_base_grows_under_the_delta() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut model = BTreeMap::new();
+        let ops: Vec<_> = (0..700).map(|k| (k, k + 1, true)).collect();
+        let mut index = restored_base(dir.path(), &ops, &mut model).unwrap();
+        let capacity = index.capacity;
+        for k in 650..1000 {
+            index.replay_put(key_of(k), k + 10, any_key).unwrap();
+            model.insert(key_of(k), k + 10);
+        }
+        index.replay_delete(key_of(1), 9, any_key).unwrap();
+        model.remove(&key_of(1));
+        index.end_replay(model.len());
+        for k in 1000..1100 {
+            apply(&mut index, key_of(k), Ok(k));
+            model.insert(key_of(k), k);
+        }
+        assert!(index.capacity > capacity, "inserts grew the base");
+        assert!(index.has_delta());
+        same_contents(&index, &model, 1100).unwrap();
+        while fold(&mut index, 37).unwrap() == FoldStatus::Pending {
+            same_contents(&index, &model, 1100).unwrap();
+        }
+        assert!(!index.has_delta());
+        same_contents(&index, &model, 1100).unwrap();
+    }
+
+    #[test]
+    fn a_wrong_key_count_is_found_when_the_fold_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut model = BTreeMap::new();
+        let ops: Vec<_> = (0..100).map(|k| (k, k + 1, true)).collect();
+        let mut index = restored_base(dir.path(), &ops, &mut model).unwrap();
+        index.replay_put(key_of(500), 7, any_key).unwrap();
+        index.replay_delete(key_of(3), 8, any_key).unwrap();
+        // Right would be 100: one key added, one deleted.
+        index.end_replay(101);
+        assert_eq!(index.len(), 101);
+        assert!(index.entries().is_err(), "a single-table operation before the fold is refused");
+        assert_eq!(fold(&mut index, 1).unwrap(), FoldStatus::Pending);
+        assert_eq!(fold(&mut index, 1).unwrap(), FoldStatus::CountMismatch { counted: 100, expected: 101 });
+        assert!(!index.has_delta());
+        // With nothing replayed the check is immediate.
+        let mut index = restored_base(dir.path(), &ops, &mut model).unwrap();
+        index.end_replay(100);
+        assert_eq!(fold(&mut index, 0).unwrap(), FoldStatus::Done);
+    }
+
+    /// A replay into the delta never reads the base table: keys homed in a corrupt chunk of it
+    /// replay and read back fine; folding them into that chunk finds the corruption.
+    #[test]
+    fn replay_does_not_touch_the_base_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = Index::new().unwrap();
+        let spread = |k: u64| k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for k in 1..10_000u64 {
+            index.insert_new(spread(k), k).unwrap();
+        }
+        let capacity = index.capacity;
+        assert!(capacity >= 4 * CHUNK_SLOTS);
+        let mut bytes = index.snapshot(1).unwrap();
+        // Corrupt chunk 2: a byte of its last slot.
+        let slots_at = bytes.len() - capacity * size_of::<Slot>();
+        bytes[slots_at + (3 * CHUNK_SLOTS - 1) * size_of::<Slot>() + 3] ^= 1;
+        let path = dir.path().join("index-1.idx");
+        std::fs::write(&path, &bytes).unwrap();
+        let (mut index, _) = Index::open_snapshot(&path).unwrap();
+        let in_chunk_2 = |h: u64| (h as usize & (capacity - 1)) / CHUNK_SLOTS == 2;
+        let keys: Vec<u64> = (1..10_000u64).map(spread).filter(|&h| in_chunk_2(h)).take(50).collect();
+        for (n, &h) in keys.iter().enumerate() {
+            if n % 2 == 0 {
+                index.replay_put(h, 1_000_000 + n as u64, any_key).unwrap();
+            } else {
+                index.replay_delete(h, 2_000_000 + n as u64, any_key).unwrap();
             }
         }
+        index.end_replay(9_999 - 25);
+        for (n, &h) in keys.iter().enumerate() {
+            assert_eq!(get(&index, h), (n % 2 == 0).then_some(1_000_000 + n as u64));
+        }
+        let err = fold(&mut index, usize::MAX).unwrap_err();
+        assert_eq!(err.class(), crate::ErrorClass::Corruption);
+        assert!(err.to_string().contains("index-1.idx"), "{err}");
     }
 
     #[test]
@@ -499,7 +1110,7 @@ mod tests {
         assert_eq!(seal, 777);
         for k in 1..20_000u64 {
             let h = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            assert_eq!(restored.addr_at(restored.find(h, |_| Ok(true)).unwrap().unwrap()), k);
+            assert_eq!(get(&restored, h), Some(k));
         }
         restored.insert_new(5, 5).unwrap();
         // The copy-on-write mapping never writes back to the file.

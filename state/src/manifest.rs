@@ -155,12 +155,19 @@ fn parse_manifest_file_name(name: &str) -> Option<u64> {
 }
 
 impl CheckpointDirectory {
-    /// Opens (creating if needed) the checkpoint root `root`, and removes temp files left by a
-    /// crash in the middle of a commit.
+    /// Opens (creating if needed) the checkpoint root `root`. Safe while a job commits
+    /// checkpoints to it (readers, `weir inspect`): temp files are left alone.
     pub fn open(root: &Path) -> Result<CheckpointDirectory> {
         let manifests = root.join("manifests");
         std::fs::create_dir_all(&manifests).map_err(|e| StateError::io("create checkpoint dir", &manifests, e))?;
-        let dir = CheckpointDirectory { root: root.to_owned(), manifests };
+        Ok(CheckpointDirectory { root: root.to_owned(), manifests })
+    }
+
+    /// [`CheckpointDirectory::open`] for the one writer, before it commits anything: also
+    /// removes temp files left by a crash in the middle of a commit. Never call it while
+    /// another writer may be committing (it would delete that commit's temp file).
+    pub fn open_for_writing(root: &Path) -> Result<CheckpointDirectory> {
+        let dir = CheckpointDirectory::open(root)?;
         for entry in std::fs::read_dir(&dir.manifests).map_err(|e| StateError::io("list", &dir.manifests, e))? {
             let entry = entry.map_err(|e| StateError::io("list", &dir.manifests, e))?;
             if entry.file_name().to_string_lossy().ends_with(".tmp") {
@@ -278,6 +285,9 @@ mod tests {
         assert_eq!(latest.skipped[0].class(), crate::ErrorClass::Corruption);
         assert!(latest.skipped[0].to_string().contains("chk-0000000003"));
         let dir = CheckpointDirectory::open(root.path()).unwrap();
+        assert!(dir.manifest_path(4).with_extension("manifest.tmp").exists(), "a reader leaves temp files alone");
+        let dir = CheckpointDirectory::open_for_writing(root.path()).unwrap();
+        assert!(!dir.manifest_path(4).with_extension("manifest.tmp").exists(), "the writer removes them");
         assert_eq!(dir.list().unwrap(), vec![1, 2, 3]);
         assert_eq!(dir.discard_after(1).unwrap(), vec![2, 3]);
         assert_eq!(dir.list().unwrap(), vec![1]);

@@ -30,6 +30,13 @@
 //! (and their values validated with rkyv's bytecheck), index chunks when first probed; so
 //! restore does not read the whole state and its time does not grow with it.
 //! [`RestoreOptions::verify_all`] checks everything up front instead.
+//!
+//! The replay does not touch the mapped index snapshot either: it goes into a small delta in
+//! front of it (see [`crate::index`]), so its cost follows the replayed tail, not the state size.
+//! [`StateStore::maintain`], called between batches, folds the delta into the snapshot's table a
+//! bounded number of entries at a time; the store answers correctly before, during and after.
+//! Until the fold is done no index snapshot is started (a checkpoint keeps referencing the
+//! restored one), and whatever needs all entries at once finishes the fold first.
 
 use std::any::TypeId;
 use std::cell::OnceCell;
@@ -41,7 +48,7 @@ use std::time::{Duration, Instant};
 use rkyv::util::AlignedVec;
 
 use crate::error::{Result, StateError};
-use crate::index::Index;
+use crate::index::{FoldStatus, Found, Index};
 use crate::keygroup::{KeyGroup, KeyGroupRange};
 use crate::record::{self, FLAG_UNVALIDATED, RecordHeader, RecordKind, StateId};
 use crate::segment::{
@@ -51,6 +58,10 @@ use crate::segment::{
 
 /// A position in a store's log: segment id in the high 32 bits, byte offset in the low 32.
 pub type LogAddress = u64;
+
+/// The largest segment id: the top bit of a [`LogAddress`] stays clear (the index uses it to
+/// mark tombstones).
+pub const MAX_SEGMENT_ID: SegmentId = (1 << 31) - 1;
 
 /// Builds a log address.
 pub const fn log_address(segment: SegmentId, offset: u32) -> LogAddress {
@@ -434,6 +445,9 @@ impl StateStore {
     }
 
     fn open_segment(&mut self, id: SegmentId) -> Result<()> {
+        if id > MAX_SEGMENT_ID {
+            return Err(StateError::Misuse(format!("the log of {} has run out of segment ids", self.dir.display())));
+        }
         let header = SegmentHeader {
             shard: self.config.shard,
             id,
@@ -521,9 +535,15 @@ impl StateStore {
         xxhash_rust::xxh3::xxh3_64_with_seed(key, u64::from(state))
     }
 
-    fn find(&self, state: StateId, key: &[u8]) -> Result<Option<(usize, LogAddress)>> {
-        let slot = self.index.find(Self::hash(state, key), |addr| self.key_matches(addr, state, key))?;
-        Ok(slot.map(|i| (i, self.index.addr_at(i))))
+    fn find(&self, state: StateId, key: &[u8]) -> Result<Found> {
+        self.index.find(Self::hash(state, key), |addr| self.key_matches(addr, state, key))
+    }
+
+    /// Whether the records at `a` and `b` have the same state and key.
+    fn same_key(&self, a: LogAddress, b: LogAddress) -> Result<bool> {
+        let (rec_a, h_a) = self.record_at(a)?;
+        let (rec_b, h_b) = self.record_at(b)?;
+        Ok(h_a.state == h_b.state && record::key_of(rec_a, &h_a) == record::key_of(rec_b, &h_b))
     }
 
     /// The value bytes of `key` in `state`. `needs_validation` is set when they did not come
@@ -532,7 +552,7 @@ impl StateStore {
     pub fn get_raw(&self, state: StateId, key: Key<'_>) -> Result<Option<RawValue<'_>>> {
         // The record the probe matched is kept, so it is decoded once.
         let mut matched = None;
-        let slot = self.index.find(Self::hash(state, key.bytes), |addr| {
+        let found = self.index.find(Self::hash(state, key.bytes), |addr| {
             let (rec, h) = self.record_at(addr)?;
             let is_match = h.state == state && record::key_of(rec, &h) == key.bytes;
             if is_match {
@@ -540,7 +560,8 @@ impl StateStore {
             }
             Ok(is_match)
         })?;
-        Ok(slot.and(matched).map(|(addr, rec, h)| RawValue {
+        let live = matches!(found, Found::Live { .. });
+        Ok(matched.filter(|_| live).map(|(addr, rec, h)| RawValue {
             bytes: record::value_of(rec, &h),
             needs_validation: addr < self.restored_upto || h.flags & FLAG_UNVALIDATED != 0,
             addr,
@@ -554,7 +575,7 @@ impl StateStore {
 
     /// Whether `key` has a value in `state`.
     pub fn contains(&self, state: StateId, key: Key<'_>) -> Result<bool> {
-        Ok(self.find(state, key.bytes)?.is_some())
+        Ok(matches!(self.find(state, key.bytes)?, Found::Live { .. }))
     }
 
     /// Sets `key` in `state` to the bytes `value`. They are marked unvalidated: a typed reader
@@ -565,7 +586,7 @@ impl StateStore {
 
     fn put_bytes(&mut self, state: StateId, key: Key<'_>, value: &[u8], flags: u8) -> Result<()> {
         match self.find(state, key.bytes)? {
-            Some((slot, addr)) => {
+            Found::Live { slot, addr } => {
                 if addr >= self.seal && self.try_update_in_place(addr, value, flags)? {
                     return Ok(());
                 }
@@ -573,9 +594,9 @@ impl StateStore {
                 self.mark_dead(addr)?;
                 self.index.set_addr(slot, new_addr);
             }
-            None => {
+            Found::Absent(vacancy) => {
                 let new_addr = self.append(state, key, RecordKind::Put, value, flags)?;
-                self.index.insert_new(Self::hash(state, key.bytes), new_addr)?;
+                self.index.insert(vacancy, new_addr)?;
             }
         }
         Ok(())
@@ -603,13 +624,14 @@ impl StateStore {
 
     /// Removes `key` from `state`; returns whether it was present.
     pub fn delete(&mut self, state: StateId, key: Key<'_>) -> Result<bool> {
-        let Some((slot, addr)) = self.find(state, key.bytes)? else {
+        let Found::Live { slot, addr } = self.find(state, key.bytes)? else {
             return Ok(false);
         };
+        // The Delete record tells a replay from an older index snapshot that the key is gone. It
+        // is written first: a tombstone in the index delta points at it.
+        let delete_addr = self.append(state, key, RecordKind::Delete, &[], 0)?;
         self.mark_dead(addr)?;
-        self.index.remove_at(slot)?;
-        // The tombstone tells a replay from an older index snapshot that the key is gone.
-        self.append(state, key, RecordKind::Delete, &[], 0)?;
+        self.index.remove(slot, delete_addr)?;
         Ok(true)
     }
 
@@ -687,8 +709,9 @@ impl StateStore {
 
     /// Calls `f(state, key group, key, value, needs_validation)` for every live entry. The order is
     /// unspecified. Used for rescaling, inspection and timer restore; it checks every index
-    /// chunk first.
+    /// chunk first (and finishes folding the index delta of a restore).
     pub fn for_each(&mut self, mut f: impl FnMut(StateId, KeyGroup, &[u8], &[u8], bool)) -> Result<()> {
+        self.fold_index()?;
         let addrs: Vec<LogAddress> = self.index.entries()?.map(|s| s.addr).collect();
         for addr in addrs {
             let (rec, h) = self.record_at(addr)?;
@@ -713,11 +736,13 @@ impl StateStore {
                     "an earlier sync failed ({failure}); the files are suspect: restore from the last complete checkpoint"
                 )));
             }
-            // A detached snapshot still being written postpones the next one: snapshots never
-            // queue up behind a slow disk.
+            // A detached snapshot still being written postpones the next one (snapshots never
+            // queue up behind a slow disk), and so does the index delta of a restore that is
+            // not folded yet (the handle references the restored snapshot meanwhile).
             let due = (self.checkpoints_since_index + 1 >= self.config.index_snapshot_every
                 || self.bytes_since_index >= self.config.index_snapshot_tail_bytes)
-                && ledger.detached_index.is_empty();
+                && ledger.detached_index.is_empty()
+                && !self.index.has_delta();
             let spare = if due { ledger.spare_index_buf.take() } else { None };
             (ledger.synced_upto, ledger.confirmed_index.clone(), spare, due)
         };
@@ -861,7 +886,7 @@ impl StateStore {
         let mut segments: Vec<Option<OnceCell<Segment>>> = Vec::new();
         let mut stats = Vec::new();
         for r in &handle.segments {
-            if r.id > tail_segment || r.data_end < SEGMENT_HEADER_BYTES {
+            if r.id > tail_segment || r.id > MAX_SEGMENT_ID || r.data_end < SEGMENT_HEADER_BYTES {
                 return Err(StateError::corrupt(
                     dir.join(segment_file_name(r.id)),
                     u64::from(r.data_end),
@@ -880,7 +905,7 @@ impl StateStore {
         if stats.get(tail_segment as usize).is_none_or(|s| s.data_end != tail_offset) {
             return Err(StateError::corrupt(dir, handle.seal, "checkpoint seal does not match its last segment"));
         }
-        let (index, replay_from) = match &handle.index_snapshot {
+        let (mut index, replay_from) = match &handle.index_snapshot {
             Some(r) => {
                 let (index, seal) = Index::open_snapshot(&dir.join(r.file_name()))?;
                 if seal != r.seal || seal > handle.seal {
@@ -890,6 +915,8 @@ impl StateStore {
             }
             None => (Index::new()?, log_address(first.id, SEGMENT_HEADER_BYTES)),
         };
+        let key_count = usize::try_from(handle.key_count)
+            .map_err(|_| StateError::corrupt(dir, handle.seal, "implausible key count"))?;
         let mut store = StateStore {
             dir: dir.to_owned(),
             segments,
@@ -900,7 +927,8 @@ impl StateStore {
             seal: handle.seal,
             restored_upto: handle.seal,
             next_seq: handle.next_seq,
-            index,
+            // A stand-in while the replay fills `index` (it reads records, never the index).
+            index: Index::new()?,
             value_buf: AlignedVec::new(),
             states: handle.states.iter().map(|s| (s.id, Registered { info: s.clone(), value_type: None })).collect(),
             ledger: Arc::new(Mutex::new(Ledger {
@@ -919,23 +947,23 @@ impl StateStore {
             behind_upto: 0,
             config,
         };
-        store.replay(replay_from, handle.seal)?;
-        if store.index.len() as u64 != handle.key_count {
-            return Err(StateError::corrupt(
-                dir,
-                handle.seal,
-                format!("restored {} keys, checkpoint says {}", store.index.len(), handle.key_count),
-            ));
-        }
+        // The log a restore of the next checkpoint replays starts as long as this one was: a
+        // store restored with a long tail takes its next index snapshot as soon as one is due.
+        store.bytes_since_index = store.replay(replay_from, handle.seal, &mut index)?;
+        index.end_replay(key_count);
+        store.index = index;
+        // Ends the delta at once (checking the key count) if the tail held nothing.
+        store.maintain(0)?;
         if options.verify_all {
             store.verify_all()?;
         }
         Ok(store)
     }
 
-    /// Replays records in `[from, to)` into the index, checking each one's CRC.
-    fn replay(&mut self, from: LogAddress, to: LogAddress) -> Result<()> {
-        let mut key = Vec::new();
+    /// Replays records in `[from, to)` into the delta of `index`, checking each one's CRC.
+    /// Returns the bytes replayed.
+    fn replay(&self, from: LogAddress, to: LogAddress, index: &mut Index) -> Result<u64> {
+        let mut replayed = 0;
         for id in address_segment(from)..=address_segment(to) {
             let Some(end) = self.segment(id)?.map(|_| self.stats[id as usize].data_end) else {
                 return Err(StateError::corrupt(
@@ -946,37 +974,66 @@ impl StateStore {
             };
             let mut off = if id == address_segment(from) { address_offset(from) } else { SEGMENT_HEADER_BYTES };
             while off < end {
-                let h = {
-                    let Some(segment) = self.segment(id)? else { break };
-                    let bytes = &segment.bytes()[off as usize..end as usize];
-                    let h = record::decode_checked(bytes).map_err(|e| {
-                        StateError::corrupt(segment.path(), u64::from(off), format!("bad record in replay: {e:?}"))
-                    })?;
-                    key.clear();
-                    key.extend_from_slice(record::key_of(bytes, &h));
-                    h
-                };
-                self.apply_replayed(h, &key, log_address(id, off))?;
+                let Some(segment) = self.segment(id)? else { break };
+                let bytes = &segment.bytes()[off as usize..end as usize];
+                let h = record::decode_checked(bytes).map_err(|e| {
+                    StateError::corrupt(segment.path(), u64::from(off), format!("bad record in replay: {e:?}"))
+                })?;
+                self.apply_replayed(h, record::key_of(bytes, &h), log_address(id, off), index)?;
                 off += h.slot_bytes();
+                replayed += u64::from(h.slot_bytes());
             }
         }
-        Ok(())
+        Ok(replayed)
     }
 
-    fn apply_replayed(&mut self, h: RecordHeader, key: &[u8], addr: LogAddress) -> Result<()> {
-        let found = self.find(h.state, key)?;
-        match (h.kind, found) {
-            (RecordKind::Put, Some((slot, _))) => self.index.set_addr(slot, addr),
-            (RecordKind::Put, None) => self.index.insert_new(Self::hash(h.state, key), addr)?,
-            (RecordKind::Delete, Some((slot, _))) => self.index.remove_at(slot)?,
-            (RecordKind::Delete, None) => {}
+    fn apply_replayed(&self, h: RecordHeader, key: &[u8], addr: LogAddress, index: &mut Index) -> Result<()> {
+        let hash = Self::hash(h.state, key);
+        let eq = |replayed| self.key_matches(replayed, h.state, key);
+        match h.kind {
+            RecordKind::Put => index.replay_put(hash, addr, eq),
+            RecordKind::Delete => index.replay_delete(hash, addr, eq),
         }
+    }
+
+    /// Does up to `budget` entries of background upkeep on the caller's thread; returns whether
+    /// more remains. The upkeep is folding the index delta a restore left (see the module docs)
+    /// into the restored table: per entry a probe of the mapped index snapshot and a key compare
+    /// with an old record. The store is correct at every step, so a caller calls this between
+    /// batches of work until it returns `false`; without a delta it costs one branch. Fails with
+    /// a corruption error when an index chunk or record it reads fails its check, or when the
+    /// folded index does not hold the key count of the restored checkpoint.
+    pub fn maintain(&mut self, budget: usize) -> Result<bool> {
+        if !self.index.has_delta() {
+            return Ok(false);
+        }
+        for _ in 0..budget {
+            let Some(entry) = self.index.next_fold_entry() else { break };
+            let in_base = self.index.find_in_base(entry.hash(), |base| self.same_key(entry.addr(), base))?;
+            self.index.fold_entry(entry, in_base)?;
+        }
+        match self.index.finish_fold() {
+            FoldStatus::Pending => Ok(true),
+            FoldStatus::Done => Ok(false),
+            FoldStatus::CountMismatch { counted, expected } => Err(StateError::corrupt(
+                &self.dir,
+                self.restored_upto,
+                format!("the restored index holds {counted} keys, the checkpoint says {expected}"),
+            )),
+        }
+    }
+
+    /// Finishes the upkeep of [`StateStore::maintain`] at once.
+    fn fold_index(&mut self) -> Result<()> {
+        while self.maintain(usize::MAX)? {}
         Ok(())
     }
 
     /// Checks every CRC the store depends on: all index chunks and every record of every
-    /// segment up to its data end. Returns the number of records checked.
+    /// segment up to its data end (after finishing the fold of a restore's index delta).
+    /// Returns the number of records checked.
     pub fn verify_all(&mut self) -> Result<u64> {
+        self.fold_index()?;
         self.index.verify_all()?;
         let mut records = 0;
         for id in self.first_segment..=self.tail_segment {
@@ -1078,7 +1135,7 @@ impl StateStore {
                 off += h.slot_bytes();
             }
             for (addr, h, key, value) in live {
-                if let Some((slot, current)) = self.find(h.state, &key)?
+                if let Found::Live { slot, addr: current } = self.find(h.state, &key)?
                     && current == addr
                 {
                     let mut buf = std::mem::take(&mut self.value_buf);
@@ -1476,5 +1533,144 @@ impl WriteBehindTask {
             bytes += u64::from(*len);
         }
         Ok(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::CHUNK_SLOTS;
+
+    fn config() -> StoreConfig {
+        StoreConfig {
+            segment_bytes: 1 << 20,
+            max_parallelism: 64,
+            key_groups: KeyGroupRange::all(64),
+            index_snapshot_every: 1,
+            ..StoreConfig::default()
+        }
+    }
+
+    fn key(k: u64) -> Vec<u8> {
+        k.to_be_bytes().to_vec()
+    }
+
+    fn put(store: &mut StateStore, state: StateId, k: u64, v: u64) {
+        store.put_raw(state, Key::new(&key(k), 64), &v.to_le_bytes()).unwrap();
+    }
+
+    fn get(store: &StateStore, state: StateId, k: u64) -> Result<Option<u64>> {
+        let raw = store.get_raw(state, Key::new(&key(k), 64))?;
+        Ok(raw.map(|r| u64::from_le_bytes(r.bytes[..8].try_into().unwrap())))
+    }
+
+    /// A store of 10,000 keys whose index snapshot (taken at checkpoint 1, written by
+    /// checkpoint 2) has 4 chunks, and a tail after it that updates, deletes and adds keys whose
+    /// home slot lies in chunk 2 only. Returns the handle of checkpoint 2, the index capacity,
+    /// and the expected contents of the tail's keys.
+    fn store_with_a_tail_in_chunk_2(dir: &Path) -> (CheckpointHandle, usize, Vec<(u64, Option<u64>)>) {
+        let mut store = StateStore::create(dir, config()).unwrap();
+        let state = store.register("op/v", None).unwrap();
+        for k in 0..10_000 {
+            put(&mut store, state, k, k);
+        }
+        let capacity = store.index.table_bytes() / 16;
+        assert_eq!(capacity, 4 * CHUNK_SLOTS);
+        let in_chunk_2 = |k: u64| (StateStore::hash(state, &key(k)) as usize & (capacity - 1)) / CHUNK_SLOTS == 2;
+        store.checkpoint(1).unwrap().task.run().unwrap();
+        let mut tail = Vec::new();
+        for k in (0..10_000).filter(|&k| in_chunk_2(k)).take(60) {
+            if k % 3 == 0 {
+                assert!(store.delete(state, Key::new(&key(k), 64)).unwrap());
+                tail.push((k, None));
+            } else {
+                put(&mut store, state, k, k + 1_000_000);
+                tail.push((k, Some(k + 1_000_000)));
+            }
+        }
+        for k in (10_000..).filter(|&k| in_chunk_2(k)).take(20) {
+            put(&mut store, state, k, k);
+            tail.push((k, Some(k)));
+        }
+        let c2 = store.checkpoint(2).unwrap();
+        c2.task.run().unwrap();
+        assert_eq!(c2.handle.index_snapshot.as_ref().map(|r| r.checkpoint_id), Some(1));
+        (c2.handle, capacity, tail)
+    }
+
+    /// The replay of the tail never touches the mapped index snapshot: with its chunk 2
+    /// corrupt, a restore whose tail changes only keys homed in chunk 2 succeeds and answers for
+    /// them from the delta; the fold, which writes them into chunk 2, finds the corruption.
+    #[test]
+    fn replay_does_not_touch_the_restored_index_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let (handle, capacity, tail) = store_with_a_tail_in_chunk_2(dir.path());
+        let path = dir.path().join(index_file_name(1));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let chunk_2 = bytes.len() - capacity * 16 + 2 * CHUNK_SLOTS * 16;
+        bytes[chunk_2 + CHUNK_SLOTS * 8 + 5] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+
+        let mut store = StateStore::restore(dir.path(), &handle, config(), RestoreOptions::default()).unwrap();
+        let state = state_id_of("op/v");
+        for &(k, v) in &tail {
+            assert_eq!(get(&store, state, k).unwrap(), v, "key {k}");
+        }
+        assert_eq!(store.stats().keys, handle.key_count);
+        // A key of chunk 2 that the tail did not change is looked up in the table: corrupt.
+        let untouched = (0..10_000).find(|k| {
+            !tail.iter().any(|t| t.0 == *k) && {
+                let h = StateStore::hash(state, &key(*k));
+                (h as usize & (capacity - 1)) / CHUNK_SLOTS == 2
+            }
+        });
+        let err = get(&store, state, untouched.unwrap()).unwrap_err();
+        assert_eq!(err.class(), crate::ErrorClass::Corruption);
+        let err = store.maintain(usize::MAX).unwrap_err();
+        assert_eq!(err.class(), crate::ErrorClass::Corruption, "{err}");
+        assert!(err.to_string().contains(&index_file_name(1)), "{err}");
+    }
+
+    /// A restore answers at once; folding in small steps keeps every answer; index snapshots
+    /// wait for the fold; the key count is checked when it ends.
+    #[test]
+    fn restored_store_folds_in_steps_and_snapshots_afterwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let (handle, _, tail) = store_with_a_tail_in_chunk_2(dir.path());
+        let state = state_id_of("op/v");
+        let mut store = StateStore::restore(dir.path(), &handle, config(), RestoreOptions::default()).unwrap();
+        assert!(store.index.has_delta());
+        // Checkpoints during the fold reference the restored snapshot and start none.
+        let c3 = store.checkpoint(3).unwrap();
+        c3.task.run().unwrap();
+        let c4 = store.checkpoint(4).unwrap();
+        c4.task.run().unwrap();
+        assert_eq!(c4.handle.index_snapshot.as_ref().map(|r| r.checkpoint_id), Some(1));
+        let mut steps = 0;
+        while store.maintain(7).unwrap() {
+            steps += 1;
+            for &(k, v) in tail.iter().step_by(5) {
+                assert_eq!(get(&store, state, k).unwrap(), v, "key {k}");
+            }
+        }
+        assert!(steps >= 5, "{steps} steps");
+        assert!(!store.index.has_delta() && !store.maintain(4096).unwrap());
+        store.checkpoint(5).unwrap().task.run().unwrap();
+        let c6 = store.checkpoint(6).unwrap();
+        c6.task.run().unwrap();
+        assert_eq!(c6.handle.index_snapshot.as_ref().map(|r| r.checkpoint_id), Some(5));
+        drop(store);
+        let store = StateStore::restore(dir.path(), &c6.handle, config(), RestoreOptions { verify_all: true }).unwrap();
+        for &(k, v) in &tail {
+            assert_eq!(get(&store, state, k).unwrap(), v, "key {k}");
+        }
+        assert_eq!(get(&store, state, 1).unwrap(), Some(1));
+
+        // A checkpoint whose key count disagrees with its log is found when the fold ends.
+        let wrong = CheckpointHandle { key_count: handle.key_count + 1, ..handle };
+        let mut store = StateStore::restore(dir.path(), &wrong, config(), RestoreOptions::default()).unwrap();
+        let err = store.maintain(usize::MAX).unwrap_err();
+        assert_eq!(err.class(), crate::ErrorClass::Corruption, "{err}");
+        assert!(err.to_string().contains(&dir.path().display().to_string()), "{err}");
     }
 }

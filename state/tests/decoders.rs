@@ -2,7 +2,7 @@
 //! typed error: segment headers, index snapshots, checkpoint handles.
 
 use proptest::prelude::*;
-use weir_state::index::Index;
+use weir_state::index::{Found, Index};
 use weir_state::segment::SegmentHeader;
 use weir_state::store::{CheckpointHandle, Key};
 use weir_state::{StateStore, StoreConfig};
@@ -23,7 +23,9 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let mut index = Index::new().unwrap();
         for k in 1..500u64 {
-            index.insert_new(k.wrapping_mul(0x9E37_79B9_7F4A_7C15), k).unwrap();
+            let hash = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let Found::Absent(vacancy) = index.find(hash, |_| Ok(true)).unwrap() else { panic!("key {k} twice") };
+            index.insert(vacancy, k).unwrap();
         }
         let mut bytes = index.snapshot(9).unwrap();
         let at = at % bytes.len();

@@ -1,7 +1,8 @@
 //! Model-based property test of the state store: random sequences of put, get, delete, list
 //! appends, checkpoint, restore (of any retained checkpoint), crash (everything after the last
-//! durable point is lost, including a torn partial record), compaction and garbage collection,
-//! checked against a `BTreeMap` model. After every restore the store equals the model as it was
+//! durable point is lost, including a torn partial record), compaction, garbage collection and
+//! steps of background upkeep (folding a restore's index delta, with any budget), checked
+//! against a `BTreeMap` model. After every restore the store equals the model as it was
 //! at that checkpoint.
 
 use std::collections::BTreeMap;
@@ -25,6 +26,7 @@ enum Op {
     Crash(Vec<u8>),
     Compact,
     CollectGarbage,
+    Maintain(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -40,6 +42,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => proptest::collection::vec(any::<u8>(), 1..60).prop_map(Op::Crash),
         1 => Just(Op::Compact),
         1 => Just(Op::CollectGarbage),
+        2 => prop_oneof![Just(0usize), 1usize..4, 4usize..64, Just(usize::MAX)].prop_map(Op::Maintain),
     ]
 }
 
@@ -181,6 +184,11 @@ fn run(ops: Vec<Op>) {
             Op::CollectGarbage => {
                 let handles: Vec<&CheckpointHandle> = retained.iter().map(|(h, _)| h).collect();
                 store.collect_garbage(&handles).unwrap();
+            }
+            Op::Maintain(budget) => {
+                let more = store.maintain(budget).unwrap();
+                assert!(!more || budget != usize::MAX, "an unbounded budget finishes the upkeep");
+                check(&store, &s, &model);
             }
         }
     }
