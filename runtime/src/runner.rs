@@ -925,7 +925,8 @@ impl<F: FnOnce() + Send> Drop for OnDrop<F> {
 pub(crate) fn reap(value: Box<dyn Send>) {
     use std::sync::OnceLock;
     use std::sync::mpsc::{Sender, channel};
-    static REAPER: OnceLock<Option<Mutex<Sender<Box<dyn Send>>>>> = OnceLock::new();
+    type Reaper = Mutex<Sender<Box<dyn Send>>>;
+    static REAPER: OnceLock<Option<Reaper>> = OnceLock::new();
     let reaper = REAPER.get_or_init(|| {
         let (tx, rx) = channel::<Box<dyn Send>>();
         let started = std::thread::Builder::new().name("weir-reaper".into()).spawn(move || {

@@ -1473,34 +1473,16 @@ fn write_durably_cancellable(
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
     let written = (|| {
-        let mut file = std::fs::File::create(&tmp).map_err(|e| StateError::io("create", &tmp, e))?;
-        let started = Instant::now();
-        let mut written = 0u64;
-        for bytes in parts {
-            // Pieces of 4 MiB, so that a cancel takes effect within one of them.
-            for piece in bytes.chunks(4 << 20) {
-                let Some(cancel) = cancel else {
-                    file.write_all(piece).map_err(|e| StateError::io("write", &tmp, e))?;
-                    continue;
-                };
-                if cancel.load(std::sync::atomic::Ordering::Relaxed) {
-                    return Err(StateError::Misuse(format!("writing {} was cancelled", path.display())));
-                }
-                file.write_all(piece).map_err(|e| StateError::io("write", &tmp, e))?;
-                let len = std::num::NonZeroU64::new(piece.len() as u64);
-                // Starts writeback of what was just written; only a hint.
-                let _ = rustix::fs::fadvise(&file, written, len, rustix::fs::Advice::DontNeed);
-                written += piece.len() as u64;
-                let due = Duration::from_secs_f64(written as f64 / BACKGROUND_WRITE_BYTES_PER_S as f64);
-                while let Some(wait) = due.checked_sub(started.elapsed()) {
-                    if cancel.load(std::sync::atomic::Ordering::Relaxed) {
-                        break;
-                    }
-                    std::thread::sleep(wait.min(Duration::from_millis(1)));
-                }
+        let Some(cancel) = cancel else {
+            let mut file = std::fs::File::create(&tmp).map_err(|e| StateError::io("create", &tmp, e))?;
+            for bytes in parts {
+                file.write_all(bytes).map_err(|e| StateError::io("write", &tmp, e))?;
             }
-        }
-        let cancelled = || cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed));
+            file.sync_all().map_err(|e| StateError::io("fsync", &tmp, e))?;
+            return std::fs::rename(&tmp, path).map_err(|e| StateError::io("rename", path, e));
+        };
+        let file = write_paced(&tmp, parts, cancel)?;
+        let cancelled = || cancel.load(std::sync::atomic::Ordering::Relaxed);
         if cancelled() {
             return Err(StateError::Misuse(format!("writing {} was cancelled", path.display())));
         }
@@ -1515,6 +1497,67 @@ fn write_durably_cancellable(
     }
     written?;
     sync_dir(dir)
+}
+
+/// Writes `parts` to a new file `tmp` in the background manner of
+/// [`write_durably_cancellable`]: paced, cancellable, and with direct I/O (`O_DIRECT`, through
+/// a page-aligned bounce buffer) where the file system has it, so that the file's pages never
+/// sit dirty in the page cache, where a checkpoint's `msync` (whose journal commit flushes
+/// ordered data) would wait for them. Falls back to buffered writes. Returns the open file.
+fn write_paced(tmp: &Path, parts: &[&[u8]], cancel: &std::sync::atomic::AtomicBool) -> Result<std::fs::File> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    const PIECE: usize = 4 << 20;
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let direct = total.is_multiple_of(4096);
+    let open =
+        |flags: i32| std::fs::OpenOptions::new().write(true).create(true).truncate(true).custom_flags(flags).open(tmp);
+    let direct_flag = rustix::fs::OFlags::DIRECT.bits() as i32;
+    let (mut file, direct) = match direct.then(|| open(direct_flag)) {
+        Some(Ok(file)) => (file, true),
+        _ => (open(0).map_err(|e| StateError::io("create", tmp, e))?, false),
+    };
+    let mut bounce = memmap2::MmapMut::map_anon(PIECE).map_err(|e| StateError::io("mmap bounce buffer", tmp, e))?;
+    let started = Instant::now();
+    let mut written = 0usize;
+    let mut filled = 0usize;
+    let mut flush = |buf: &[u8], written: &mut usize| -> Result<()> {
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StateError::Misuse(format!("writing {} was cancelled", tmp.display())));
+        }
+        file.write_all(buf).map_err(|e| StateError::io("write", tmp, e))?;
+        if !direct {
+            // Starts writeback of what was just written; only a hint.
+            let len = std::num::NonZeroU64::new(buf.len() as u64);
+            let _ = rustix::fs::fadvise(&file, *written as u64, len, rustix::fs::Advice::DontNeed);
+        }
+        *written += buf.len();
+        let due = Duration::from_secs_f64(*written as f64 / BACKGROUND_WRITE_BYTES_PER_S as f64);
+        while let Some(wait) = due.checked_sub(started.elapsed()) {
+            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            std::thread::sleep(wait.min(Duration::from_millis(1)));
+        }
+        Ok(())
+    };
+    for mut bytes in parts.iter().copied() {
+        while !bytes.is_empty() {
+            let n = bytes.len().min(PIECE - filled);
+            bounce[filled..filled + n].copy_from_slice(&bytes[..n]);
+            filled += n;
+            bytes = &bytes[n..];
+            if filled == PIECE {
+                flush(&bounce[..], &mut written)?;
+                filled = 0;
+            }
+        }
+    }
+    if filled > 0 {
+        flush(&bounce[..filled], &mut written)?;
+    }
+
+    Ok(file)
 }
 
 /// Background write-back of the mutable region; see [`StateStore::write_behind`].
