@@ -98,6 +98,13 @@ fn inspect_shows_source_offsets_and_savepoints() {
         .sink("out", CollectSink::new());
     let settings = CheckpointSettings::new(work.path().join("run-2"), 5);
     let handle = job.run(JobConfig::default().with_parallelism(2).with_checkpointing(settings)).unwrap();
+    // Once a checkpoint completed (the first is due one interval after the start), the job has
+    // state for the savepoint to hold.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while handle.checkpoint_stats().completed.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint completed");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     handle.stop_with_savepoint(&savepoint, false).unwrap();
     let (ok, out, err) = weir(&["inspect", savepoint.to_str().unwrap()]);
     assert!(ok, "{err}");
