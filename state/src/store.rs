@@ -347,6 +347,11 @@ pub struct StateStore {
     pending_index: Option<IndexSnapshotRef>,
     /// The log up to here was handed to a write-behind task.
     behind_upto: LogAddress,
+    /// Bytes appended since the store was created or restored, and their count when a
+    /// write-behind task was last handed out: the cheap test, without the ledger's lock, of
+    /// whether one is due.
+    appended_bytes: u64,
+    behind_mark: u64,
 }
 
 impl StateStore {
@@ -378,6 +383,8 @@ impl StateStore {
             counters: StoreStats::default(),
             pending_index: None,
             behind_upto: 0,
+            appended_bytes: 0,
+            behind_mark: 0,
             config,
         };
         store.open_segment(1)?;
@@ -696,6 +703,7 @@ impl StateStore {
             stats.live_bytes += u64::from(slot);
         }
         self.bytes_since_index += u64::from(slot);
+        self.appended_bytes += u64::from(slot);
         self.counters.appends += 1;
         Ok(log_address(seg, off))
     }
@@ -846,18 +854,21 @@ impl StateStore {
     /// finds little left to sync. Returns a task to run off the caller's thread, or `None` when
     /// there is less than `min_bytes` to write. Correctness never depends on it.
     pub fn write_behind(&mut self, min_bytes: u32) -> Option<WriteBehindTask> {
-        // Whole pages only: the page the tail is in keeps changing.
-        let to = log_address(self.tail_segment, self.tail_offset & !4095);
-        if to < self.behind_upto.saturating_add(u64::from(min_bytes)) {
+        if self.appended_bytes - self.behind_mark < u64::from(min_bytes) {
             return None;
         }
+        // Whole pages only: the page the tail is in keeps changing.
+        let to = log_address(self.tail_segment, self.tail_offset & !4095);
         let from = self.ledger.lock().ok()?.synced_upto.max(self.seal).max(self.behind_upto);
         let ranges = self.ranges_to_sync(from, to.max(from)).ok()?;
         let total: u64 = ranges.iter().map(|r| u64::from(r.2)).sum();
         if total < u64::from(min_bytes) {
+            // The rest was synced by a checkpoint already: due again once `total` grew enough.
+            self.behind_mark = self.appended_bytes.saturating_sub(total);
             return None;
         }
         self.behind_upto = to;
+        self.behind_mark = self.appended_bytes;
         Some(WriteBehindTask { ranges })
     }
 
@@ -945,6 +956,8 @@ impl StateStore {
             counters: StoreStats::default(),
             pending_index: None,
             behind_upto: 0,
+            appended_bytes: 0,
+            behind_mark: 0,
             config,
         };
         // The log a restore of the next checkpoint replays starts as long as this one was: a
