@@ -585,6 +585,26 @@ impl<G> WithIdleness<G> {
         &self.inner
     }
 
+    /// A batch of records with their timestamps, in order: the same as calling
+    /// [`WatermarkGenerator::on_event`] for each, with the activity noted once for the batch.
+    pub fn on_events<'a, T: 'a>(
+        &mut self,
+        events: impl IntoIterator<Item = (&'a T, Timestamp)>,
+        out: &mut WatermarkOutput,
+    ) where
+        G: WatermarkGenerator<T>,
+    {
+        let mut events = events.into_iter().peekable();
+        if events.peek().is_none() {
+            return;
+        }
+        self.saw_record = true;
+        out.mark_active();
+        for (record, timestamp) in events {
+            self.inner.on_event(record, timestamp, out);
+        }
+    }
+
     /// Advances the countdown at a periodic call and says whether the input is idle now.
     fn check_idle(&mut self, processing_time_ms: Timestamp) -> bool {
         let Some(idle_timeout_ms) = self.idle_timeout_ms else { return false };
@@ -939,6 +959,33 @@ impl WatermarkValve {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_events_equals_one_on_event_per_record() {
+        let timestamps = [5i64, 3, 9, 9, 2, 14];
+        for idle_timeout in [None, Some(10)] {
+            let make = || WithIdleness::with_optional_timeout(BoundedOutOfOrderness::new(2), idle_timeout);
+            let (mut single, mut batched) = (make(), make());
+            let (mut out_single, mut out_batched) = (WatermarkOutput::new(), WatermarkOutput::new());
+            for (now, chunk) in timestamps.chunks(4).enumerate() {
+                for ts in chunk {
+                    single.on_event(&(), *ts, &mut out_single);
+                }
+                batched.on_events(chunk.iter().map(|ts| (&(), *ts)), &mut out_batched);
+                batched.on_events(std::iter::empty::<(&(), i64)>(), &mut out_batched);
+                WatermarkGenerator::<()>::on_periodic_emit(&mut single, now as i64 * 100, &mut out_single);
+                WatermarkGenerator::<()>::on_periodic_emit(&mut batched, now as i64 * 100, &mut out_batched);
+                assert_eq!(out_single.take_update(), out_batched.take_update());
+                assert_eq!(single, batched);
+            }
+            // No records for a while: both go idle at the same periodic call.
+            for now in 3..6 {
+                WatermarkGenerator::<()>::on_periodic_emit(&mut single, now * 100, &mut out_single);
+                WatermarkGenerator::<()>::on_periodic_emit(&mut batched, now * 100, &mut out_batched);
+                assert_eq!(out_single.take_update(), out_batched.take_update());
+            }
+        }
+    }
 
     #[test]
     fn watermark_orders_and_passes() {

@@ -40,27 +40,31 @@ pub struct Env<'a> {
     pub current: &'a Cell<Option<&'static str>>,
 }
 
-/// Names the operator a panic came from, at no cost when nothing panics: dropped while
-/// unwinding, it records its uid unless a node closer to the panic already did. (Recording the
-/// running operator on every call instead would be a store per record that keeps the chain's
-/// state out of registers.)
+/// Names the operator a panic came from, at no cost when nothing panics: [`PanicSite::run`]
+/// runs user code with a guard that is forgotten when the code returns, and dropped (recording
+/// its uid, unless a node closer to the panic already did) only while unwinding. So the normal
+/// path neither stores the running operator nor asks whether the thread is panicking.
 pub struct PanicSite<'a> {
     cell: &'a Cell<Option<&'static str>>,
     uid: &'static str,
 }
 
 impl<'a> PanicSite<'a> {
-    /// A site for operator `uid`.
+    /// Runs `f` as operator `uid`: a panic out of `f` records `uid` in `cell` (if it is empty).
     #[inline(always)]
-    pub fn new(cell: &'a Cell<Option<&'static str>>, uid: &'static str) -> Self {
-        PanicSite { cell, uid }
+    pub fn run<R>(cell: &'a Cell<Option<&'static str>>, uid: &'static str, f: impl FnOnce() -> R) -> R {
+        let site = PanicSite { cell, uid };
+        let out = f();
+        std::mem::forget(site);
+        out
     }
 }
 
 impl Drop for PanicSite<'_> {
-    #[inline(always)]
+    /// Runs only while unwinding out of [`PanicSite::run`].
+    #[cold]
     fn drop(&mut self) {
-        if std::thread::panicking() && self.cell.get().is_none() {
+        if self.cell.get().is_none() {
             self.cell.set(Some(self.uid));
         }
     }
@@ -135,10 +139,7 @@ where
 {
     #[inline]
     fn record(&mut self, env: &mut Env<'_>, value: In, ts: Timestamp) -> Result<()> {
-        let out = {
-            let _site = PanicSite::new(env.current, self.uid);
-            (self.f)(value)
-        };
+        let out = PanicSite::run(env.current, self.uid, || (self.f)(value));
         self.next.record(env, out, ts)
     }
     forward_control!();
@@ -158,10 +159,7 @@ where
 {
     #[inline]
     fn record(&mut self, env: &mut Env<'_>, value: T, ts: Timestamp) -> Result<()> {
-        let keep = {
-            let _site = PanicSite::new(env.current, self.uid);
-            (self.f)(&value)
-        };
+        let keep = PanicSite::run(env.current, self.uid, || (self.f)(&value));
         if keep {
             self.next.record(env, value, ts)?;
         }
@@ -186,15 +184,9 @@ where
     #[inline]
     fn record(&mut self, env: &mut Env<'_>, value: In, ts: Timestamp) -> Result<()> {
         let current = env.current;
-        let mut outputs = {
-            let _site = PanicSite::new(current, self.uid);
-            (self.f)(value).into_iter()
-        };
+        let mut outputs = PanicSite::run(current, self.uid, || (self.f)(value).into_iter());
         loop {
-            let next = {
-                let _site = PanicSite::new(current, self.uid);
-                outputs.next()
-            };
+            let next = PanicSite::run(current, self.uid, || outputs.next());
             match next {
                 Some(v) => self.next.record(env, v, ts)?,
                 None => return Ok(()),
@@ -238,7 +230,6 @@ impl<O: Operator, N: Node<O::Out>> OpNode<O, N> {
         f: impl FnOnce(&mut O, &mut OperatorContext<'_>, &mut Buffer<O::Out>) -> weir_operators::Result<()>,
     ) -> Result<()> {
         let (uid, shard) = (self.uid, env.shard);
-        let _site = PanicSite::new(env.current, uid);
         let mut ctx = OperatorContext {
             store: env.store,
             timer_store: env.timer_store,
@@ -249,14 +240,25 @@ impl<O: Operator, N: Node<O::Out>> OpNode<O, N> {
             processing_time: env.now,
             watermark: self.watermark,
         };
-        let op = &mut self.op;
-        let buf = &mut self.buf;
-        if !self.opened {
-            op.open(&mut ctx).map_err(|source| RuntimeError::Operator { operator: uid.to_owned(), shard, source })?;
-            self.opened = true;
-        }
-        f(op, &mut ctx, buf).map_err(|source| RuntimeError::Operator { operator: uid.to_owned(), shard, source })?;
-        self.op.drain_side_outputs(&mut |name, record| (env.side)(name, record));
+        let (op, buf, opened) = (&mut self.op, &mut self.buf, &mut self.opened);
+        let side = &mut *env.side;
+        PanicSite::run(env.current, uid, || {
+            if !*opened {
+                op.open(&mut ctx).map_err(|source| RuntimeError::Operator {
+                    operator: uid.to_owned(),
+                    shard,
+                    source,
+                })?;
+                *opened = true;
+            }
+            f(op, &mut ctx, buf).map_err(|source| RuntimeError::Operator {
+                operator: uid.to_owned(),
+                shard,
+                source,
+            })?;
+            op.drain_side_outputs(&mut |name, record| side(name, record));
+            Ok::<(), RuntimeError>(())
+        })?;
         for (v, ts) in self.buf.0.drain(..) {
             self.next.record(env, v, ts)?;
         }
@@ -415,5 +417,33 @@ where
     fn operator_uids(&self, out: &mut Vec<&'static str>) {
         self.chain.operator_uids(out);
         out.push(self.uid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_site_names_the_innermost_operator_and_only_while_unwinding() {
+        let cell = Cell::new(None);
+        assert_eq!(PanicSite::run(&cell, "outer", || PanicSite::run(&cell, "inner", || 7)), 7);
+        assert_eq!(cell.get(), None, "a normal return records nothing");
+
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            PanicSite::run(&cell, "outer", || PanicSite::run(&cell, "inner", || panic!("boom")))
+        }));
+        assert!(caught.is_err());
+        assert_eq!(cell.get(), Some("inner"), "the site closest to the panic wins");
+
+        let cell = Cell::new(None);
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            PanicSite::run(&cell, "outer", || {
+                PanicSite::run(&cell, "inner", || ());
+                panic!("after inner returned")
+            })
+        }));
+        assert!(caught.is_err());
+        assert_eq!(cell.get(), Some("outer"), "a site that returned does not claim a later panic");
     }
 }

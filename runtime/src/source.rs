@@ -163,7 +163,13 @@ impl<G: Generator> SourceReader for GeneratorReader<G> {
     fn read(&mut self, out: &mut Vec<G::Out>, _: &mut Vec<DeadLetter>, max: usize) -> Result<ReadStatus> {
         let before = out.len();
         let (generator, shard, stride, start) = (&self.generator, self.shard, self.stride, self.produced);
-        out.extend((start..start + max as u64).map_while(|i| generator.generate(shard + i * stride)));
+        out.reserve(max);
+        for i in start..start + max as u64 {
+            match generator.generate(shard + i * stride) {
+                Some(value) => out.push(value),
+                None => break,
+            }
+        }
         let n = (out.len() - before) as u64;
         self.produced += n;
         Ok(if n < max as u64 { ReadStatus::End } else { ReadStatus::More })

@@ -57,10 +57,42 @@ pub enum Pumped {
     Drained,
 }
 
+/// A stage's input for one pass: `records` (with their `timestamps`) first, then `elements`.
+///
+/// A source reads straight into `records`, so its records reach the chain without being
+/// wrapped in an [`Element`] and copied again; an exchange hands out `elements` only.
+#[derive(Debug)]
+pub struct Batch<T> {
+    /// Leading records.
+    pub records: Vec<T>,
+    /// The event time of each of `records`.
+    pub timestamps: Vec<Timestamp>,
+    /// What follows the records, in order.
+    pub elements: Vec<Element<T>>,
+}
+
+impl<T> Batch<T> {
+    /// An empty batch with room for `capacity` records or elements.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Batch {
+            records: Vec::with_capacity(capacity),
+            timestamps: Vec::with_capacity(capacity),
+            elements: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Empties the batch, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.records.clear();
+        self.timestamps.clear();
+        self.elements.clear();
+    }
+}
+
 /// Produces a stage's input elements on one shard, a batch at a time.
 pub trait InputPump<T> {
-    /// Appends the elements available now to `out`, without waiting for more.
-    fn next<'a>(&'a mut self, out: &'a mut Vec<Element<T>>, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<Pumped>>;
+    /// Appends the input available now to `out`, without waiting for more.
+    fn next<'a>(&'a mut self, out: &'a mut Batch<T>, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<Pumped>>;
     /// Waits until input may be available, or at most one tick interval.
     fn wait<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, ()>;
     /// A source's offset after the elements handed out so far (a source pump hands out a
@@ -108,7 +140,6 @@ struct SourcePump<R: SourceReader, G, A> {
     generator: weir_operators::time::WithIdleness<G>,
     assigner: A,
     output: WatermarkOutput,
-    buf: Vec<R::Out>,
     dead: Vec<crate::source::DeadLetter>,
     last_emit_ms: i64,
     ended: bool,
@@ -142,7 +173,6 @@ where
             generator: self.strategy.create_generator(),
             assigner: self.strategy.create_timestamp_assigner(),
             output: WatermarkOutput::new(),
-            buf: Vec::new(),
             dead: Vec::new(),
             last_emit_ms: i64::MIN,
             ended: false,
@@ -177,12 +207,9 @@ where
         Some(self.reader.offset())
     }
 
-    fn next<'a>(
-        &'a mut self,
-        out: &'a mut Vec<Element<R::Out>>,
-        rt: &'a ShardRuntime,
-    ) -> LocalFuture<'a, Result<Pumped>> {
+    fn next<'a>(&'a mut self, batch: &'a mut Batch<R::Out>, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<Pumped>> {
         Box::pin(async move {
+            let out = &mut batch.elements;
             if self.ended || rt.cancelled() {
                 self.ended = true;
                 out.push(Element::End);
@@ -209,9 +236,8 @@ where
                     return Ok(Pumped::Drained);
                 }
             }
-            self.buf.clear();
             let status =
-                self.reader.read(&mut self.buf, &mut self.dead, rt.config.source_batch).map_err(|e| match e {
+                self.reader.read(&mut batch.records, &mut self.dead, rt.config.source_batch).map_err(|e| match e {
                     RuntimeError::Source { reason, .. } => {
                         RuntimeError::Source { source_name: self.uid.to_owned(), reason }
                     }
@@ -221,11 +247,8 @@ where
                 rt.dead_letters(self.uid, &mut self.dead);
             }
             let (assigner, generator, output) = (&mut self.assigner, &mut self.generator, &mut self.output);
-            out.extend(self.buf.drain(..).map(|value| {
-                let ts = assigner.timestamp(&value, None);
-                generator.on_event(&value, ts, output);
-                Element::Record(value, ts)
-            }));
+            batch.timestamps.extend(batch.records.iter().map(|value| assigner.timestamp(value, None)));
+            generator.on_events(batch.records.iter().zip(batch.timestamps.iter().copied()), output);
             let now = rt.now();
             if status != ReadStatus::More || now.saturating_sub(self.last_emit_ms) >= rt.config.tick_interval_ms {
                 self.generator.on_periodic_emit(now, &mut self.output);
@@ -386,8 +409,9 @@ impl<T: 'static> InputPump<T> for ExchangePump<T> {
         })
     }
 
-    fn next<'a>(&'a mut self, out: &'a mut Vec<Element<T>>, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<Pumped>> {
+    fn next<'a>(&'a mut self, batch: &'a mut Batch<T>, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<Pumped>> {
         Box::pin(async move {
+            let out = &mut batch.elements;
             if self.ended {
                 out.push(Element::End);
                 return Ok(Pumped::More);
@@ -567,10 +591,7 @@ where
 {
     #[inline]
     fn record(&mut self, env: &mut Env<'_>, value: T, ts: Timestamp) -> Result<()> {
-        let key = {
-            let _site = crate::chain::PanicSite::new(env.current, self.uid);
-            (self.key)(&value)
-        };
+        let key = crate::chain::PanicSite::run(env.current, self.uid, || (self.key)(&value));
         self.buf.clear();
         key.encode_key(&mut self.buf);
         let group = key_group_of_encoded(&self.buf, self.max_parallelism);
@@ -726,8 +747,7 @@ pub struct SinkNode<W> {
 impl<W: SinkWriter> Node<W::In> for SinkNode<W> {
     #[inline]
     fn record(&mut self, env: &mut Env<'_>, value: W::In, ts: Timestamp) -> Result<()> {
-        let _site = crate::chain::PanicSite::new(env.current, self.uid);
-        self.writer.write(value, ts)
+        crate::chain::PanicSite::run(env.current, self.uid, || self.writer.write(value, ts))
     }
     fn watermark(&mut self, _: &mut Env<'_>, _: Timestamp) -> Result<()> {
         Ok(())
@@ -739,16 +759,13 @@ impl<W: SinkWriter> Node<W::In> for SinkNode<W> {
         Ok(())
     }
     fn barrier(&mut self, env: &mut Env<'_>, id: u64) -> Result<()> {
-        let _site = crate::chain::PanicSite::new(env.current, self.uid);
-        self.writer.pre_commit(id)
+        crate::chain::PanicSite::run(env.current, self.uid, || self.writer.pre_commit(id))
     }
     fn committed(&mut self, env: &mut Env<'_>, id: u64) -> Result<()> {
-        let _site = crate::chain::PanicSite::new(env.current, self.uid);
-        self.writer.commit(id)
+        crate::chain::PanicSite::run(env.current, self.uid, || self.writer.commit(id))
     }
     fn end(&mut self, env: &mut Env<'_>) -> Result<()> {
-        let _site = crate::chain::PanicSite::new(env.current, self.uid);
-        self.writer.end_of_input(self.checkpointed)
+        crate::chain::PanicSite::run(env.current, self.uid, || self.writer.end_of_input(self.checkpointed))
     }
 }
 
@@ -948,7 +965,7 @@ impl StageStores {
 /// What a stage does between elements: push a batch down the chain, or tell it a checkpoint
 /// completed.
 enum ChainCall<'b, In> {
-    Batch(&'b mut Vec<Element<In>>),
+    Batch(&'b mut Batch<In>),
     Committed(u64),
 }
 
@@ -956,6 +973,8 @@ enum ChainCall<'b, In> {
 #[derive(Default)]
 struct Pass {
     done: bool,
+    /// Records pushed down the chain.
+    records: u64,
     snapshots: Vec<(u64, weir_state::store::PendingCheckpoint, weir_state::store::PendingCheckpoint)>,
 }
 
@@ -988,9 +1007,16 @@ fn run_chain<In: 'static, N: Node<In>>(
             ChainCall::Committed(id) => return chain.committed(&mut env, id),
             ChainCall::Batch(batch) => batch,
         };
-        for element in batch.drain(..) {
+        pass.records = batch.records.len() as u64;
+        for (v, ts) in batch.records.drain(..).zip(batch.timestamps.drain(..)) {
+            chain.record(&mut env, v, ts)?;
+        }
+        for element in batch.elements.drain(..) {
             match element {
-                Element::Record(v, ts) => chain.record(&mut env, v, ts)?,
+                Element::Record(v, ts) => {
+                    pass.records += 1;
+                    chain.record(&mut env, v, ts)?;
+                }
                 Element::Watermark(w) => chain.watermark(&mut env, w)?,
                 Element::Idle(idle) => chain.idle(&mut env, idle)?,
                 Element::Barrier(id) => {
@@ -1092,7 +1118,7 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
     task: usize,
 ) -> Result<()> {
     let mut stores = ReapOnDrop(Some(stores));
-    let mut batch = Vec::with_capacity(rt.config.source_batch.max(rt.config.batch_len) + 8);
+    let mut batch = Batch::with_capacity(rt.config.source_batch.max(rt.config.batch_len) + 8);
     let mut last_tick = i64::MIN;
     let mut last_barrier = 0;
     let mut last_committed = rt.restored_checkpoint().unwrap_or(0);
@@ -1106,7 +1132,6 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
         }
         batch.clear();
         let pumped = pump.next(&mut batch, &rt).await?;
-        let records = batch.iter().filter(|e| matches!(e, Element::Record(..))).count() as u64;
         let mut pass = run_chain(&mut chain, &mut stores, &rt, name, &mut last_tick, ChainCall::Batch(&mut batch))?;
         if let Some((id, ..)) = pass.snapshots.last() {
             last_barrier = *id;
@@ -1114,7 +1139,7 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
         hand_over_snapshots(&mut pass, &mut stores, pump.as_ref(), &rt, name, task)?;
         let upkeep = stores.maintain()?;
         let done = pass.done;
-        rt.count_batch(name, records);
+        rt.count_batch(name, pass.records);
         if let Some(tx) = &tx {
             // The terminal node only queues; sends (and backpressure) happen here, between
             // batches, so no borrow of the store or the chain is held across an await.

@@ -339,6 +339,45 @@ fn a_panic_in_a_user_function_names_operator_and_shard() {
     }
 }
 
+#[test]
+fn panics_in_a_key_selector_a_filter_and_a_sink_name_their_operator() {
+    fn check(job: Job, expected: &str) {
+        match run_with_timeout(job, config(2), Duration::from_secs(60)).unwrap_err() {
+            RuntimeError::Panic { operator, message, .. } => {
+                assert_eq!(operator, expected, "{message}");
+                assert!(message.contains("boom"), "{message}");
+            }
+            other => panic!("unexpected error {other}"),
+        }
+    }
+    let job = Job::new("panic-key");
+    job.source("numbers", VecSource::new((0..1_000u64).collect()))
+        .map("double", |n: u64| n * 2)
+        .key_by("by-n", |n: &u64| {
+            assert!(*n != 900, "boom in the key selector");
+            *n % 10
+        })
+        .into_stream("keyed")
+        .sink("out", CollectSink::new());
+    check(job, "by-n");
+
+    let job = Job::new("panic-filter");
+    job.source("numbers", VecSource::new((0..1_000u64).collect()))
+        .map("double", |n: u64| n * 2)
+        .filter("odd-filter", |n: &u64| {
+            assert!(*n != 900, "boom in the filter");
+            true
+        })
+        .sink("out", CollectSink::new());
+    check(job, "odd-filter");
+
+    let job = Job::new("panic-sink");
+    job.source("numbers", VecSource::new((0..1_000u64).collect()))
+        .map("double", |n: u64| n * 2)
+        .sink("exploding-sink", CallbackSink::new(|n: u64, _, _| assert!(n != 900, "boom in the sink")));
+    check(job, "exploding-sink");
+}
+
 /// (key, event time, value): `n` records per side over `keys` keys, in time order with a
 /// little disorder.
 fn side(n: i64, keys: i64, seed: i64) -> Vec<(String, i64, i64)> {
