@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use weir_operators::operator::{Keyed, Operator};
+use weir_operators::operator::{Keyed, Operator, OutputTag};
 use weir_operators::process::{KeyedProcessFunction, KeyedProcessOperator};
 use weir_operators::time::{RecordTimestamp, TimestampAssigner, WatermarkGenerator, WatermarkStrategy};
 use weir_operators::window::TimeWindow;
@@ -42,8 +42,8 @@ use crate::error::{Result, RuntimeError};
 use crate::sink::Sink;
 use crate::source::Source;
 use crate::stage::{
-    ConnectionId, ExchangeInput, Partitioner, Route, RouteSpec, SinkSpec, SourceInput, StageFactory, StageInput,
-    StageSpec, TerminalSpec,
+    ConnectionId, ExchangeInput, Partitioner, Route, RouteSpec, SideOutput, SideOutputSpec, SinkSpec, SourceInput,
+    StageFactory, StageInput, StageSpec, TerminalSpec,
 };
 use weir_operators::reduce::ReduceOperator;
 
@@ -177,7 +177,7 @@ impl Job {
     {
         self.graph.borrow_mut().claim_uid(uid);
         let input: Box<dyn StageInput<S::Out>> = Box::new(SourceInput::new(uid, source, strategy));
-        Stream { job: self.clone(), input: Some(input), chain: Identity, _t: PhantomData }
+        Stream::new(self.clone(), input)
     }
 
     /// Starts the job on its shards and returns at once.
@@ -188,6 +188,14 @@ impl Job {
         }
         if graph.stages.is_empty() {
             return Err(RuntimeError::InvalidJob("the job has no sink".into()));
+        }
+        // A connection nobody reads would fill up and stall its writers for good.
+        let read: HashSet<ConnectionId> = graph.stages.iter().flat_map(|stage| stage.inputs()).collect();
+        if let Some((unread, ..)) = graph.connections.iter().find(|(id, ..)| !read.contains(id)) {
+            return Err(RuntimeError::InvalidJob(format!(
+                "a stream is never closed (connection {}): end every stream, side outputs included, in a sink",
+                unread.0
+            )));
         }
         let mut operators: Vec<String> = graph.uids.iter().map(|u| (*u).to_owned()).collect();
         operators.sort();
@@ -217,12 +225,46 @@ pub struct Stream<In: 'static, C> {
     job: Job,
     input: Option<Box<dyn StageInput<In>>>,
     chain: C,
+    /// Side outputs of this stream's stage that other streams read.
+    sides: RefCell<Vec<Box<dyn SideOutputSpec>>>,
     _t: PhantomData<fn(In)>,
+}
+
+impl<In: 'static> Stream<In, Identity> {
+    /// The start of a stage reading `input`.
+    fn new(job: Job, input: Box<dyn StageInput<In>>) -> Self {
+        Stream { job, input: Some(input), chain: Identity, sides: RefCell::default(), _t: PhantomData }
+    }
 }
 
 impl<In: 'static, C: ChainSpec<In>> Stream<In, C> {
     fn with<D>(mut self, chain: impl FnOnce(C) -> D) -> Stream<In, D> {
-        Stream { job: self.job.clone(), input: self.input.take(), chain: chain(self.chain), _t: PhantomData }
+        Stream {
+            job: self.job.clone(),
+            input: self.input.take(),
+            chain: chain(self.chain),
+            sides: RefCell::new(self.sides.take()),
+            _t: PhantomData,
+        }
+    }
+
+    /// The records that the operators of this stream's stage (its chain so far and what is
+    /// chained to it later) emit under `tag`, as a stream of their own: Flink's
+    /// `getSideOutput`. Call it before the stream is closed (by a sink, `key_by`, `rebalance`,
+    /// `broadcast` or `union`).
+    ///
+    /// The side stream runs on the same shards, carries the stage's watermarks (so it can be
+    /// windowed), and takes part in checkpoints like any other stream. Records under a tag that
+    /// no stream reads are kept for [`crate::runner::JobReport::side_output`] instead.
+    pub fn side_output<T: Send + 'static>(&self, uid: &'static str, tag: OutputTag<T>) -> Stream<T, Identity> {
+        self.claim(uid);
+        if self.sides.borrow().iter().any(|side| side.tag() == tag.name()) {
+            let error = format!("side output {:?} is read twice ({uid:?})", tag.name());
+            self.job.graph.borrow_mut().errors.push(error);
+        }
+        let conn = self.job.graph.borrow_mut().connection::<T>(true);
+        self.sides.borrow_mut().push(Box::new(SideOutput::<T>::new(tag.name(), conn)));
+        Stream::new(self.job.clone(), Box::new(ExchangeInput::new(uid, vec![conn])))
     }
 
     fn claim(&self, uid: &'static str) {
@@ -275,7 +317,7 @@ impl<In: 'static, C: ChainSpec<In>> Stream<In, C> {
             return self.job;
         };
         let stage: Arc<dyn StageFactory> =
-            Arc::new(StageSpec::new(input, self.chain.clone(), terminal, output, forward));
+            Arc::new(StageSpec::new(input, self.chain.clone(), terminal, output, forward, self.sides.take()));
         self.job.add_stage(stage);
         self.job
     }
@@ -302,7 +344,7 @@ impl<In: 'static, C: ChainSpec<In>> Stream<In, C> {
         let conn = self.job.graph.borrow_mut().connection::<C::Out>(false);
         let job = self.close(RouteSpec::new(Route::RoundRobin), Some(conn), false);
         let input: Box<dyn StageInput<C::Out>> = Box::new(ExchangeInput::new(uid, vec![conn]));
-        Stream { job, input: Some(input), chain: Identity, _t: PhantomData }
+        Stream::new(job, input)
     }
 
     /// Sends every record to every shard.
@@ -314,7 +356,7 @@ impl<In: 'static, C: ChainSpec<In>> Stream<In, C> {
         let conn = self.job.graph.borrow_mut().connection::<C::Out>(false);
         let job = self.close(RouteSpec::new(Route::Broadcast), Some(conn), false);
         let input: Box<dyn StageInput<C::Out>> = Box::new(ExchangeInput::new(uid, vec![conn]));
-        Stream { job, input: Some(input), chain: Identity, _t: PhantomData }
+        Stream::new(job, input)
     }
 
     /// Merges this stream with `other` (same type): the result reads both, on each shard, and
@@ -335,7 +377,7 @@ impl<In: 'static, C: ChainSpec<In>> Stream<In, C> {
         let job = self.close(RouteSpec::new(Route::Forward), Some(a), true);
         other.close(RouteSpec::new(Route::Forward), Some(b), true);
         let input: Box<dyn StageInput<C::Out>> = Box::new(ExchangeInput::new(uid, vec![a, b]));
-        Stream { job, input: Some(input), chain: Identity, _t: PhantomData }
+        Stream::new(job, input)
     }
 
     /// Ends the stream in `sink`.
@@ -357,6 +399,7 @@ pub struct WindowedStream<K, T, In: 'static, C, KF, W> {
     uid: &'static str,
     assigner: W,
     lateness: AllowedLateness,
+    late_data: Option<OutputTag<Keyed<K, T>>>,
 }
 
 impl<K, T, In, C, KF, W> WindowedStream<K, T, In, C, KF, W>
@@ -375,6 +418,15 @@ where
         self
     }
 
+    /// Sends records too late for all their windows, themselves (key, value and timestamp),
+    /// to the side output `tag` instead of a [`weir_operators::window::operator::LateRecord`]
+    /// under `LATE`; read them with [`Stream::side_output`] on the windowed result (Flink's
+    /// `sideOutputLateData`).
+    pub fn side_output_late_data(mut self, tag: OutputTag<Keyed<K, T>>) -> Self {
+        self.late_data = Some(tag);
+        self
+    }
+
     /// Aggregates each window incrementally with `aggregate` and emits
     /// `window_fn(key, window, result)` when it fires.
     pub fn aggregate<A, F, R>(
@@ -388,9 +440,13 @@ where
         F: Fn(&K, TimeWindow, A::Out) -> R + Clone + Send + Sync + 'static,
         R: 'static,
     {
-        let WindowedStream { keyed, uid, assigner, lateness } = self;
+        let WindowedStream { keyed, uid, assigner, lateness, late_data } = self;
         keyed.input(uid).operator(uid, move || {
-            WindowOperator::new(uid, assigner.clone(), aggregate.clone(), window_fn.clone(), lateness)
+            let op = WindowOperator::new(uid, assigner.clone(), aggregate.clone(), window_fn.clone(), lateness);
+            match late_data {
+                Some(tag) => op.with_late_data(tag),
+                None => op,
+            }
         })
     }
 
@@ -432,7 +488,7 @@ where
 {
     fn input(self, uid: &'static str) -> Stream<CoInput<K, A, B>, Identity> {
         let input: Box<dyn StageInput<CoInput<K, A, B>>> = Box::new(ExchangeInput::new(uid, self.conns));
-        Stream { job: self.job, input: Some(input), chain: Identity, _t: PhantomData }
+        Stream::new(self.job, input)
     }
 
     /// Runs a keyed co-process function over both inputs (shared keyed state and timers).
@@ -528,7 +584,7 @@ where
         let conn = self.upstream.job.graph.borrow_mut().connection::<Keyed<K, T>>(false);
         let job = self.close_keyed(conn, keep_keyed::<K, T> as fn(Keyed<K, T>) -> Keyed<K, T>);
         let input: Box<dyn StageInput<Keyed<K, T>>> = Box::new(ExchangeInput::new(uid, vec![conn]));
-        Stream { job, input: Some(input), chain: Identity, _t: PhantomData }
+        Stream::new(job, input)
     }
 
     /// Connects this keyed stream with `other` (keyed by the same key type): both meet, per
@@ -589,7 +645,7 @@ where
     where
         W: WindowAssigner<Window = TimeWindow> + Clone + Send + Sync + 'static,
     {
-        WindowedStream { keyed: self, uid, assigner, lateness: AllowedLateness::ZERO }
+        WindowedStream { keyed: self, uid, assigner, lateness: AllowedLateness::ZERO, late_data: None }
     }
 
     /// Global windows of `size` records per key (a count trigger that fires and purges).

@@ -793,6 +793,109 @@ impl<S: Sink> TerminalSpec<S::In> for SinkSpec<S> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Side outputs
+// ---------------------------------------------------------------------------------------
+
+/// A side output of a stage that a stream reads: the records its operators emit under one
+/// tag travel over a forward connection to the same shard of the reading stage, and every
+/// marker of the stage's input (watermarks, idleness, barriers, end of input) follows them
+/// there, so the side stream has event time, takes part in checkpoints and ends.
+pub trait SideOutputSpec: Send + Sync + 'static {
+    /// The tag's name.
+    fn tag(&self) -> &'static str;
+    /// This shard's sending side.
+    fn build(&self, rt: &ShardRuntime) -> Result<Box<dyn SideOutputTx>>;
+}
+
+/// One shard's sending side of a side output, type-erased (a stage may have several).
+pub trait SideOutputTx {
+    /// The tag's name.
+    fn tag(&self) -> &'static str;
+    /// Queues a record an operator emitted (a `Box<(T, Timestamp)>`); hands it back when it
+    /// is of another type than the tag's reader expects.
+    fn record(
+        &mut self,
+        record: Box<dyn std::any::Any + Send>,
+    ) -> std::result::Result<(), Box<dyn std::any::Any + Send>>;
+    /// Queues a marker for every shard.
+    fn control(&mut self, marker: &Element<()>);
+    /// Sends full batches (waits while channels are full).
+    fn send_full<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<()>>;
+    /// Sends everything queued.
+    fn flush<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<()>>;
+}
+
+/// The side output `tag` of type `T`, read over `conn`.
+pub struct SideOutput<T> {
+    tag: &'static str,
+    conn: ConnectionId,
+    _t: PhantomData<fn(T)>,
+}
+
+impl<T> SideOutput<T> {
+    /// Side output `tag`, sent over `conn`.
+    pub fn new(tag: &'static str, conn: ConnectionId) -> Self {
+        SideOutput { tag, conn, _t: PhantomData }
+    }
+}
+
+impl<T: Send + 'static> SideOutputSpec for SideOutput<T> {
+    fn tag(&self) -> &'static str {
+        self.tag
+    }
+    fn build(&self, rt: &ShardRuntime) -> Result<Box<dyn SideOutputTx>> {
+        Ok(Box::new(SideSender::<T> {
+            tag: self.tag,
+            shard: rt.shard,
+            parallelism: rt.parallelism,
+            tx: rt.sender::<T>(self.conn)?,
+        }))
+    }
+}
+
+struct SideSender<T> {
+    tag: &'static str,
+    shard: usize,
+    parallelism: usize,
+    tx: Box<dyn ExchangeTx<T>>,
+}
+
+impl<T: Send + 'static> SideOutputTx for SideSender<T> {
+    fn tag(&self) -> &'static str {
+        self.tag
+    }
+    fn record(
+        &mut self,
+        record: Box<dyn std::any::Any + Send>,
+    ) -> std::result::Result<(), Box<dyn std::any::Any + Send>> {
+        let (value, ts) = *record.downcast::<(T, Timestamp)>()?;
+        self.tx.push(self.shard, Element::Record(value, ts));
+        Ok(())
+    }
+    fn control(&mut self, marker: &Element<()>) {
+        for target in 0..self.parallelism {
+            self.tx.push(target, to_typed(marker));
+        }
+    }
+    fn send_full<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<()>> {
+        self.tx.send_full(rt)
+    }
+    fn flush<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<()>> {
+        self.tx.flush(rt)
+    }
+}
+
+/// A stage's side outputs on one shard.
+type SideTxs = RefCell<Vec<Box<dyn SideOutputTx>>>;
+
+/// Sends a marker that the chain has just handled down every side output.
+fn side_control(sides: &SideTxs, marker: Element<()>) {
+    for side in sides.borrow_mut().iter_mut() {
+        side.control(&marker);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Stage
 // ---------------------------------------------------------------------------------------
 
@@ -819,6 +922,7 @@ pub struct StageSpec<In: 'static, C, Term> {
     terminal: Term,
     output: Option<ConnectionId>,
     forward: bool,
+    sides: Vec<Box<dyn SideOutputSpec>>,
 }
 
 impl<In: 'static, C, Term> StageSpec<In, C, Term> {
@@ -829,8 +933,9 @@ impl<In: 'static, C, Term> StageSpec<In, C, Term> {
         terminal: Term,
         output: Option<ConnectionId>,
         forward: bool,
+        sides: Vec<Box<dyn SideOutputSpec>>,
     ) -> Self {
-        StageSpec { input, chain, terminal, output, forward }
+        StageSpec { input, chain, terminal, output, forward, sides }
     }
 }
 
@@ -879,8 +984,10 @@ where
         ) {
             stores.retained.insert(id, [state, timers]);
         }
+        let sides = self.sides.iter().map(|side| side.build(&rt)).collect::<Result<Vec<_>>>()?;
         let task = index * rt.parallelism + rt.shard;
-        Ok(Box::pin(run_stage(pump, chain, tx, stores, rt, self.name(), task)))
+        let io = StageIo { tx, sides: RefCell::new(sides) };
+        Ok(Box::pin(run_stage(pump, chain, io, stores, rt, self.name(), task)))
     }
 }
 
@@ -986,11 +1093,22 @@ fn run_chain<In: 'static, N: Node<In>>(
     rt: &ShardRuntime,
     name: &'static str,
     last_tick: &mut i64,
+    sides: &SideTxs,
     call: ChainCall<'_, In>,
 ) -> Result<Pass> {
     let current = std::cell::Cell::new(None);
     let now = rt.now();
-    let mut side = |tag: &'static str, record: Box<dyn std::any::Any + Send>| rt.side_output(tag, record);
+    // Records under a tag that a stream reads go down its connection; others (and records of
+    // another type than the reader's) are kept for the job's report.
+    let mut side = |tag: &'static str, record: Box<dyn std::any::Any + Send>| {
+        let unrouted = match sides.borrow_mut().iter_mut().find(|side| side.tag() == tag) {
+            Some(side) => side.record(record).err(),
+            None => Some(record),
+        };
+        if let Some(record) = unrouted {
+            rt.side_output(tag, record);
+        }
+    };
     let mut env = Env {
         store: &mut stores.state,
         timer_store: &mut stores.timers,
@@ -1017,12 +1135,19 @@ fn run_chain<In: 'static, N: Node<In>>(
                     pass.records += 1;
                     chain.record(&mut env, v, ts)?;
                 }
-                Element::Watermark(w) => chain.watermark(&mut env, w)?,
-                Element::Idle(idle) => chain.idle(&mut env, idle)?,
+                Element::Watermark(w) => {
+                    chain.watermark(&mut env, w)?;
+                    side_control(sides, Element::Watermark(w));
+                }
+                Element::Idle(idle) => {
+                    chain.idle(&mut env, idle)?;
+                    side_control(sides, Element::Idle(idle));
+                }
                 Element::Barrier(id) => {
                     // Every record before the barrier is in the stores now (operators emit
                     // synchronously): forward the barrier, then seal both stores.
                     chain.barrier(&mut env, id)?;
+                    side_control(sides, Element::Barrier(id));
                     let state = env.store.checkpoint(id)?;
                     let timers = env.timer_store.checkpoint(id)?;
                     pass.snapshots.push((id, state, timers));
@@ -1034,6 +1159,7 @@ fn run_chain<In: 'static, N: Node<In>>(
                         chain.tick(&mut env)?;
                     }
                     chain.end(&mut env)?;
+                    side_control(sides, Element::End);
                     pass.done = true;
                     break;
                 }
@@ -1108,10 +1234,43 @@ fn hand_over_snapshots<In>(
     Ok(())
 }
 
+/// Where a stage's output goes: its terminal's sender (for exchanges) and its side outputs.
+struct StageIo<Out> {
+    tx: Option<SharedTx<Out>>,
+    sides: SideTxs,
+}
+
+impl<Out: 'static> StageIo<Out> {
+    /// Sends what the last pass queued: everything when `flush`, else full batches only.
+    /// The terminal node only queues; sends (and backpressure) happen here, between batches,
+    /// so no borrow of the store or the chain is held across an await.
+    async fn send(&self, rt: &ShardRuntime, flush: bool) -> Result<()> {
+        if let Some(tx) = &self.tx {
+            let mut sender = take_sender(tx);
+            let sent = if flush { sender.flush(rt).await } else { sender.send_full(rt).await };
+            restore_sender(tx, sender);
+            sent?;
+        }
+        if self.sides.borrow().is_empty() {
+            return Ok(());
+        }
+        let mut sides = self.sides.take();
+        let mut sent = Ok(());
+        for side in sides.iter_mut() {
+            sent = if flush { side.flush(rt).await } else { side.send_full(rt).await };
+            if sent.is_err() {
+                break;
+            }
+        }
+        *self.sides.borrow_mut() = sides;
+        sent
+    }
+}
+
 async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
     mut pump: Box<dyn InputPump<In>>,
     mut chain: N,
-    tx: Option<SharedTx<Out>>,
+    io: StageIo<Out>,
     stores: StageStores,
     rt: Rc<ShardRuntime>,
     name: &'static str,
@@ -1127,39 +1286,35 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
             let completed = checkpoints.completed();
             if completed > last_committed {
                 last_committed = completed;
-                run_chain(&mut chain, &mut stores, &rt, name, &mut last_tick, ChainCall::Committed(completed))?;
+                let call = ChainCall::Committed(completed);
+                run_chain(&mut chain, &mut stores, &rt, name, &mut last_tick, &io.sides, call)?;
             }
         }
         batch.clear();
         let pumped = pump.next(&mut batch, &rt).await?;
-        let mut pass = run_chain(&mut chain, &mut stores, &rt, name, &mut last_tick, ChainCall::Batch(&mut batch))?;
-        if let Some((id, ..)) = pass.snapshots.last() {
-            last_barrier = *id;
-        }
+        let call = ChainCall::Batch(&mut batch);
+        let mut pass = run_chain(&mut chain, &mut stores, &rt, name, &mut last_tick, &io.sides, call)?;
+        let barrier = pass.snapshots.last().map(|(id, ..)| *id);
+        last_barrier = barrier.unwrap_or(last_barrier);
         hand_over_snapshots(&mut pass, &mut stores, pump.as_ref(), &rt, name, task)?;
         let upkeep = stores.maintain()?;
         let done = pass.done;
         rt.count_batch(name, pass.records);
-        if let Some(tx) = &tx {
-            // The terminal node only queues; sends (and backpressure) happen here, between
-            // batches, so no borrow of the store or the chain is held across an await.
-            // Partial batches go out when the input is drained: records never wait for a
-            // batch to fill while this stage waits for input.
-            let mut sender = take_sender(tx);
-            let flush = done || pumped == Pumped::Drained;
-            let sent = if flush { sender.flush(&rt).await } else { sender.send_full(&rt).await };
-            restore_sender(tx, sender);
-            sent?;
-        }
+        // Partial batches go out when the input is drained (records never wait for a batch
+        // to fill while this stage waits for input) and after a barrier: a barrier held back in
+        // a partial batch while this stage waits on a full channel whose reader is aligning
+        // (and so waits for that very barrier) would deadlock the two.
+        io.send(&rt, done || pumped == Pumped::Drained || barrier.is_some()).await?;
         if done {
             if let (Some(checkpoints), Some((id, snapshot))) = (rt.checkpoints(), stores.last.take()) {
                 checkpoints.task_finished(task, id, snapshot);
             }
-            if tx.is_none() && last_barrier > last_committed {
+            if io.tx.is_none() && last_barrier > last_committed {
                 // A sink stage: its last output is committed by the final checkpoint.
                 let committed = wait_for_completion(&rt, last_barrier).await?;
                 if committed > last_committed {
-                    run_chain(&mut chain, &mut stores, &rt, name, &mut last_tick, ChainCall::Committed(committed))?;
+                    let call = ChainCall::Committed(committed);
+                    run_chain(&mut chain, &mut stores, &rt, name, &mut last_tick, &io.sides, call)?;
                 }
             }
             return Ok(());

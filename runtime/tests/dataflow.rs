@@ -214,6 +214,127 @@ fn records_later_than_allowed_lateness_go_to_the_side_output() {
     assert_eq!(finals.values().sum::<u64>(), 101);
 }
 
+#[test]
+fn late_records_themselves_flow_into_a_side_stream() {
+    const LATE_EVENTS: OutputTag<Keyed<String, (String, i64)>> = OutputTag::new("late-events");
+    let mut input: Vec<(String, i64)> = (0..100).map(|i| ("k".to_string(), i * 1_000)).collect();
+    input.extend([("k".to_string(), 5), ("k".to_string(), 6), ("k".to_string(), 95_500)]);
+    let job = Job::new("late-stream");
+    let (out, late_out) = (CollectSink::new(), CollectSink::new());
+    let counts = job
+        .source_with_watermarks(
+            "events",
+            IterSource::new(
+                move |shard, _| if shard == 0 { input.clone().into_iter() } else { Vec::new().into_iter() },
+            ),
+            WatermarkStrategy::monotonic().with_timestamp_assigner(|e: &(String, i64), _| e.1),
+        )
+        .key_by("by-key", |e: &(String, i64)| e.0.clone())
+        .window("tumbling", TumblingWindows::event_time(10_000))
+        .allowed_lateness(1_000)
+        .side_output_late_data(LATE_EVENTS)
+        .aggregate(Count::new(), |_: &String, w: TimeWindow, n: u64| (w.start(), n));
+    counts
+        .side_output("late-stream", LATE_EVENTS)
+        .map("late-value", |k: Keyed<String, (String, i64)>| k.value)
+        .sink("late-out", late_out.clone());
+    counts.sink("out", out.clone());
+    let mut config = config(1);
+    config.source_batch = 1;
+    config.tick_interval_ms = 0;
+    let mut report = run_with_timeout(job, config, Duration::from_secs(60)).unwrap();
+    assert_eq!(late_out.take(), vec![(("k".to_string(), 5), 5), (("k".to_string(), 6), 6)]);
+    assert!(report.side_output(LATE).is_empty(), "late records went to the stream, not the report");
+    let finals: BTreeMap<i64, u64> = out.take().into_iter().map(|((s, n), _)| (s, n)).collect();
+    assert_eq!(finals.values().sum::<u64>(), 101);
+}
+
+/// Splits events by time: those at a multiple of 3 go to a side output.
+#[derive(Default)]
+struct Split;
+
+const THIRDS: OutputTag<(String, i64)> = OutputTag::new("thirds");
+
+impl KeyedProcessFunction for Split {
+    type Key = String;
+    type In = (String, i64);
+    type Out = (String, i64);
+    fn process(
+        &mut self,
+        e: (String, i64),
+        ctx: &mut ProcessContext<'_, String, (String, i64)>,
+    ) -> weir::operators::Result<()> {
+        if e.1 % 3 == 0 {
+            ctx.side_output(THIRDS, e);
+        } else {
+            ctx.output(e);
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_side_stream_is_keyed_and_windowed_like_any_stream_at_every_parallelism() {
+    let input = events(5_000, 13, 900);
+    let (thirds, rest): (Vec<_>, Vec<_>) = input.iter().cloned().partition(|e| e.1 % 3 == 0);
+    let (want_main, want_side) = (window_reference(&rest, 2_000, 2_000), window_reference(&thirds, 2_000, 2_000));
+    for p in [1, 2, 4] {
+        let job = Job::new("side-stream");
+        let (main_out, side_out) = (CollectSink::new(), CollectSink::new());
+        let split = job
+            .source_with_watermarks("events", VecSource::new(input.clone()), event_time())
+            .key_by("by-key", |e: &(String, i64)| e.0.clone())
+            .process("split", || Split);
+        let label = |k: &String, w: TimeWindow, n: u64| (k.clone(), w.start(), n);
+        split
+            .side_output("thirds", THIRDS)
+            .key_by("thirds-by-key", |e: &(String, i64)| e.0.clone())
+            .window("thirds-windows", TumblingWindows::event_time(2_000))
+            .aggregate(Count::new(), label)
+            .sink("thirds-out", side_out.clone());
+        split
+            .key_by("rest-by-key", |e: &(String, i64)| e.0.clone())
+            .window("rest-windows", TumblingWindows::event_time(2_000))
+            .aggregate(Count::new(), label)
+            .sink("rest-out", main_out.clone());
+        let mut report = run_with_timeout(job, config(p), Duration::from_secs(60)).unwrap();
+        assert!(report.side_output(THIRDS).is_empty(), "every side record went to the stream");
+        let collect = |sink: CollectSink<(String, i64, u64)>| {
+            let mut got = BTreeMap::new();
+            for ((k, start, n), _) in sink.take() {
+                assert!(got.insert((k, start), n).is_none(), "a window fired twice");
+            }
+            got
+        };
+        assert_eq!(collect(side_out), want_side, "side stream, parallelism {p}");
+        assert_eq!(collect(main_out), want_main, "main stream, parallelism {p}");
+    }
+}
+
+#[test]
+fn a_side_stream_that_is_never_closed_is_an_error_not_a_hang() {
+    let job = Job::new("unclosed-side");
+    let split = job
+        .source("events", VecSource::new(vec![("a".to_string(), 3i64)]))
+        .key_by("by-key", |e: &(String, i64)| e.0.clone())
+        .process("split", || Split);
+    let _unread = split.side_output("thirds", THIRDS);
+    split.sink("out", CollectSink::new());
+    let err = job.run(config(2)).unwrap_err();
+    assert!(err.to_string().contains("never closed"), "{err}");
+
+    let job = Job::new("side-read-twice");
+    let split = job
+        .source("events", VecSource::new(vec![("a".to_string(), 3i64)]))
+        .key_by("by-key", |e: &(String, i64)| e.0.clone())
+        .process("split", || Split);
+    split.side_output("thirds-a", THIRDS).sink("a", CollectSink::new());
+    split.side_output("thirds-b", THIRDS).sink("b", CollectSink::new());
+    split.sink("out", CollectSink::new());
+    let err = job.run(config(2)).unwrap_err();
+    assert!(err.to_string().contains("read twice"), "{err}");
+}
+
 /// Shard 0 produces events; shard 1 has nothing for a long time (it is idle, not finished).
 struct HalfIdle {
     stop: Arc<std::sync::atomic::AtomicBool>,

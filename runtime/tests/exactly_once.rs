@@ -254,3 +254,81 @@ fn at_least_once_loses_nothing_after_a_panic() {
         assert!((1..=want).all(|c| counts.contains(&c)), "key {k}: every count up to {want} committed");
     }
 }
+
+/// Counts per key in keyed state; counts of odd keys go to a side output. Panics once, at
+/// record `panic_at`.
+struct CountAndSplit {
+    count: Option<ValueState<u64>>,
+    seen: Arc<AtomicU64>,
+    fired: Arc<AtomicBool>,
+    panic_at: u64,
+}
+
+const ODD: OutputTag<(u64, u64)> = OutputTag::new("odd-keys");
+
+impl KeyedProcessFunction for CountAndSplit {
+    type Key = u64;
+    type In = u64;
+    type Out = (u64, u64);
+    fn open(&mut self, states: &mut StateRegistry<'_>) -> weir::operators::Result<()> {
+        self.count = Some(states.value("count")?);
+        Ok(())
+    }
+    fn process(&mut self, key: u64, ctx: &mut ProcessContext<'_, u64, (u64, u64)>) -> weir::operators::Result<()> {
+        if self.seen.fetch_add(1, Ordering::Relaxed) == self.panic_at && !self.fired.swap(true, Ordering::SeqCst) {
+            panic!("injected failure at record {}", self.panic_at);
+        }
+        let state = self.count.expect("opened");
+        let n = ctx.value(&state)?.unwrap_or(0) + 1;
+        ctx.set(&state, &n)?;
+        if key % 2 == 1 {
+            ctx.side_output(ODD, (key, n));
+        } else {
+            ctx.output((key, n));
+        }
+        Ok(())
+    }
+}
+
+/// A side output read as a stream into a two-phase sink is exactly-once like the main output:
+/// after a panic and a restart, every key's committed counts are 1..=n on its own side.
+#[test]
+fn a_side_stream_is_exactly_once_after_a_panic() {
+    let n = records() / 4;
+    let keys = 1_000;
+    let panic_at = n * 4 / 10 + mix(seed()) % (n * 3 / 10);
+    let dir = tempfile::tempdir().unwrap();
+    let (seen, fired) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+    let (even_out, odd_out) = (ExactlyOnceCollectSink::new(), ExactlyOnceCollectSink::new());
+    let job = Job::new("exactly-once-side-stream");
+    let fired2 = Arc::clone(&fired);
+    let counts = job.source("numbers", GeneratorSource::new(Keys { n, keys })).key_by("by-key", |k: &u64| *k).process(
+        "count",
+        move || CountAndSplit { count: None, seen: Arc::clone(&seen), fired: Arc::clone(&fired2), panic_at },
+    );
+    counts.side_output("odd", ODD).sink("odd-out", odd_out.clone());
+    counts.sink("even-out", even_out.clone());
+    let config = JobConfig::default().with_parallelism(2).with_checkpointing(settings(dir.path(), 5));
+    let stats = job.run(config).unwrap().wait().unwrap().checkpoints;
+    assert!(fired.load(Ordering::SeqCst), "the failure was injected");
+    assert_eq!(stats.restarts, 1, "{stats:?}");
+    assert!(stats.restored.get(1).copied().flatten().is_some(), "restarted from a checkpoint: {stats:?}");
+    let mut expected: BTreeMap<u64, u64> = BTreeMap::new();
+    for i in 0..n {
+        *expected.entry(mix(i) % keys).or_default() += 1;
+    }
+    for (odd, sink) in [(false, even_out), (true, odd_out)] {
+        let mut per_key: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for ((k, c), _) in sink.take() {
+            assert_eq!(k % 2 == 1, odd, "key {k} on the wrong output");
+            per_key.entry(k).or_default().push(c);
+        }
+        let want: BTreeMap<u64, u64> =
+            expected.iter().filter(|(k, _)| (*k % 2 == 1) == odd).map(|(k, n)| (*k, *n)).collect();
+        assert_eq!(per_key.len(), want.len());
+        for (k, mut counts) in per_key {
+            counts.sort_unstable();
+            assert_eq!(counts, (1..=want[&k]).collect::<Vec<_>>(), "key {k}: every count committed exactly once");
+        }
+    }
+}

@@ -156,10 +156,17 @@ pub struct WindowOperator<K, A: AggregateFunction, W, F> {
     key_buf: Vec<u8>,
     state_buf: Vec<u8>,
     windows: Vec<TimeWindow>,
-    late: Vec<(LateRecord, Timestamp)>,
+    /// Late records waiting to be drained, with their tag.
+    late: Vec<(&'static str, Box<dyn std::any::Any + Send>)>,
     late_count: u64,
+    /// Where late records themselves go (Flink's `sideOutputLateData`), instead of a
+    /// [`LateRecord`] under [`LATE`].
+    late_data: Option<LateData<K, A::In>>,
     _k: PhantomData<fn(K)>,
 }
+
+/// The tag of a window's late-data side output, and how a record is boxed for it.
+type LateData<K, T> = (&'static str, fn(Keyed<K, T>, Timestamp) -> Box<dyn std::any::Any + Send>);
 
 impl<K, A: AggregateFunction, W, F> std::fmt::Debug for WindowOperator<K, A, W, F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -186,8 +193,27 @@ impl<K, A: AggregateFunction, W, F> WindowOperator<K, A, W, F> {
             windows: Vec::new(),
             late: Vec::new(),
             late_count: 0,
+            late_data: None,
             _k: PhantomData,
         }
+    }
+
+    /// Sends each late record itself (key and value, with its timestamp) to the side output
+    /// `tag` instead of a [`LateRecord`] under [`LATE`]: nothing of it is lost, and a side
+    /// stream can process it (Flink's `sideOutputLateData`).
+    pub fn with_late_data(mut self, tag: OutputTag<Keyed<K, A::In>>) -> Self
+    where
+        K: Send + 'static,
+        A::In: Send + 'static,
+    {
+        fn boxed<K: Send + 'static, T: Send + 'static>(
+            record: Keyed<K, T>,
+            timestamp: Timestamp,
+        ) -> Box<dyn std::any::Any + Send> {
+            Box::new((record, timestamp))
+        }
+        self.late_data = Some((tag.name(), boxed::<K, A::In>));
+        self
     }
 
     /// Records sent to the late side output so far.
@@ -402,9 +428,8 @@ where
         ctx: &mut OperatorContext<'_>,
         out: &mut C,
     ) -> Result<()> {
-        let Keyed { key, value } = record;
         self.key_buf.clear();
-        key.encode_key(&mut self.key_buf);
+        record.key.encode_key(&mut self.key_buf);
         let group = key_group_of_encoded(&self.key_buf, self.max_parallelism);
         let now = self.current_time(ctx);
         let mut windows = std::mem::take(&mut self.windows);
@@ -417,10 +442,17 @@ where
         if live.is_empty() {
             if !self.windows.is_empty() {
                 self.late_count += 1;
-                self.late.push((LateRecord { operator: self.uid, timestamp: ts, watermark: ctx.watermark }, ts));
+                self.late.push(match self.late_data {
+                    Some((tag, boxed)) => (tag, boxed(record, ts)),
+                    None => {
+                        let late = LateRecord { operator: self.uid, timestamp: ts, watermark: ctx.watermark };
+                        (LATE.name(), Box::new((late, ts)))
+                    }
+                });
             }
             return Ok(());
         }
+        let Keyed { key, value } = record;
         let mut value = Some(value);
         let last = live.len() - 1;
         if self.assigner.is_merging() {
@@ -493,8 +525,8 @@ where
     }
 
     fn drain_side_outputs(&mut self, sink: &mut dyn FnMut(&'static str, Box<dyn std::any::Any + Send>)) {
-        for record in self.late.drain(..) {
-            sink(LATE.name(), Box::new(record));
+        for (tag, record) in self.late.drain(..) {
+            sink(tag, record);
         }
     }
 }
