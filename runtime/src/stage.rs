@@ -1085,6 +1085,30 @@ struct Pass {
     snapshots: Vec<(u64, weir_state::store::PendingCheckpoint, weir_state::store::PendingCheckpoint)>,
 }
 
+/// A stage's processing time: the clock's until its input is drained (event time reached its
+/// end), and from then on the end of time, so that every pending processing-time timer and
+/// window fires (as in Flink's batch execution mode) before the final checkpoint, which then
+/// covers (and commits) what they emit.
+struct StageTime {
+    /// When the chain was last told that processing time advanced.
+    last_tick: i64,
+    /// The input is drained.
+    drained: bool,
+}
+
+impl StageTime {
+    /// Event time ended: fires every processing-time timer (once).
+    fn drain<In, N: Node<In>>(&mut self, chain: &mut N, env: &mut Env<'_>) -> Result<()> {
+        if self.drained {
+            return Ok(());
+        }
+        self.drained = true;
+        self.last_tick = END_OF_TIME;
+        env.now = END_OF_TIME;
+        chain.tick(env)
+    }
+}
+
 /// Runs `call` on the chain with the stage's environment, inside one unwind guard: a panic
 /// becomes [`RuntimeError::Panic`] naming the operator.
 fn run_chain<In: 'static, N: Node<In>>(
@@ -1092,12 +1116,12 @@ fn run_chain<In: 'static, N: Node<In>>(
     stores: &mut StageStores,
     rt: &ShardRuntime,
     name: &'static str,
-    last_tick: &mut i64,
+    time: &mut StageTime,
     sides: &SideTxs,
     call: ChainCall<'_, In>,
 ) -> Result<Pass> {
     let current = std::cell::Cell::new(None);
-    let now = rt.now();
+    let now = if time.drained { END_OF_TIME } else { rt.now() };
     // Records under a tag that a stream reads go down its connection; others (and records of
     // another type than the reader's) are kept for the job's report.
     let mut side = |tag: &'static str, record: Box<dyn std::any::Any + Send>| {
@@ -1137,6 +1161,9 @@ fn run_chain<In: 'static, N: Node<In>>(
                 }
                 Element::Watermark(w) => {
                     chain.watermark(&mut env, w)?;
+                    if w == END_OF_TIME {
+                        time.drain(chain, &mut env)?;
+                    }
                     side_control(sides, Element::Watermark(w));
                 }
                 Element::Idle(idle) => {
@@ -1156,7 +1183,7 @@ fn run_chain<In: 'static, N: Node<In>>(
                     // Stopped without drain: pending windows and timers stay in the savepoint.
                     if !rt.checkpoints().is_some_and(|c| c.stopping_without_drain()) {
                         chain.watermark(&mut env, END_OF_TIME)?;
-                        chain.tick(&mut env)?;
+                        time.drain(chain, &mut env)?;
                     }
                     chain.end(&mut env)?;
                     side_control(sides, Element::End);
@@ -1165,8 +1192,8 @@ fn run_chain<In: 'static, N: Node<In>>(
                 }
             }
         }
-        if !pass.done && now.saturating_sub(*last_tick) >= rt.config.tick_interval_ms {
-            *last_tick = now;
+        if !pass.done && now.saturating_sub(time.last_tick) >= rt.config.tick_interval_ms {
+            time.last_tick = now;
             chain.tick(&mut env)?;
         }
         Ok(())
@@ -1278,7 +1305,7 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
 ) -> Result<()> {
     let mut stores = ReapOnDrop(Some(stores));
     let mut batch = Batch::with_capacity(rt.config.source_batch.max(rt.config.batch_len) + 8);
-    let mut last_tick = i64::MIN;
+    let mut time = StageTime { last_tick: i64::MIN, drained: false };
     let mut last_barrier = 0;
     let mut last_committed = rt.restored_checkpoint().unwrap_or(0);
     loop {
@@ -1287,13 +1314,13 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
             if completed > last_committed {
                 last_committed = completed;
                 let call = ChainCall::Committed(completed);
-                run_chain(&mut chain, &mut stores, &rt, name, &mut last_tick, &io.sides, call)?;
+                run_chain(&mut chain, &mut stores, &rt, name, &mut time, &io.sides, call)?;
             }
         }
         batch.clear();
         let pumped = pump.next(&mut batch, &rt).await?;
         let call = ChainCall::Batch(&mut batch);
-        let mut pass = run_chain(&mut chain, &mut stores, &rt, name, &mut last_tick, &io.sides, call)?;
+        let mut pass = run_chain(&mut chain, &mut stores, &rt, name, &mut time, &io.sides, call)?;
         let barrier = pass.snapshots.last().map(|(id, ..)| *id);
         last_barrier = barrier.unwrap_or(last_barrier);
         hand_over_snapshots(&mut pass, &mut stores, pump.as_ref(), &rt, name, task)?;
@@ -1314,7 +1341,7 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
                 let committed = wait_for_completion(&rt, last_barrier).await?;
                 if committed > last_committed {
                     let call = ChainCall::Committed(committed);
-                    run_chain(&mut chain, &mut stores, &rt, name, &mut last_tick, &io.sides, call)?;
+                    run_chain(&mut chain, &mut stores, &rt, name, &mut time, &io.sides, call)?;
                 }
             }
             return Ok(());

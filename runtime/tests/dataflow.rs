@@ -335,6 +335,70 @@ fn a_side_stream_that_is_never_closed_is_an_error_not_a_hang() {
     assert!(err.to_string().contains("read twice"), "{err}");
 }
 
+/// Processing-time tumbling windows on the engine, driven by a manual clock that the source
+/// advances as it reads (record `i` is read at `7 * i` ms; the clock jumps a window ahead when
+/// the input ends): every record is counted in exactly one window, and windows fire as the clock
+/// passes them. At the end of input, pending processing-time windows fire (the last one).
+#[test]
+fn processing_time_windows_fire_as_the_clock_passes_their_end() {
+    let n = 1_000i64;
+    for p in [1, 2] {
+        let clock = Arc::new(ManualClock::new(0));
+        let source_clock = Arc::clone(&clock);
+        let job = Job::new("processing-time-windows");
+        let out = CollectSink::new();
+        job.source(
+            "events",
+            IterSource::new(move |shard, _| {
+                let clock = Arc::clone(&source_clock);
+                let end_clock = Arc::clone(&source_clock);
+                let records: Box<dyn Iterator<Item = (String, i64)> + Send> = if shard == 0 {
+                    Box::new(
+                        (0..n)
+                            .map(move |i| {
+                                clock.set(7 * i);
+                                (format!("k{}", i % 3), i)
+                            })
+                            .chain(std::iter::from_fn(move || {
+                                end_clock.set(7 * n + 100);
+                                None
+                            })),
+                    )
+                } else {
+                    Box::new(std::iter::empty())
+                };
+                records
+            }),
+        )
+        .key_by("by-key", |e: &(String, i64)| e.0.clone())
+        .window("tumbling", TumblingWindows::processing_time(100))
+        .aggregate(Count::new(), |k: &String, w: TimeWindow, c: u64| (k.clone(), w.start(), c))
+        .sink("out", out.clone());
+        let mut config = config(p);
+        // One record per read and per exchange batch: the source yields after each record and
+        // the window stage takes it before the clock moves on.
+        config.source_batch = 1;
+        config.batch_len = 1;
+        config.tick_interval_ms = 0;
+        config.clock = clock;
+        let mut report = run_with_timeout(job, config, Duration::from_secs(60)).unwrap();
+        assert!(report.side_output(LATE).is_empty(), "nothing is late in processing time");
+        let mut got: BTreeMap<(String, i64), u64> = BTreeMap::new();
+        for ((k, start, c), _) in out.take() {
+            assert!(got.insert((k, start), c).is_none(), "a window fired twice");
+        }
+        assert_eq!(got.values().sum::<u64>(), n as u64, "parallelism {p}: every record in exactly one window");
+        if p == 1 {
+            // The window stage reads the clock when it takes a record, a record or two after
+            // the source set it: each record is in the window of that moment, so the windows
+            // of the whole run fire one by one, not all at the end.
+            let starts: std::collections::BTreeSet<i64> = got.keys().map(|(_, start)| *start).collect();
+            assert!(starts.len() >= 60, "windows fired as the clock passed them: {starts:?}");
+            assert!(starts.iter().all(|s| *s <= 7 * n + 100), "{starts:?}");
+        }
+    }
+}
+
 /// Shard 0 produces events; shard 1 has nothing for a long time (it is idle, not finished).
 struct HalfIdle {
     stop: Arc<std::sync::atomic::AtomicBool>,

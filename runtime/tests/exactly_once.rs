@@ -345,7 +345,7 @@ fn barriers_are_never_held_back_in_partial_batches() {
     let job = Job::new("skewed-barriers");
     // Nine records in ten go to key 0; the rest spread over 1000 keys.
     job.source("numbers", GeneratorSource::new(Keys { n, keys: 10_000 }))
-        .map("skew", |k: u64| if k % 10 == 0 { k % 1_000 } else { 0 })
+        .map("skew", |k: u64| if k.is_multiple_of(10) { k % 1_000 } else { 0 })
         .key_by("by-key", |k: &u64| *k)
         .reduce("count", |k: &u64| (*k, 0u64), |(k, c): (u64, u64), _| (k, c + 1))
         .rebalance("spread")
@@ -370,7 +370,33 @@ fn barriers_are_never_held_back_in_partial_batches() {
     let mut expected: BTreeMap<u64, u64> = BTreeMap::new();
     for i in 0..n {
         let k = mix(i) % 10_000;
-        *expected.entry(if k % 10 == 0 { k % 1_000 } else { 0 }).or_default() += 1;
+        *expected.entry(if k.is_multiple_of(10) { k % 1_000 } else { 0 }).or_default() += 1;
     }
     assert_eq!(last, expected);
+}
+
+/// Processing-time windows far longer than the job: nothing fires until the input ends, and
+/// then the drained end fires them before the final checkpoint, so their output is committed.
+#[test]
+fn processing_time_windows_pending_at_the_end_are_fired_and_committed() {
+    let n = 100_000;
+    let dir = tempfile::tempdir().unwrap();
+    let out = ExactlyOnceCollectSink::new();
+    let job = Job::new("processing-time-at-end");
+    job.source("numbers", GeneratorSource::new(Keys { n, keys: 100 }))
+        .key_by("by-key", |k: &u64| *k)
+        .window("hourly", TumblingWindows::processing_time(3_600_000))
+        .aggregate(Count::new(), |k: &u64, _: TimeWindow, c: u64| (*k, c))
+        .sink("out", out.clone());
+    let config = JobConfig::default().with_parallelism(2).with_checkpointing(settings(dir.path(), 5));
+    job.run(config).unwrap().wait().unwrap();
+    let mut got: BTreeMap<u64, u64> = BTreeMap::new();
+    for ((k, c), _) in out.take() {
+        *got.entry(k).or_default() += c;
+    }
+    let mut expected: BTreeMap<u64, u64> = BTreeMap::new();
+    for i in 0..n {
+        *expected.entry(mix(i) % 100).or_default() += 1;
+    }
+    assert_eq!(got, expected);
 }

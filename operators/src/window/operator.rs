@@ -268,7 +268,9 @@ where
         window_state_key(&mut self.state_buf, &self.key_buf, w);
         let current = CurrentKey { bytes: &self.state_buf, group };
         let typed: WindowTimerKey<K> = (key.clone(), w.start(), w.end());
-        if w.max_timestamp() > now {
+        // In event time a window already past fires at once instead (a late firing); in
+        // processing time its timer fires at the next tick.
+        if w.max_timestamp() > now || domain == TimeDomain::ProcessingTime {
             timers.register(ctx.timer_store, domain, current, &typed, w.max_timestamp())?;
         }
         if self.lateness.ms() > 0 {
@@ -435,9 +437,13 @@ where
         let mut windows = std::mem::take(&mut self.windows);
         windows.clear();
         self.assigner.assign_windows(ts, ctx.processing_time, &mut windows);
-        // Windows still accepting records: their cleanup time is ahead of the current time.
+        // Windows still accepting records: their cleanup time is ahead of the current time. In
+        // processing time a record always falls in the window of now, which is never late (as
+        // in Flink), even in the last millisecond of the window (its timer fires next tick).
         let lateness = self.lateness;
-        let live: Vec<TimeWindow> = windows.iter().copied().filter(|w| cleanup_time(w, lateness) > now).collect();
+        let event_time = self.domain() == TimeDomain::EventTime;
+        let live: Vec<TimeWindow> =
+            windows.iter().copied().filter(|w| !event_time || cleanup_time(w, lateness) > now).collect();
         self.windows = windows;
         if live.is_empty() {
             if !self.windows.is_empty() {
@@ -481,7 +487,7 @@ where
                 let acc = self.aggregate.add(acc, v);
                 self.store_acc(ctx, group, &added.state_window, Some(&acc))?;
                 self.register(ctx, &key, group, &added.window)?;
-                if added.window.max_timestamp() <= now {
+                if event_time && added.window.max_timestamp() <= now {
                     self.emit(&key, added.window, &acc, out);
                 }
             }
@@ -495,7 +501,7 @@ where
                 let acc = self.aggregate.add(acc, v);
                 self.store_acc(ctx, group, w, Some(&acc))?;
                 self.register(ctx, &key, group, w)?;
-                if w.max_timestamp() <= now {
+                if event_time && w.max_timestamp() <= now {
                     // Late but within the allowed lateness: fire again with the update.
                     self.emit(&key, *w, &acc, out);
                 }
@@ -518,8 +524,11 @@ where
 
     fn on_processing_time<C: Collector<R>>(&mut self, ctx: &mut OperatorContext<'_>, out: &mut C) -> Result<()> {
         if self.domain() == TimeDomain::ProcessingTime {
-            let now = ctx.processing_time;
-            self.on_time(ctx, now, out)?;
+            // A window fires once the clock is past its last millisecond (as Flink delays a
+            // processing-time timer by 1 ms): a record arriving during that millisecond still
+            // falls in it, and must not start a second firing of the same window.
+            let upto = ctx.processing_time.saturating_sub(1);
+            self.on_time(ctx, upto, out)?;
         }
         Ok(())
     }
