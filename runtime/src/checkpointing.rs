@@ -830,7 +830,7 @@ impl CoordinatorLoop {
 /// Converts complete checkpoint `manifest` (stores under `root`) into a savepoint in `dir`:
 /// every store is mapped back read-only (its files are sealed up to the checkpoint) and its
 /// entries written in the canonical format; then the savepoint's own manifest is committed.
-fn write_savepoint(root: &Path, dir: &Path, manifest: &Manifest) -> Result<SavepointInfo> {
+pub(crate) fn write_savepoint(root: &Path, dir: &Path, manifest: &Manifest) -> Result<SavepointInfo> {
     use weir_state::savepoint::SavepointWriter;
     let mut writer = SavepointWriter::new(dir, manifest.max_parallelism)?;
     for shard in &manifest.shards {

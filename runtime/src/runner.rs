@@ -694,15 +694,19 @@ impl JobPlan {
                         .map_err(|e| RuntimeError::Checkpoint(format!("cannot clear {}: {e}", dir.display())))?;
                 }
             }
-            Some(point) => {
-                if point.manifest.parallelism as usize != self.config.parallelism.max(1) {
-                    return Err(RuntimeError::Checkpoint(format!(
-                        "checkpoint {} was taken at parallelism {}; the job runs at {} (resume from a savepoint to rescale)",
-                        point.manifest.checkpoint_id,
-                        point.manifest.parallelism,
-                        self.config.parallelism.max(1)
-                    )));
+            Some(point) if point.manifest.parallelism as usize != self.config.parallelism.max(1) => {
+                // Rescaling from a retained checkpoint: its state goes through the canonical
+                // savepoint format (by operator uid and key group), as a savepoint's would.
+                let point = rescale_point(&settings.dir, point)?;
+                self.check_savepoint(&point, settings.allow_unmatched_state)?;
+                let dir = settings.dir.join(format!("p{}", self.config.parallelism.max(1)));
+                if dir.exists() {
+                    std::fs::remove_dir_all(&dir)
+                        .map_err(|e| RuntimeError::Checkpoint(format!("cannot clear {}: {e}", dir.display())))?;
                 }
+                return Ok(Some(point));
+            }
+            Some(point) => {
                 if point.manifest.max_parallelism != self.config.max_parallelism {
                     return Err(RuntimeError::Checkpoint(format!(
                         "checkpoint {} has {} key groups; the job has {}",
@@ -716,10 +720,16 @@ impl JobPlan {
                 // path; one left behind is removed at the next restore.
                 let older: Vec<u64> =
                     directory.list()?.into_iter().filter(|id| *id < point.manifest.checkpoint_id).collect();
-                if !older.is_empty() {
+                // So are the stores of other parallelisms and what a rescale converted: the
+                // checkpoint restored is at this parallelism, and older ones go.
+                let stale = stale_rescale_dirs(&settings.dir, point.manifest.parallelism);
+                if !older.is_empty() || !stale.is_empty() {
                     reap(Box::new(OnDrop(Some(move || {
                         for id in older {
                             let _ = directory.remove(id);
+                        }
+                        for dir in stale {
+                            let _ = std::fs::remove_dir_all(dir);
                         }
                     }))));
                 }
@@ -812,6 +822,47 @@ struct AttemptContext {
 }
 
 /// Starts `stages` on `config.parallelism` shards.
+/// The directory where a rescale converts checkpoint `id` of `root` (see [`rescale_point`]).
+fn rescale_dir(root: &std::path::Path, id: u64) -> PathBuf {
+    root.join(RESCALE_DIR).join(format!("chk-{id}"))
+}
+
+/// Where rescales convert checkpoints, under the checkpoint directory.
+const RESCALE_DIR: &str = "rescale";
+
+/// Checkpoint `point` (taken at another parallelism) as a savepoint: converted into the
+/// canonical format under `<root>/rescale/chk-<id>`, or that conversion if an earlier attempt
+/// completed it (an attempt that fails before its first checkpoint rescales again from it).
+fn rescale_point(root: &std::path::Path, point: &RestorePoint) -> Result<RestorePoint> {
+    let dir = rescale_dir(root, point.manifest.checkpoint_id);
+    if let Ok(done) = crate::checkpointing::savepoint_restore_point(&dir)
+        && done.manifest.checkpoint_id == point.manifest.checkpoint_id
+    {
+        return Ok(done);
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .map_err(|e| RuntimeError::Checkpoint(format!("cannot clear {}: {e}", dir.display())))?;
+    }
+    crate::checkpointing::write_savepoint(root, &dir, &point.manifest)?;
+    crate::checkpointing::savepoint_restore_point(&dir)
+}
+
+/// Store directories of parallelisms other than `parallelism`, and rescale conversions: what
+/// no checkpoint at `parallelism` refers to.
+fn stale_rescale_dirs(root: &std::path::Path, parallelism: u32) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(root) else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|path| {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let other_p = name.strip_prefix('p').and_then(|p| p.parse::<u32>().ok()).is_some_and(|p| p != parallelism);
+            path.is_dir() && (other_p || name == RESCALE_DIR)
+        })
+        .collect()
+}
+
 pub(crate) fn start(
     name: &str,
     stages: Vec<Arc<dyn StageFactory>>,

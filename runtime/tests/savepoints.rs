@@ -296,6 +296,52 @@ fn rescaling_two_to_four_to_one_keeps_every_count_exact() {
     }
 }
 
+/// Rescaling from a retained checkpoint, without a savepoint: each phase runs its input to the
+/// end in one checkpoint directory, and the next phase, at another parallelism, resumes from
+/// the latest checkpoint there (its state is redistributed by key group).
+#[test]
+fn rescaling_from_retained_checkpoints_keeps_every_count_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("checkpoints");
+    let mut expected: BTreeMap<u64, u64> = BTreeMap::new();
+    let phases = [(2usize, "input-1", 30_000u64, 11u64), (4, "input-2", 20_000, 22), (1, "input-3", 10_000, 33)];
+    for (parallelism, uid, n, salt) in phases {
+        let source = Gated::new(n, 500, salt);
+        for r in 0..n {
+            *expected.entry(source.record(r).0).or_default() += 1;
+        }
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+        let job = count_job(uid, &source, false, &counting_sink(&seen));
+        source.open(n, true);
+        let report = job.run(config(parallelism, &dir, None)).unwrap().wait().unwrap();
+        if uid != "input-1" {
+            assert!(report.checkpoints.restored.first().copied().flatten().is_some(), "{uid} resumed a checkpoint");
+        }
+        let seen = std::mem::take(&mut *seen.lock().unwrap());
+        assert_eq!(seen.records, n, "{uid}: every record's count committed once");
+        for (key, shard) in &seen.shards {
+            assert_eq!(*shard, owner(*key, parallelism), "key {key} ran on the shard its key group says");
+        }
+        for (key, count) in &seen.counts {
+            assert_eq!(count, &expected[key], "{uid}: key {key}'s count continues exactly");
+        }
+    }
+    // Only the last parallelism's stores are left once a checkpoint at it was restored.
+    let source = Gated::new(0, 500, 44);
+    source.open(0, true);
+    let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+    count_job("input-4", &source, false, &counting_sink(&seen)).run(config(1, &dir, None)).unwrap().wait().unwrap();
+    // The reaper removes them off the restart path: give it a moment.
+    wait_until("stale stores are removed", || {
+        let left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name != "manifests")
+            .collect();
+        left == ["p1"]
+    });
+}
+
 #[test]
 fn a_removed_operator_fails_the_resume_unless_dropping_state_is_allowed() {
     let tmp = tempfile::tempdir().unwrap();
