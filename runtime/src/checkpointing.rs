@@ -230,15 +230,19 @@ pub struct CheckpointShared {
     stop_after: AtomicU64,
     /// Whether that stop drains event time first.
     drain: AtomicBool,
-    /// The background worker's queue (see [`Background`]).
+    /// The background workers' queues (see [`Background`]): write-behind has a thread of its
+    /// own, so that it never waits behind an index snapshot being written (the next
+    /// checkpoint would then sync everything the write-behind was meant to start).
     background: Mutex<Sender<Background>>,
+    write_behind: Mutex<Sender<Background>>,
     /// Set when the attempt stops: the background worker drops what is queued and a running
     /// index snapshot write gives up.
     cancel_background: Arc<AtomicBool>,
 }
 
-/// Work a stage hands off its shard's thread that no checkpoint waits for. It runs on one
-/// background thread per run attempt, so it never delays a checkpoint's durability tasks.
+/// Work a stage hands off its shard's thread that no checkpoint waits for. It runs on two
+/// background threads per run attempt (one for write-behind, one for the rest), so it never
+/// delays a checkpoint's durability tasks.
 pub enum Background {
     /// Write back full pages of a store's mutable region, so that the next checkpoint has
     /// little left to sync; `busy` is cleared when done (one task per store at a time).
@@ -329,7 +333,11 @@ fn background_worker(rx: &Receiver<Background>, cancel: &AtomicBool, stats: &Mut
 impl CheckpointShared {
     /// Queues `job` for the background worker.
     pub fn background(&self, job: Background) {
-        if let Ok(tx) = self.background.lock() {
+        let queue = match job {
+            Background::WriteBehind(..) => &self.write_behind,
+            _ => &self.background,
+        };
+        if let Ok(tx) = queue.lock() {
             let _ = tx.send(job);
         }
     }
@@ -475,6 +483,7 @@ pub struct CheckpointDriver {
     coordinator: Option<std::thread::JoinHandle<()>>,
     workers: Vec<std::thread::JoinHandle<()>>,
     background: Option<std::thread::JoinHandle<()>>,
+    write_behind: Option<std::thread::JoinHandle<()>>,
     stop: Sender<Msg>,
 }
 
@@ -504,6 +513,7 @@ impl CheckpointDriver {
         let queues: Vec<(Sender<Work>, Receiver<Work>)> = (0..WORKERS).map(|_| channel::<Work>()).collect();
         let (work_tx, work_rx): (Vec<_>, Vec<_>) = queues.into_iter().unzip();
         let (background_tx, background_rx) = channel::<Background>();
+        let (write_behind_tx, write_behind_rx) = channel::<Background>();
         let cancel_background = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(CheckpointShared {
             attempt,
@@ -519,6 +529,7 @@ impl CheckpointDriver {
             stop_after: AtomicU64::new(0),
             drain: AtomicBool::new(false),
             background: Mutex::new(background_tx),
+            write_behind: Mutex::new(write_behind_tx),
             cancel_background: Arc::clone(&cancel_background),
         });
         let background = std::thread::Builder::new()
@@ -528,6 +539,13 @@ impl CheckpointDriver {
                 move || background_worker(&background_rx, &cancel_background, &stats)
             })
             .map_err(|e| RuntimeError::Checkpoint(format!("cannot start the background worker: {e}")))?;
+        let write_behind = std::thread::Builder::new()
+            .name("weir-write-behind".into())
+            .spawn({
+                let (stats, cancel) = (Arc::clone(&stats), Arc::clone(&shared.cancel_background));
+                move || background_worker(&write_behind_rx, &cancel, &stats)
+            })
+            .map_err(|e| RuntimeError::Checkpoint(format!("cannot start the write-behind worker: {e}")))?;
         let workers = work_rx
             .into_iter()
             .enumerate()
@@ -567,6 +585,7 @@ impl CheckpointDriver {
             coordinator: Some(coordinator),
             workers,
             background: Some(background),
+            write_behind: Some(write_behind),
             stop: to_coordinator,
         })
     }
@@ -596,7 +615,7 @@ impl CheckpointDriver {
                 let _ = w.join();
             }
         }
-        if let Some(b) = self.background.take() {
+        for b in [self.background.take(), self.write_behind.take()].into_iter().flatten() {
             let _ = b.join();
         }
     }
