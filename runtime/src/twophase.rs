@@ -13,11 +13,11 @@
 //!   when their checkpoint completes. (For at-least-once delivery, use
 //!   [`crate::sink::CallbackSink`], which calls at once.)
 //!
-//! As job sinks: [`TransactionalFileSink`] (exactly-once across process crashes: pending parts
-//! are durable), [`ExactlyOnceCallbackSink`] and [`ExactlyOnceCollectSink`] (exactly-once
-//! across in-process restarts: held transactions live in the sink object, which outlives a
-//! restart; a new process cannot deliver what a killed one held, it replays from the last
-//! checkpoint whose commit it saw).
+//! As job sinks: [`TransactionalFileSink`] and [`DurableCallbackSink`] (exactly-once across
+//! process crashes: pending transactions are durable files), [`ExactlyOnceCallbackSink`] and
+//! [`ExactlyOnceCollectSink`] (exactly-once across in-process restarts: held transactions live
+//! in the sink object, which outlives a restart; a new process cannot deliver what a killed
+//! one held).
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -415,6 +415,314 @@ impl<T: Send + 'static> crate::sink::Sink for ExactlyOnceCollectSink<T> {
     type Writer = HeldWriter<T, BoxedDeliver<T>>;
     fn writer(&self, shard: usize, parallelism: usize) -> Result<Self::Writer> {
         self.inner.writer(shard, parallelism)
+    }
+}
+
+/// One shard's transaction of a [`DurableCallbackSink`]: the records it wrote between two
+/// barriers, delivered once checkpoint `checkpoint` completed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed<T> {
+    /// The shard that wrote it.
+    pub shard: usize,
+    /// The checkpoint that committed it (`u64::MAX` for a job without checkpoints).
+    pub checkpoint: u64,
+    /// The records, in order, with their timestamps.
+    pub records: Vec<(T, Timestamp)>,
+}
+
+/// Exactly-once delivery to a callback across process crashes: each shard's transaction is
+/// written to a file under `dir` at its barrier (CRC-checked, fsynced), and handed to the
+/// callback, whole and named by `(shard, checkpoint)`, once its checkpoint completes; the file
+/// is deleted after the callback returns. A process that resumes the job from the directory
+/// delivers the transactions its predecessor pre-committed but did not deliver.
+///
+/// A crash between the callback's return and the file's deletion delivers that transaction
+/// again after the resume, under the same `(shard, checkpoint)`: a receiver that ignores a
+/// pair it has seen gets every record exactly once (as Flink asks of a two-phase commit's
+/// `commit`). Records are stored with rkyv, so `T` is a [`weir_state::states::StateValue`].
+pub struct DurableCallbackSink<T, F> {
+    dir: PathBuf,
+    f: Arc<F>,
+    _t: std::marker::PhantomData<fn(T)>,
+}
+
+impl<T, F> std::fmt::Debug for DurableCallbackSink<T, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DurableCallbackSink").field("dir", &self.dir).finish()
+    }
+}
+
+impl<T, F> Clone for DurableCallbackSink<T, F> {
+    fn clone(&self) -> Self {
+        DurableCallbackSink { dir: self.dir.clone(), f: Arc::clone(&self.f), _t: std::marker::PhantomData }
+    }
+}
+
+impl<T, F> DurableCallbackSink<T, F> {
+    /// Keeps pre-committed transactions under `dir` and delivers committed ones to `f`.
+    pub fn new(dir: impl Into<PathBuf>, f: F) -> Self {
+        DurableCallbackSink { dir: dir.into(), f: Arc::new(f), _t: std::marker::PhantomData }
+    }
+}
+
+impl<T, F> crate::sink::Sink for DurableCallbackSink<T, F>
+where
+    T: weir_state::states::StateValue,
+    F: Fn(Committed<T>) + Send + Sync + 'static,
+{
+    type In = T;
+    type Writer = DurableCallbackWriter<T, F>;
+    fn writer(&self, shard: usize, parallelism: usize) -> Result<Self::Writer> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
+        Ok(DurableCallbackWriter {
+            dir: self.dir.clone(),
+            f: Arc::clone(&self.f),
+            shard,
+            parallelism,
+            open: Vec::new(),
+        })
+    }
+}
+
+/// The writer of a [`DurableCallbackSink`] on one shard.
+pub struct DurableCallbackWriter<T, F> {
+    dir: PathBuf,
+    f: Arc<F>,
+    shard: usize,
+    parallelism: usize,
+    open: Vec<(T, Timestamp)>,
+}
+
+/// First bytes of a transaction file.
+const TXN_MAGIC: &[u8; 8] = b"WEIRTXN1";
+
+/// A transaction file's name: shard, then checkpoint, both fixed-width.
+fn txn_file_name(shard: usize, checkpoint: u64) -> String {
+    format!("txn-{shard:05}-{checkpoint:020}")
+}
+
+fn parse_txn_file_name(name: &str) -> Option<(usize, u64)> {
+    let rest = name.strip_prefix("txn-")?;
+    let (shard, checkpoint) = rest.split_once('-')?;
+    if checkpoint.len() != 20 {
+        return None;
+    }
+    Some((shard.parse().ok()?, checkpoint.parse().ok()?))
+}
+
+fn sink_error(path: &Path, reason: impl Into<String>) -> RuntimeError {
+    RuntimeError::Sink { sink: path.display().to_string(), reason: reason.into() }
+}
+
+/// A transaction's bytes: magic, record count, per record its timestamp, length and rkyv
+/// bytes, then a CRC32 of everything before it.
+fn encode_txn<T: weir_state::states::StateValue>(records: &[(T, Timestamp)], path: &Path) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(16 + records.len() * 32);
+    out.extend_from_slice(TXN_MAGIC);
+    out.extend_from_slice(&(records.len() as u64).to_le_bytes());
+    for (value, ts) in records {
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(value)
+            .map_err(|e| sink_error(path, format!("cannot encode a record: {e}")))?;
+        out.extend_from_slice(&ts.to_le_bytes());
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    Ok(out)
+}
+
+/// Decodes a transaction file's bytes; a damaged file is an error naming it and the offset.
+fn decode_txn<T: weir_state::states::StateValue>(bytes: &[u8], path: &Path) -> Result<Vec<(T, Timestamp)>> {
+    let corrupt = |at: usize, what: &str| sink_error(path, format!("corrupt transaction file at offset {at}: {what}"));
+    if bytes.len() < TXN_MAGIC.len() + 12 || &bytes[..8] != TXN_MAGIC {
+        return Err(corrupt(0, "not a transaction file"));
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32fast::hash(body).to_le_bytes() != crc {
+        return Err(corrupt(body.len(), "CRC mismatch"));
+    }
+    let take = |at: &mut usize, n: usize| -> Result<&[u8]> {
+        let piece = body.get(*at..*at + n).ok_or_else(|| corrupt(*at, "truncated"))?;
+        *at += n;
+        Ok(piece)
+    };
+    let mut at = 8;
+    let count = u64::from_le_bytes(take(&mut at, 8)?.try_into().map_err(|_| corrupt(8, "count"))?);
+    let mut records = Vec::with_capacity(count.min(1 << 20) as usize);
+    let mut aligned = rkyv::util::AlignedVec::<16>::new();
+    for _ in 0..count {
+        let ts = i64::from_le_bytes(take(&mut at, 8)?.try_into().map_err(|_| corrupt(at, "timestamp"))?);
+        let len = u32::from_le_bytes(take(&mut at, 4)?.try_into().map_err(|_| corrupt(at, "length"))?) as usize;
+        let start = at;
+        aligned.clear();
+        aligned.extend_from_slice(take(&mut at, len)?);
+        let value = rkyv::from_bytes::<T, rkyv::rancor::Error>(&aligned)
+            .map_err(|e| corrupt(start, &format!("record fails validation: {e}")))?;
+        records.push((value, ts));
+    }
+    if at != body.len() {
+        return Err(corrupt(at, "trailing bytes"));
+    }
+    Ok(records)
+}
+
+impl<T, F> DurableCallbackWriter<T, F>
+where
+    T: weir_state::states::StateValue,
+    F: Fn(Committed<T>),
+{
+    /// Pre-committed transactions this writer answers for, in checkpoint order: its own, and
+    /// on shard 0 those of shards beyond the current parallelism (written before a rescale).
+    fn pending(&self) -> Result<Vec<(u64, usize, PathBuf)>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| io(&self.dir, e))? {
+            let entry = entry.map_err(|e| io(&self.dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some((shard, checkpoint)) = parse_txn_file_name(&name)
+                && (shard == self.shard || (self.shard == 0 && shard >= self.parallelism))
+            {
+                out.push((checkpoint, shard, entry.path()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn deliver(&self, shard: usize, checkpoint: u64, records: Vec<(T, Timestamp)>) {
+        (self.f)(Committed { shard, checkpoint, records });
+    }
+}
+
+impl<T, F> crate::sink::SinkWriter for DurableCallbackWriter<T, F>
+where
+    T: weir_state::states::StateValue,
+    F: Fn(Committed<T>) + 'static,
+{
+    type In = T;
+    fn write(&mut self, value: T, timestamp: Timestamp) -> Result<()> {
+        self.open.push((value, timestamp));
+        Ok(())
+    }
+    /// Without checkpoints, the end of input delivers what was written.
+    fn flush(&mut self) -> Result<()> {
+        if !self.open.is_empty() {
+            let records = std::mem::take(&mut self.open);
+            self.deliver(self.shard, u64::MAX, records);
+        }
+        Ok(())
+    }
+    fn pre_commit(&mut self, checkpoint: u64) -> Result<()> {
+        if self.open.is_empty() {
+            return Ok(());
+        }
+        let path = self.dir.join(txn_file_name(self.shard, checkpoint));
+        let bytes = encode_txn(&self.open, &path)?;
+        let tmp = path.with_extension("tmp");
+        let mut file = File::create(&tmp).map_err(|e| io(&tmp, e))?;
+        file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(|e| io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| io(&self.dir, e))?;
+        self.open.clear();
+        Ok(())
+    }
+    fn commit(&mut self, checkpoint: u64) -> Result<()> {
+        for (id, shard, path) in self.pending()? {
+            if id > checkpoint {
+                break;
+            }
+            let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
+            let records = decode_txn::<T>(&bytes, &path)?;
+            self.deliver(shard, id, records);
+            std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+        }
+        Ok(())
+    }
+    fn recover(&mut self, restored: Option<u64>) -> Result<()> {
+        self.open.clear();
+        let restored = restored.unwrap_or(0);
+        for (id, _, path) in self.pending()? {
+            if id > restored {
+                std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+            }
+        }
+        self.commit(restored)
+    }
+    fn end_of_input(&mut self, checkpointed: bool) -> Result<()> {
+        if checkpointed { Ok(()) } else { self.flush() }
+    }
+}
+
+#[cfg(test)]
+mod durable_tests {
+    use super::*;
+    use crate::sink::{Sink, SinkWriter};
+
+    type Delivered = Arc<Mutex<Vec<Committed<(u64, String)>>>>;
+
+    fn collecting() -> (Delivered, impl Fn(Committed<(u64, String)>) + Send + Sync) {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&got);
+        (got, move |c| sink.lock().unwrap().push(c))
+    }
+
+    #[test]
+    fn transactions_survive_a_new_writer_and_later_ones_are_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (got, f) = collecting();
+        let sink = DurableCallbackSink::new(dir.path(), f);
+        let mut w = sink.writer(1, 2).unwrap();
+        w.write((1, "a".into()), 10).unwrap();
+        w.pre_commit(5).unwrap();
+        w.write((2, "b".into()), 11).unwrap();
+        w.pre_commit(6).unwrap();
+        w.write((3, "c".into()), 12).unwrap();
+        drop(w); // a crash: nothing delivered, transaction 7 still open
+        assert!(got.lock().unwrap().is_empty());
+        // A new process restores checkpoint 5: transaction 5 is delivered, 6 discarded.
+        let mut w = sink.writer(1, 2).unwrap();
+        w.recover(Some(5)).unwrap();
+        assert_eq!(
+            *got.lock().unwrap(),
+            vec![Committed { shard: 1, checkpoint: 5, records: vec![((1, "a".into()), 10)] }]
+        );
+        w.commit(6).unwrap();
+        assert_eq!(got.lock().unwrap().len(), 1, "transaction 6 was discarded");
+        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "no file left");
+    }
+
+    #[test]
+    fn a_damaged_transaction_is_an_error_naming_the_file_never_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (got, f) = collecting();
+        let sink = DurableCallbackSink::new(dir.path(), f);
+        let mut w = sink.writer(0, 1).unwrap();
+        w.write((7, "x".repeat(100)), 1).unwrap();
+        w.pre_commit(3).unwrap();
+        let path = dir.path().join(txn_file_name(0, 3));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[40] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = w.commit(3).unwrap_err().to_string();
+        assert!(err.contains("txn-00000-") && err.contains("CRC"), "{err}");
+        assert!(got.lock().unwrap().is_empty());
+        std::fs::write(&path, &bytes[..20]).unwrap();
+        assert!(w.commit(3).is_err(), "a truncated file is rejected too");
+    }
+
+    #[test]
+    fn shard_zero_delivers_what_shards_beyond_a_smaller_parallelism_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let (got, f) = collecting();
+        let sink = DurableCallbackSink::new(dir.path(), f);
+        let mut w3 = sink.writer(3, 4).unwrap();
+        w3.write((3, "from shard 3".into()), 1).unwrap();
+        w3.pre_commit(9).unwrap();
+        // Resumed at parallelism 2: shard 1 leaves shard 3's file alone, shard 0 delivers it.
+        sink.writer(1, 2).unwrap().recover(Some(9)).unwrap();
+        assert!(got.lock().unwrap().is_empty());
+        sink.writer(0, 2).unwrap().recover(Some(9)).unwrap();
+        assert_eq!(got.lock().unwrap()[0].shard, 3);
     }
 }
 
