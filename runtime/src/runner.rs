@@ -821,7 +821,6 @@ struct AttemptContext {
     root: Option<PathBuf>,
 }
 
-/// Starts `stages` on `config.parallelism` shards.
 /// The directory where a rescale converts checkpoint `id` of `root` (see [`rescale_point`]).
 fn rescale_dir(root: &std::path::Path, id: u64) -> PathBuf {
     root.join(RESCALE_DIR).join(format!("chk-{id}"))
@@ -863,6 +862,7 @@ fn stale_rescale_dirs(root: &std::path::Path, parallelism: u32) -> Vec<PathBuf> 
         .collect()
 }
 
+/// Starts `stages` on `config.parallelism` shards.
 pub(crate) fn start(
     name: &str,
     stages: Vec<Arc<dyn StageFactory>>,
@@ -943,20 +943,40 @@ async fn run_shard(
         let future = stage.spawn(Rc::clone(&rt), index)?;
         tasks.push(glommio::spawn_local(future));
     }
-    // Report the cause, not a consequence (a closed channel because a peer stage failed).
-    let mut cause: Option<RuntimeError> = None;
-    for task in tasks {
-        if let Err(e) = task.await {
-            shared.failed.store(true, Ordering::SeqCst);
-            if cause.as_ref().is_none_or(|c| c.is_consequence() && !e.is_consequence()) {
-                cause = Some(e);
+    // The first failure ends the shard at once: the other stages' tasks are dropped (which
+    // cancels them) instead of waited for until they notice, so a restart does not wait on a
+    // stage idling in a wait. A failure on one shard is the cause; a failure it causes on
+    // another (a closed channel) is told apart by `run_shards`.
+    let mut tasks: Vec<Option<_>> = tasks.into_iter().map(Some).collect();
+    let outcome = std::future::poll_fn(|cx| {
+        let mut pending = false;
+        // Every task that ended in this round is looked at, so that the cause is reported, not
+        // a consequence (a stage whose channel closed because the failed stage's is gone).
+        let mut cause: Option<RuntimeError> = None;
+        for slot in tasks.iter_mut() {
+            let Some(task) = slot.as_mut() else { continue };
+            match std::pin::Pin::new(task).poll(cx) {
+                std::task::Poll::Ready(Ok(())) => *slot = None,
+                std::task::Poll::Ready(Err(e)) => {
+                    *slot = None;
+                    if cause.as_ref().is_none_or(|c| c.is_consequence() && !e.is_consequence()) {
+                        cause = Some(e);
+                    }
+                }
+                std::task::Poll::Pending => pending = true,
             }
         }
+        match cause {
+            Some(e) => std::task::Poll::Ready(Err(e)),
+            None if pending => std::task::Poll::Pending,
+            None => std::task::Poll::Ready(Ok(())),
+        }
+    })
+    .await;
+    if outcome.is_err() {
+        shared.failed.store(true, Ordering::SeqCst);
     }
-    match cause {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    outcome
 }
 
 /// Runs its function when dropped (on the reaper thread, see [`reap`]).

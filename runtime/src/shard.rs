@@ -65,8 +65,9 @@ pub const IO_RINGS_PER_EXECUTOR: usize = 3;
 /// glommio rounds io memory up to a multiple of 4 KiB and at least 64 KiB.
 const IO_MEMORY_FLOOR_BYTES: usize = 64 << 10;
 
-/// How often a running shard checks whether it must stop because another one failed.
-pub const STOP_POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// How often a running shard checks whether it must stop because another one failed: a timer
+/// wake-up a millisecond per shard, against a restart that waits for the slowest shard.
+pub const STOP_POLL_INTERVAL: Duration = Duration::from_millis(1);
 
 /// How shards are started.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1506,7 +1506,14 @@ fn write_durably_cancellable(
         std::fs::rename(&tmp, path).map_err(|e| StateError::io("rename", path, e))
     })();
     if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        // Unlinking a file of tens of MiB can take tens of milliseconds, which a cancelled
+        // write (a restart waiting for it) must not spend: the file is renamed to a trash name
+        // instead, which the store's next garbage collection deletes off the shard.
+        let mut trash = tmp.clone().into_os_string();
+        trash.push(TRASH_SUFFIX);
+        if std::fs::rename(&tmp, &trash).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
     }
     written?;
     sync_dir(dir)

@@ -127,6 +127,13 @@ fn a_cancelled_or_dropped_index_snapshot_is_abandoned_cleanly() {
     let names: Vec<String> =
         std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(!names.iter().any(|n| n.ends_with(".tmp") || n == &index_file_name(1)), "{names:?}");
+    // What was written is left under a trash name (no slow unlink on a cancelled write) and is
+    // garbage the store lets go of.
+    let trash: Vec<&String> = names.iter().filter(|n| n.ends_with(weir_state::store::TRASH_SUFFIX)).collect();
+    let garbage = store.garbage(&[&second.handle]).unwrap();
+    for name in &trash {
+        assert!(garbage.iter().any(|g| g.file_name().is_some_and(|f| f == name.as_str())), "{name} not in {garbage:?}");
+    }
 
     // The next due snapshot starts again; dropping its task unrun abandons it too.
     fill(&mut store, v, 2000);
