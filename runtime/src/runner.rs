@@ -704,6 +704,12 @@ impl JobPlan {
                     std::fs::remove_dir_all(&dir)
                         .map_err(|e| RuntimeError::Checkpoint(format!("cannot clear {}: {e}", dir.display())))?;
                 }
+                // Older manifests may name stores of this parallelism, just cleared: they go
+                // (the converted checkpoint stays until one at this parallelism replaces it).
+                let id = point.manifest.checkpoint_id;
+                for older in directory.list()?.into_iter().filter(|older| *older < id) {
+                    directory.remove(older)?;
+                }
                 return Ok(Some(point));
             }
             Some(point) => {

@@ -304,7 +304,13 @@ fn rescaling_from_retained_checkpoints_keeps_every_count_exact() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("checkpoints");
     let mut expected: BTreeMap<u64, u64> = BTreeMap::new();
-    let phases = [(2usize, "input-1", 30_000u64, 11u64), (4, "input-2", 20_000, 22), (1, "input-3", 10_000, 33)];
+    // Back to 4 at the end: a parallelism whose store directory an older checkpoint used.
+    let phases = [
+        (2usize, "input-1", 30_000u64, 11u64),
+        (4, "input-2", 20_000, 22),
+        (1, "input-3", 10_000, 33),
+        (4, "input-4", 10_000, 44),
+    ];
     for (parallelism, uid, n, salt) in phases {
         let source = Gated::new(n, 500, salt);
         for r in 0..n {
@@ -327,10 +333,10 @@ fn rescaling_from_retained_checkpoints_keeps_every_count_exact() {
         }
     }
     // Only the last parallelism's stores are left once a checkpoint at it was restored.
-    let source = Gated::new(0, 500, 44);
+    let source = Gated::new(0, 500, 55);
     source.open(0, true);
     let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
-    count_job("input-4", &source, false, &counting_sink(&seen)).run(config(1, &dir, None)).unwrap().wait().unwrap();
+    count_job("input-5", &source, false, &counting_sink(&seen)).run(config(4, &dir, None)).unwrap().wait().unwrap();
     // The reaper removes them off the restart path: give it a moment.
     wait_until("stale stores are removed", || {
         let left: Vec<String> = std::fs::read_dir(&dir)
@@ -338,7 +344,15 @@ fn rescaling_from_retained_checkpoints_keeps_every_count_exact() {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|name| name != "manifests")
             .collect();
-        left == ["p1"]
+        left == ["p4"]
+    });
+    // Every manifest left is restorable: no older one names stores that were cleared.
+    let directory = weir::state::manifest::CheckpointDirectory::open(&dir).unwrap();
+    wait_until("older manifests are removed", || {
+        directory.list().unwrap().into_iter().all(|id| {
+            let manifest = directory.read(id).unwrap();
+            manifest.shards.iter().all(|store| dir.join(&store.store_dir).is_dir())
+        })
     });
 }
 
