@@ -48,6 +48,36 @@ fn settings(dir: &std::path::Path, interval_ms: i64) -> CheckpointSettings {
         .with_restart(RestartStrategy::FixedDelay { attempts: 3, delay: Duration::from_millis(10) })
 }
 
+/// Each key's true count among the first `n` records of [`Keys`].
+fn expected_counts(n: u64, keys: u64) -> BTreeMap<u64, u64> {
+    let mut expected = BTreeMap::new();
+    for i in 0..n {
+        *expected.entry(mix(i) % keys).or_default() += 1;
+    }
+    expected
+}
+
+/// The committed rolling counts `(key, count)`: every key of `expected` got exactly the counts
+/// 1..=n, nothing lost, nothing twice.
+fn assert_every_count_once(committed: impl IntoIterator<Item = (u64, u64)>, expected: &BTreeMap<u64, u64>) {
+    let mut per_key: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for (k, c) in committed {
+        per_key.entry(k).or_default().push(c);
+    }
+    assert_eq!(per_key.len(), expected.len());
+    for (k, mut counts) in per_key {
+        counts.sort_unstable();
+        assert_eq!(counts, (1..=expected[&k]).collect::<Vec<_>>(), "key {k}: every count committed exactly once");
+    }
+}
+
+/// The injected failure happened once and the restart restored a checkpoint.
+fn assert_one_restart_from_a_checkpoint(fired: &AtomicBool, stats: &weir::checkpointing::CheckpointStats) {
+    assert!(fired.load(Ordering::SeqCst), "the failure was injected");
+    assert_eq!(stats.restarts, 1, "one restart: {stats:?}");
+    assert!(stats.restored.get(1).copied().flatten().is_some(), "the restart restored a checkpoint: {stats:?}");
+}
+
 /// Keyed counting over many keys with a user function that panics once, somewhere between 40%
 /// and 70% of the input: every key's committed counts are exactly 1, 2, ..., n (nothing lost,
 /// nothing twice) and n is the key's true count.
@@ -77,23 +107,8 @@ fn keyed_count_with_a_panic(parallelism: usize) {
     let config = JobConfig::default().with_parallelism(parallelism).with_checkpointing(settings(dir.path(), 5));
     let handle = job.run(config).unwrap();
     let stats = handle.wait().unwrap().checkpoints;
-    assert!(fired.load(Ordering::SeqCst), "the failure was injected");
-    assert_eq!(stats.restarts, 1, "one restart: {stats:?}");
-    assert!(stats.restored.get(1).copied().flatten().is_some(), "the restart restored a checkpoint: {stats:?}");
-    let mut per_key: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-    for ((k, c), _) in out.take() {
-        per_key.entry(k).or_default().push(c);
-    }
-    let mut expected: BTreeMap<u64, u64> = BTreeMap::new();
-    for i in 0..n {
-        *expected.entry(mix(i) % keys).or_default() += 1;
-    }
-    assert_eq!(per_key.len(), expected.len());
-    for (k, mut counts) in per_key {
-        counts.sort_unstable();
-        let want: Vec<u64> = (1..=expected[&k]).collect();
-        assert_eq!(counts, want, "key {k}: every count committed exactly once");
-    }
+    assert_one_restart_from_a_checkpoint(&fired, &stats);
+    assert_every_count_once(out.take().into_iter().map(|(kc, _)| kc), &expected_counts(n, keys));
 }
 
 #[test]
@@ -310,26 +325,13 @@ fn a_side_stream_is_exactly_once_after_a_panic() {
     counts.sink("even-out", even_out.clone());
     let config = JobConfig::default().with_parallelism(2).with_checkpointing(settings(dir.path(), 5));
     let stats = job.run(config).unwrap().wait().unwrap().checkpoints;
-    assert!(fired.load(Ordering::SeqCst), "the failure was injected");
-    assert_eq!(stats.restarts, 1, "{stats:?}");
-    assert!(stats.restored.get(1).copied().flatten().is_some(), "restarted from a checkpoint: {stats:?}");
-    let mut expected: BTreeMap<u64, u64> = BTreeMap::new();
-    for i in 0..n {
-        *expected.entry(mix(i) % keys).or_default() += 1;
-    }
+    assert_one_restart_from_a_checkpoint(&fired, &stats);
+    let expected = expected_counts(n, keys);
     for (odd, sink) in [(false, even_out), (true, odd_out)] {
-        let mut per_key: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-        for ((k, c), _) in sink.take() {
-            assert_eq!(k % 2 == 1, odd, "key {k} on the wrong output");
-            per_key.entry(k).or_default().push(c);
-        }
-        let want: BTreeMap<u64, u64> =
-            expected.iter().filter(|(k, _)| (*k % 2 == 1) == odd).map(|(k, n)| (*k, *n)).collect();
-        assert_eq!(per_key.len(), want.len());
-        for (k, mut counts) in per_key {
-            counts.sort_unstable();
-            assert_eq!(counts, (1..=want[&k]).collect::<Vec<_>>(), "key {k}: every count committed exactly once");
-        }
+        let committed: Vec<(u64, u64)> = sink.take().into_iter().map(|(kc, _)| kc).collect();
+        assert!(committed.iter().all(|(k, _)| (k % 2 == 1) == odd), "a key on the wrong output");
+        let want = expected.iter().filter(|(k, _)| (*k % 2 == 1) == odd).map(|(k, n)| (*k, *n)).collect();
+        assert_every_count_once(committed, &want);
     }
 }
 
