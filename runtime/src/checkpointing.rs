@@ -22,6 +22,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use weir_state::fence::Fence;
 use weir_state::manifest::{CheckpointDirectory, Manifest, ShardSnapshot, SnapshotKind};
 use weir_state::store::{CheckpointHandle, DurabilityTask};
 
@@ -235,9 +236,10 @@ pub struct CheckpointShared {
     /// checkpoint would then sync everything the write-behind was meant to start).
     background: Mutex<Sender<Background>>,
     write_behind: Mutex<Sender<Background>>,
-    /// Set when the attempt stops: the background worker drops what is queued and a running
-    /// index snapshot write gives up.
-    cancel_background: Arc<AtomicBool>,
+    /// Closed when the attempt stops: the background workers drop what is queued, a running
+    /// index snapshot write gives up, and neither they nor the coordinator rename or delete a
+    /// named file afterwards (see [`weir_state::fence`]), so a restart need not wait for them.
+    fence: Arc<Fence>,
 }
 
 /// Work a stage hands off its shard's thread that no checkpoint waits for. It runs on two
@@ -275,7 +277,7 @@ impl Drop for Trash {
     }
 }
 
-fn background_worker(rx: &Receiver<Background>, cancel: &AtomicBool, stats: &Mutex<CheckpointStats>) {
+fn background_worker(rx: &Receiver<Background>, fence: &Fence, stats: &Mutex<CheckpointStats>) {
     let failed = |what: String| {
         if let Ok(mut s) = stats.lock()
             && s.background_errors.len() < 100
@@ -284,7 +286,7 @@ fn background_worker(rx: &Receiver<Background>, cancel: &AtomicBool, stats: &Mut
         }
     };
     while let Ok(job) = rx.recv() {
-        if cancel.load(Ordering::Relaxed) {
+        if fence.is_closed() {
             // Dropping the job abandons it: an index snapshot unwritten, garbage left for the
             // next attempt's collection, a write-behind undone (the checkpoint syncs anyway).
             continue;
@@ -297,31 +299,29 @@ fn background_worker(rx: &Receiver<Background>, cancel: &AtomicBool, stats: &Mut
             }
             Background::IndexSnapshot(task) => {
                 // A failed snapshot leaves the store on its previous one (a longer replay).
-                match task.run(cancel) {
+                match task.run(fence) {
                     Ok(_) => {
                         if let Ok(mut s) = stats.lock() {
                             s.index_snapshots += 1;
                         }
                     }
-                    Err(_) if cancel.load(Ordering::Relaxed) => {}
+                    Err(_) if fence.is_closed() => {}
                     Err(e) => failed(format!("index snapshot not written: {e}")),
                 }
             }
             Background::Delete(paths) => {
-                // Renamed to a name no store uses (fast, and done before the attempt stops, as
-                // the next attempt may create a file of the same name), then unlinked by the
-                // reaper (which nobody waits for; an unlink can block for tens of ms).
+                // Renamed to a name no store uses (fast, and inside the fence, as the next
+                // attempt may create a file of the same name), then unlinked by the reaper
+                // (which nobody waits for; an unlink can block for tens of ms).
                 let mut trash = Vec::with_capacity(paths.len());
                 for path in paths {
-                    if cancel.load(Ordering::Relaxed) {
-                        break;
-                    }
                     let mut name = path.clone().into_os_string();
                     name.push(weir_state::store::TRASH_SUFFIX);
-                    match std::fs::rename(&path, &name) {
-                        Ok(()) => trash.push(PathBuf::from(name)),
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => failed(format!("cannot delete {}: {e}", path.display())),
+                    match fence.pass(|| std::fs::rename(&path, &name)) {
+                        None => break,
+                        Some(Ok(())) => trash.push(PathBuf::from(name)),
+                        Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Some(Err(e)) => failed(format!("cannot delete {}: {e}", path.display())),
                     }
                 }
                 crate::runner::reap(Box::new(Trash(trash)));
@@ -507,14 +507,15 @@ impl CheckpointDriver {
         stats: Arc<Mutex<CheckpointStats>>,
         clock: Arc<dyn crate::clock::Clock>,
     ) -> Result<CheckpointDriver> {
-        // The previous attempt's coordinator has stopped: this is the only writer now.
-        let directory = CheckpointDirectory::open_for_writing(&settings.dir)?;
+        // The previous attempt's fence is closed: its coordinator (perhaps still in an fsync)
+        // renames and deletes nothing any more, and its temp files have names of their own.
+        let fence = Arc::new(Fence::new());
+        let directory = CheckpointDirectory::open_for_writing(&settings.dir)?.with_fence(Arc::clone(&fence));
         let (to_coordinator, inbox) = channel::<Msg>();
         let queues: Vec<(Sender<Work>, Receiver<Work>)> = (0..WORKERS).map(|_| channel::<Work>()).collect();
         let (work_tx, work_rx): (Vec<_>, Vec<_>) = queues.into_iter().unzip();
         let (background_tx, background_rx) = channel::<Background>();
         let (write_behind_tx, write_behind_rx) = channel::<Background>();
-        let cancel_background = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(CheckpointShared {
             attempt,
             mode: settings.protocol.mode,
@@ -530,20 +531,20 @@ impl CheckpointDriver {
             drain: AtomicBool::new(false),
             background: Mutex::new(background_tx),
             write_behind: Mutex::new(write_behind_tx),
-            cancel_background: Arc::clone(&cancel_background),
+            fence: Arc::clone(&fence),
         });
         let background = std::thread::Builder::new()
             .name("weir-background".into())
             .spawn({
                 let stats = Arc::clone(&stats);
-                move || background_worker(&background_rx, &cancel_background, &stats)
+                move || background_worker(&background_rx, &fence, &stats)
             })
             .map_err(|e| RuntimeError::Checkpoint(format!("cannot start the background worker: {e}")))?;
         let write_behind = std::thread::Builder::new()
             .name("weir-write-behind".into())
             .spawn({
-                let (stats, cancel) = (Arc::clone(&stats), Arc::clone(&shared.cancel_background));
-                move || background_worker(&write_behind_rx, &cancel, &stats)
+                let (stats, fence) = (Arc::clone(&stats), Arc::clone(&shared.fence));
+                move || background_worker(&write_behind_rx, &fence, &stats)
             })
             .map_err(|e| RuntimeError::Checkpoint(format!("cannot start the write-behind worker: {e}")))?;
         let workers = work_rx
@@ -595,28 +596,27 @@ impl CheckpointDriver {
         Arc::clone(&self.shared)
     }
 
-    /// Stops the coordinator and the background worker (after the attempt's shards stopped),
-    /// and waits for the durability workers when `wait_for_syncs` (at the end of a job).
-    /// Without it (a restart) they finish their syncs on their own: they only sync files the
-    /// next attempt maps too, and their acks carry this attempt's number, which no later
-    /// coordinator counts. The coordinator (manifests) and the background worker (the only
-    /// other writer of named files) are always waited for.
+    /// Stops the coordinator and the background workers (after the attempt's shards stopped).
+    /// At the end of a job (`wait_for_syncs`) it waits for all of them. On a restart it closes
+    /// the attempt's fence and waits for none: after the fence no helper renames or deletes a
+    /// named file (the coordinator's manifest commits and removals, the background workers'
+    /// index snapshots and deletions), and the durability workers only sync files the next
+    /// attempt maps too, with acks that carry this attempt's number, which no later coordinator
+    /// counts. Threads left running end on their own once their current call returns.
     pub fn stop(mut self, wait_for_syncs: bool) {
         let _ = self.stop.send(Msg::Stop);
-        if let Some(c) = self.coordinator.take() {
+        if wait_for_syncs && let Some(c) = self.coordinator.take() {
             let _ = c.join();
         }
         // Background work is only worth finishing while the attempt runs.
-        self.shared.cancel_background.store(true, Ordering::Relaxed);
+        self.shared.fence.close();
         // Dropping the shared sender side closes the work queues once no shard holds it.
         drop(self.shared);
-        for w in self.workers.drain(..) {
-            if wait_for_syncs {
-                let _ = w.join();
+        if wait_for_syncs {
+            let helpers = self.workers.drain(..).chain(self.background.take()).chain(self.write_behind.take());
+            for helper in helpers {
+                let _ = helper.join();
             }
-        }
-        for b in [self.background.take(), self.write_behind.take()].into_iter().flatten() {
-            let _ = b.join();
         }
     }
 }

@@ -34,6 +34,7 @@
 
 pub mod error;
 mod faults;
+pub mod fence;
 pub mod index;
 pub mod ingest;
 pub mod keygroup;

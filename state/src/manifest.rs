@@ -28,7 +28,7 @@ use rkyv::util::AlignedVec;
 
 use crate::error::{Result, StateError};
 use crate::segment::{sync_dir, u32_at, u64_at};
-use crate::store::{CheckpointHandle, write_durably};
+use crate::store::{CheckpointHandle, write_durably_fenced};
 
 /// Magic bytes of a manifest.
 pub const MANIFEST_MAGIC: [u8; 8] = *b"WEIRMAN\0";
@@ -135,6 +135,8 @@ impl Manifest {
 pub struct CheckpointDirectory {
     root: PathBuf,
     manifests: PathBuf,
+    /// The writer's fence: commits and removals happen inside it (see [`crate::fence`]).
+    fence: Option<std::sync::Arc<crate::fence::Fence>>,
 }
 
 /// The result of looking for the newest usable checkpoint.
@@ -160,21 +162,31 @@ impl CheckpointDirectory {
     pub fn open(root: &Path) -> Result<CheckpointDirectory> {
         let manifests = root.join("manifests");
         std::fs::create_dir_all(&manifests).map_err(|e| StateError::io("create checkpoint dir", &manifests, e))?;
-        Ok(CheckpointDirectory { root: root.to_owned(), manifests })
+        Ok(CheckpointDirectory { root: root.to_owned(), manifests, fence: None })
     }
 
     /// [`CheckpointDirectory::open`] for the one writer, before it commits anything: also
-    /// removes temp files left by a crash in the middle of a commit. Never call it while
-    /// another writer may be committing (it would delete that commit's temp file).
+    /// removes temp files left by a crash or a fenced commit. A stopped writer still writing a
+    /// temp file then fails its commit (its fence is closed anyway).
     pub fn open_for_writing(root: &Path) -> Result<CheckpointDirectory> {
         let dir = CheckpointDirectory::open(root)?;
         for entry in std::fs::read_dir(&dir.manifests).map_err(|e| StateError::io("list", &dir.manifests, e))? {
             let entry = entry.map_err(|e| StateError::io("list", &dir.manifests, e))?;
-            if entry.file_name().to_string_lossy().ends_with(".tmp") {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(".tmp") || name.ends_with(crate::store::TRASH_SUFFIX) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
         Ok(dir)
+    }
+
+    /// This directory with its commits and removals inside `fence`: once the fence is closed
+    /// they fail without touching a name (a stopped run attempt's coordinator, still in an
+    /// fsync, never commits over the next attempt's manifests).
+    pub fn with_fence(mut self, fence: std::sync::Arc<crate::fence::Fence>) -> CheckpointDirectory {
+        self.fence = Some(fence);
+        self
     }
 
     /// The root directory.
@@ -190,7 +202,8 @@ impl CheckpointDirectory {
     /// Writes `manifest` atomically: temp file, fsync, rename, fsync of the directory. When this
     /// returns `Ok`, the checkpoint is complete and survives a crash.
     pub fn commit(&self, manifest: &Manifest) -> Result<()> {
-        write_durably(&self.manifest_path(manifest.checkpoint_id), &[&manifest.encode()], &self.manifests)
+        let path = self.manifest_path(manifest.checkpoint_id);
+        write_durably_fenced(&path, &[&manifest.encode()], &self.manifests, self.fence.as_deref(), false)
     }
 
     /// Ids of all manifests present (valid or not), ascending.
@@ -232,7 +245,13 @@ impl CheckpointDirectory {
     /// Deletes manifest `id` (the checkpoint is no longer restorable).
     pub fn remove(&self, id: u64) -> Result<()> {
         let path = self.manifest_path(id);
-        std::fs::remove_file(&path).map_err(|e| StateError::io("delete manifest", &path, e))?;
+        let remove = || std::fs::remove_file(&path).map_err(|e| StateError::io("delete manifest", &path, e));
+        match &self.fence {
+            Some(fence) => fence.pass(remove).unwrap_or_else(|| {
+                Err(StateError::Misuse(format!("not deleting {}: its writer was stopped", path.display())))
+            })?,
+            None => remove()?,
+        }
         sync_dir(&self.manifests)
     }
 
@@ -262,6 +281,25 @@ mod tests {
             shards: Vec::new(),
             metadata: b"offsets".to_vec(),
         }
+    }
+
+    #[test]
+    fn a_closed_fence_stops_commits_and_removals_without_touching_a_name() {
+        let root = tempfile::tempdir().unwrap();
+        let fence = std::sync::Arc::new(crate::fence::Fence::new());
+        let dir = CheckpointDirectory::open_for_writing(root.path()).unwrap().with_fence(std::sync::Arc::clone(&fence));
+        dir.commit(&manifest(1)).unwrap();
+        fence.close();
+        assert!(dir.commit(&manifest(2)).is_err(), "no commit after the fence closed");
+        assert!(dir.remove(1).is_err(), "no removal after the fence closed");
+        let reader = CheckpointDirectory::open(root.path()).unwrap();
+        assert_eq!(reader.list().unwrap(), vec![1]);
+        assert_eq!(reader.latest().unwrap().manifest.map(|m| m.checkpoint_id), Some(1));
+        let names: Vec<String> = std::fs::read_dir(root.path().join("manifests"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n.ends_with(".tmp")), "the fenced commit's temp file went to trash: {names:?}");
     }
 
     #[test]

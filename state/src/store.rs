@@ -1307,13 +1307,14 @@ impl IndexSnapshotTask {
         self.write.as_ref().map_or(0, |w| w.slots.len() as u64)
     }
 
-    /// Writes the snapshot file durably, blocking the calling thread; stops early (and writes
-    /// nothing) once `cancel` is set. Returns the bytes written. A failure leaves the store
-    /// sound: later checkpoints keep referring to the older snapshot.
-    pub fn run(mut self, cancel: &std::sync::atomic::AtomicBool) -> Result<u64> {
+    /// Writes the snapshot file durably, blocking the calling thread; stops early (and names
+    /// nothing) once `fence` is closed, and renames the file into place only inside it.
+    /// Returns the bytes written. A failure leaves the store sound: later checkpoints keep
+    /// referring to the older snapshot.
+    pub fn run(mut self, fence: &crate::fence::Fence) -> Result<u64> {
         let Some(w) = self.write.take() else { return Ok(0) };
         let header = crate::index::snapshot_header(w.capacity, w.len, w.snapshot.seal, &w.slots);
-        let written = write_durably_cancellable(&w.path, &[&header, &w.slots], &self.dir, Some(cancel));
+        let written = write_durably_fenced(&w.path, &[&header, &w.slots], &self.dir, Some(fence), true);
         let bytes = (header.len() + w.slots.len()) as u64;
         if let Ok(mut ledger) = self.ledger.lock() {
             ledger.spare_index_buf = Some(w.slots);
@@ -1463,47 +1464,55 @@ impl Completion {
 /// partial one, and an existing file at `path` is replaced (new inode), never truncated, so an
 /// older index snapshot that is still mapped copy-on-write is never cut short under its mapping.
 pub(crate) fn write_durably(path: &Path, parts: &[&[u8]], dir: &Path) -> Result<()> {
-    write_durably_cancellable(path, parts, dir, None)
+    write_durably_fenced(path, parts, dir, None, false)
 }
 
 /// How fast a background index snapshot is written: slow enough that its CPU (the copy into
 /// the page cache) and disk bandwidth leave room for the shards and for checkpoints' syncs.
 const BACKGROUND_WRITE_BYTES_PER_S: u64 = 256 << 20;
 
-/// [`write_durably`]; with `cancel` (a background write) paced to
-/// [`BACKGROUND_WRITE_BYTES_PER_S`] with writeback started piece by piece (so that the final
-/// fsync, and any other file's sync meanwhile, does not meet a mass of dirty pages), and given
-/// up (removing the temp file) once `cancel` is set.
-fn write_durably_cancellable(
+/// Temp files get names of their own (process and counter), so that a helper of a stopped run
+/// attempt still writing one never shares it with the next attempt writing the same target.
+static TEMP_FILES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// [`write_durably`], with the rename that makes the file visible run inside `fence` (so it
+/// never happens once the fence is closed; see [`crate::fence`]). With `paced` (a background
+/// write) the file is written at [`BACKGROUND_WRITE_BYTES_PER_S`] with direct I/O (see
+/// [`write_paced`]) and given up as soon as the fence closes.
+pub(crate) fn write_durably_fenced(
     path: &Path,
     parts: &[&[u8]],
     dir: &Path,
-    cancel: Option<&std::sync::atomic::AtomicBool>,
+    fence: Option<&crate::fence::Fence>,
+    paced: bool,
 ) -> Result<()> {
     use std::io::Write;
     crate::faults::check("state::write_file", path)?;
     let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
+    let n = TEMP_FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tmp_name.push(format!(".{}-{n}.tmp", std::process::id()));
     let tmp = PathBuf::from(tmp_name);
+    let fenced = || StateError::Misuse(format!("writing {} was cancelled", path.display()));
     let written = (|| {
-        let Some(cancel) = cancel else {
-            let mut file = std::fs::File::create(&tmp).map_err(|e| StateError::io("create", &tmp, e))?;
-            for bytes in parts {
-                file.write_all(bytes).map_err(|e| StateError::io("write", &tmp, e))?;
+        let file = match fence {
+            Some(fence) if paced => write_paced(&tmp, parts, fence)?,
+            _ => {
+                let mut file = std::fs::File::create(&tmp).map_err(|e| StateError::io("create", &tmp, e))?;
+                for bytes in parts {
+                    file.write_all(bytes).map_err(|e| StateError::io("write", &tmp, e))?;
+                }
+                file
             }
-            file.sync_all().map_err(|e| StateError::io("fsync", &tmp, e))?;
-            return std::fs::rename(&tmp, path).map_err(|e| StateError::io("rename", path, e));
         };
-        let file = write_paced(&tmp, parts, cancel)?;
-        let cancelled = || cancel.load(std::sync::atomic::Ordering::Relaxed);
-        if cancelled() {
-            return Err(StateError::Misuse(format!("writing {} was cancelled", path.display())));
+        if fence.is_some_and(|f| f.is_closed()) {
+            return Err(fenced());
         }
         file.sync_all().map_err(|e| StateError::io("fsync", &tmp, e))?;
-        if cancelled() {
-            return Err(StateError::Misuse(format!("writing {} was cancelled", path.display())));
+        let rename = || std::fs::rename(&tmp, path).map_err(|e| StateError::io("rename", path, e));
+        match fence {
+            Some(fence) => fence.pass(rename).unwrap_or_else(|| Err(fenced())),
+            None => rename(),
         }
-        std::fs::rename(&tmp, path).map_err(|e| StateError::io("rename", path, e))
     })();
     if written.is_err() {
         // Unlinking a file of tens of MiB can take tens of milliseconds, which a cancelled
@@ -1524,7 +1533,7 @@ fn write_durably_cancellable(
 /// a page-aligned bounce buffer) where the file system has it, so that the file's pages never
 /// sit dirty in the page cache, where a checkpoint's `msync` (whose journal commit flushes
 /// ordered data) would wait for them. Falls back to buffered writes. Returns the open file.
-fn write_paced(tmp: &Path, parts: &[&[u8]], cancel: &std::sync::atomic::AtomicBool) -> Result<std::fs::File> {
+fn write_paced(tmp: &Path, parts: &[&[u8]], fence: &crate::fence::Fence) -> Result<std::fs::File> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     const PIECE: usize = 4 << 20;
@@ -1542,7 +1551,7 @@ fn write_paced(tmp: &Path, parts: &[&[u8]], cancel: &std::sync::atomic::AtomicBo
     let mut written = 0usize;
     let mut filled = 0usize;
     let mut flush = |buf: &[u8], written: &mut usize| -> Result<()> {
-        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+        if fence.is_closed() {
             return Err(StateError::Misuse(format!("writing {} was cancelled", tmp.display())));
         }
         file.write_all(buf).map_err(|e| StateError::io("write", tmp, e))?;
@@ -1554,7 +1563,7 @@ fn write_paced(tmp: &Path, parts: &[&[u8]], cancel: &std::sync::atomic::AtomicBo
         *written += buf.len();
         let due = Duration::from_secs_f64(*written as f64 / BACKGROUND_WRITE_BYTES_PER_S as f64);
         while let Some(wait) = due.checked_sub(started.elapsed()) {
-            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            if fence.is_closed() {
                 break;
             }
             std::thread::sleep(wait.min(Duration::from_millis(1)));

@@ -2,7 +2,7 @@
 //! mutable region, index snapshots written apart from their checkpoint (detached), and
 //! garbage deleted by the caller. None of it may change what a restore gives.
 
-use std::sync::atomic::AtomicBool;
+use weir_state::fence::Fence;
 
 use weir_state::keygroup::KeyGroupRange;
 use weir_state::states::ValueState;
@@ -89,7 +89,7 @@ fn a_detached_index_snapshot_is_referred_to_only_once_it_is_durable() {
     assert!(between.detach_index().is_none(), "snapshots are still being written");
     between.task.run().unwrap();
     store.collect_garbage(&[&between.handle]).unwrap();
-    let cancel = AtomicBool::new(false);
+    let cancel = Fence::new();
     let written = index.run(&cancel).unwrap();
     assert!(written > 0);
     assert!(exists(dir.path(), &index_file_name(1)));
@@ -122,7 +122,8 @@ fn a_cancelled_or_dropped_index_snapshot_is_abandoned_cleanly() {
     let mut second = store.checkpoint(2).unwrap();
     let index = second.detach_index().unwrap();
     second.task.run().unwrap();
-    let cancel = AtomicBool::new(true);
+    let cancel = Fence::new();
+    cancel.close();
     assert!(index.run(&cancel).is_err(), "a cancelled write reports it");
     let names: Vec<String> =
         std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
