@@ -640,6 +640,15 @@ where
     }
     fn recover(&mut self, restored: Option<u64>) -> Result<()> {
         self.open.clear();
+        // A pre-commit cut short by a crash leaves its temp file: it was never a transaction.
+        let own_tmp = format!("txn-{:05}-", self.shard);
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| io(&self.dir, e))? {
+            let entry = entry.map_err(|e| io(&self.dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&own_tmp) && name.ends_with(".tmp") {
+                std::fs::remove_file(entry.path()).map_err(|e| io(&entry.path(), e))?;
+            }
+        }
         let restored = restored.unwrap_or(0);
         for (id, _, path) in self.pending()? {
             if id > restored {
@@ -678,6 +687,7 @@ mod durable_tests {
         w.pre_commit(6).unwrap();
         w.write((3, "c".into()), 12).unwrap();
         drop(w); // a crash: nothing delivered, transaction 7 still open
+        std::fs::write(dir.path().join(format!("{}.tmp", txn_file_name(1, 7))), b"cut short").unwrap();
         assert!(got.lock().unwrap().is_empty());
         // A new process restores checkpoint 5: transaction 5 is delivered, 6 discarded.
         let mut w = sink.writer(1, 2).unwrap();

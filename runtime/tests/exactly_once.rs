@@ -78,6 +78,21 @@ fn assert_one_restart_from_a_checkpoint(fired: &AtomicBool, stats: &weir::checkp
     assert!(stats.restored.get(1).copied().flatten().is_some(), "the restart restored a checkpoint: {stats:?}");
 }
 
+/// A rolling count's step that panics once, when the shared record counter `seen` reaches
+/// `panic_at` (`fired` records that it did).
+fn count_with_one_panic(
+    seen: Arc<AtomicU64>,
+    fired: Arc<AtomicBool>,
+    panic_at: u64,
+) -> impl Fn((u64, u64), u64) -> (u64, u64) + Clone + Send + Sync + 'static {
+    move |(k, c): (u64, u64), _| {
+        if seen.fetch_add(1, Ordering::Relaxed) == panic_at && !fired.swap(true, Ordering::SeqCst) {
+            panic!("injected failure at record {panic_at}");
+        }
+        (k, c + 1)
+    }
+}
+
 /// Keyed counting over many keys with a user function that panics once, somewhere between 40%
 /// and 70% of the input: every key's committed counts are exactly 1, 2, ..., n (nothing lost,
 /// nothing twice) and n is the key's true count.
@@ -93,16 +108,7 @@ fn keyed_count_with_a_panic(parallelism: usize) {
     let out = ExactlyOnceCollectSink::new();
     job.source("numbers", GeneratorSource::new(Keys { n, keys }))
         .key_by("by-key", |k: &u64| *k)
-        .reduce(
-            "count",
-            |k: &u64| (*k, 0u64),
-            move |(k, c): (u64, u64), _| {
-                if seen2.fetch_add(1, Ordering::Relaxed) == panic_at && !fired2.swap(true, Ordering::SeqCst) {
-                    panic!("injected failure at record {panic_at}");
-                }
-                (k, c + 1)
-            },
-        )
+        .reduce("count", |k: &u64| (*k, 0u64), count_with_one_panic(seen2, fired2, panic_at))
         .sink("out", out.clone());
     let config = JobConfig::default().with_parallelism(parallelism).with_checkpointing(settings(dir.path(), 5));
     let handle = job.run(config).unwrap();
@@ -240,16 +246,7 @@ fn at_least_once_loses_nothing_after_a_panic() {
     let b = job.source("b", GeneratorSource::new(Keys { n, keys }));
     a.union("both", b)
         .key_by("by-key", |k: &u64| *k)
-        .reduce(
-            "count",
-            |k: &u64| (*k, 0u64),
-            move |(k, c): (u64, u64), _| {
-                if seen2.fetch_add(1, Ordering::Relaxed) == panic_at && !fired2.swap(true, Ordering::SeqCst) {
-                    panic!("injected failure");
-                }
-                (k, c + 1)
-            },
-        )
+        .reduce("count", |k: &u64| (*k, 0u64), count_with_one_panic(seen2, fired2, panic_at))
         .sink("out", out.clone());
     let mut settings = settings(dir.path(), 5);
     settings.protocol.mode = weir::checkpoint::DeliveryMode::AtLeastOnce;
