@@ -1043,13 +1043,20 @@ const WRITE_BEHIND_BYTES: u32 = 1 << 20;
 /// [`weir_state::StateStore::maintain`]): about a millisecond at 1 GiB of state.
 const FOLD_PER_PASS: usize = 512;
 
+/// Bytes of log an idle stage's compaction step may scan per pass (a busy stage's steps scan
+/// twice what it appended; see [`weir_state::StateStore::compact_step`]).
+const IDLE_COMPACTION_BYTES: u32 = 256 << 10;
+
 impl StageStores {
-    /// A slice of the stores' upkeep (the index fold after a restore); returns whether more
-    /// remains.
-    fn maintain(&mut self) -> Result<bool> {
-        let state = self.state.maintain(FOLD_PER_PASS)?;
-        let timers = self.timers.maintain(FOLD_PER_PASS)?;
-        Ok(state || timers)
+    /// A slice of the stores' upkeep: the index fold after a restore, then incremental
+    /// compaction. Returns whether more remains (an idle stage comes back for it).
+    fn maintain(&mut self, idle: bool) -> Result<bool> {
+        let min_bytes = if idle { IDLE_COMPACTION_BYTES } else { 0 };
+        let mut more = false;
+        for store in [&mut self.state, &mut self.timers] {
+            more |= store.maintain(FOLD_PER_PASS)? || store.compact_step(min_bytes)?;
+        }
+        Ok(more)
     }
 
     /// Hands the state store's full unsynced pages to the background worker, if there are
@@ -1324,7 +1331,7 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
         let barrier = pass.snapshots.last().map(|(id, ..)| *id);
         last_barrier = barrier.unwrap_or(last_barrier);
         hand_over_snapshots(&mut pass, &mut stores, pump.as_ref(), &rt, name, task)?;
-        let upkeep = stores.maintain()?;
+        let upkeep = stores.maintain(pumped == Pumped::Drained)?;
         let done = pass.done;
         rt.count_batch(name, pass.records);
         // Partial batches go out when the input is drained (records never wait for a batch

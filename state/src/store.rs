@@ -110,6 +110,9 @@ pub struct StoreConfig {
     /// Write an index snapshot when this many log bytes were appended since the last one, so
     /// that restore replays a bounded tail.
     pub index_snapshot_tail_bytes: u64,
+    /// Incremental compaction ([`StateStore::compact_step`]) runs while the log holds more
+    /// than this percentage of the live bytes (space amplification). 0 switches it off.
+    pub compact_above_percent: u32,
 }
 
 impl Default for StoreConfig {
@@ -122,6 +125,7 @@ impl Default for StoreConfig {
             key_groups: KeyGroupRange::all(max),
             index_snapshot_every: 16,
             index_snapshot_tail_bytes: 64 << 20,
+            compact_above_percent: 200,
         }
     }
 }
@@ -313,6 +317,10 @@ pub struct StoreStats {
     pub in_place_updates: u64,
     /// Records appended.
     pub appends: u64,
+    /// Live records compaction moved to the tail.
+    pub compaction_moves: u64,
+    /// Bytes compaction scanned in the segments it empties.
+    pub compaction_scanned: u64,
 }
 
 /// The keyed state store of one shard. See the module docs for the write, checkpoint and
@@ -352,6 +360,13 @@ pub struct StateStore {
     /// whether one is due.
     appended_bytes: u64,
     behind_mark: u64,
+    /// Incremental compaction: the segment being emptied and how far it was scanned.
+    compacting: Option<(SegmentId, u32)>,
+    /// Bytes compaction may still scan (it earns twice what is appended), and the appended
+    /// bytes it was last credited for.
+    compact_credit: u64,
+    compact_mark: u64,
+    key_buf: Vec<u8>,
 }
 
 impl StateStore {
@@ -385,6 +400,10 @@ impl StateStore {
             behind_upto: 0,
             appended_bytes: 0,
             behind_mark: 0,
+            compacting: None,
+            compact_credit: 0,
+            compact_mark: 0,
+            key_buf: Vec::new(),
             config,
         };
         store.open_segment(1)?;
@@ -403,8 +422,7 @@ impl StateStore {
 
     /// Counters.
     pub fn stats(&self) -> StoreStats {
-        let live = self.stats.iter().map(|s| s.live_bytes).sum();
-        let log = self.stats.iter().map(|s| u64::from(s.data_end.saturating_sub(SEGMENT_HEADER_BYTES))).sum();
+        let (live, log) = self.log_totals(false);
         StoreStats {
             keys: self.index.len() as u64,
             live_bytes: live,
@@ -412,6 +430,21 @@ impl StateStore {
             segments: self.segments.iter().filter(|s| s.as_ref().is_some_and(|c| c.get().is_some())).count() as u64,
             ..self.counters
         }
+    }
+
+    /// Live record bytes and all record bytes of the segments that are part of the store
+    /// (`holding_live`: only of those with live records).
+    fn log_totals(&self, holding_live: bool) -> (u64, u64) {
+        let (mut live, mut log) = (0u64, 0u64);
+        for id in self.first_segment..=self.tail_segment {
+            if let (true, Some(s)) = (self.has_segment(id), self.stats.get(id as usize))
+                && (!holding_live || s.live_bytes > 0)
+            {
+                live += s.live_bytes;
+                log += u64::from(s.data_end.saturating_sub(SEGMENT_HEADER_BYTES));
+            }
+        }
+        (live, log)
     }
 
     /// The current log tail.
@@ -958,6 +991,10 @@ impl StateStore {
             behind_upto: 0,
             appended_bytes: 0,
             behind_mark: 0,
+            compacting: None,
+            compact_credit: 0,
+            compact_mark: 0,
+            key_buf: Vec::new(),
             config,
         };
         // The log a restore of the next checkpoint replays starts as long as this one was: a
@@ -1114,60 +1151,169 @@ impl StateStore {
     }
 
     /// Rewrites the live records of sealed segments whose live ratio is below `max_live_ratio`
-    /// to the tail, so those segments hold nothing the current state needs. Only segments
-    /// before the newest durable index snapshot are candidates (a later replay must still find
-    /// the records after it). Their files are deleted by [`StateStore::collect_garbage`] once
-    /// no retained checkpoint lists them.
+    /// to the tail, so those segments hold nothing the current state needs, all at once. Only
+    /// segments before the newest durable index snapshot are candidates (a later replay must
+    /// still find the records after it). Their files are deleted by
+    /// [`StateStore::collect_garbage`] once no retained checkpoint lists them. A running job
+    /// uses [`StateStore::compact_step`] instead, which spreads the work.
     pub fn compact(&mut self, max_live_ratio: f64) -> Result<CompactionStats> {
         let started = Instant::now();
-        let replay_from = self.ledger.lock().ok().and_then(|l| l.confirmed_index.clone()).map(|r| r.seal);
-        let Some(replay_from) = replay_from else { return Ok(CompactionStats::default()) };
-        let limit = address_segment(replay_from).min(address_segment(self.seal));
         let mut stats = CompactionStats::default();
-        for id in self.first_segment..limit {
-            let Some(segment) = self.segment(id)? else { continue };
+        for id in self.compaction_candidates() {
             let s = self.stats[id as usize];
             let data = u64::from(s.data_end - SEGMENT_HEADER_BYTES);
-            if s.live_bytes == 0 || data == 0 || (s.live_bytes as f64) / (data as f64) >= max_live_ratio {
+            if (s.live_bytes as f64) / (data as f64) >= max_live_ratio {
                 continue;
             }
-            let mut live = Vec::new();
-            let mut off = SEGMENT_HEADER_BYTES;
-            while off < s.data_end {
-                let addr = log_address(id, off);
-                let bytes = &segment.bytes()[off as usize..s.data_end as usize];
-                let h = if addr < self.restored_upto {
-                    record::decode_checked(bytes)
-                } else {
-                    record::decode_header(bytes)
-                }
-                .map_err(|e| StateError::corrupt(segment.path(), u64::from(off), format!("bad record: {e:?}")))?;
-                if h.kind == RecordKind::Put {
-                    live.push((addr, h, record::key_of(bytes, &h).to_vec(), record::value_of(bytes, &h).to_vec()));
-                }
-                off += h.slot_bytes();
-            }
-            for (addr, h, key, value) in live {
-                if let Found::Live { slot, addr: current } = self.find(h.state, &key)?
-                    && current == addr
-                {
-                    let mut buf = std::mem::take(&mut self.value_buf);
-                    buf.clear();
-                    buf.extend_from_slice(&value);
-                    let key_ref = Key { group: h.key_group, bytes: &key };
-                    let new_addr = self.append(h.state, key_ref, RecordKind::Put, &buf, h.flags);
-                    self.value_buf = buf;
-                    let new_addr = new_addr?;
-                    self.mark_dead(addr)?;
-                    self.index.set_addr(slot, new_addr);
-                    stats.records_moved += 1;
-                    stats.bytes_moved += u64::from(h.slot_bytes());
-                }
-            }
+            let moved = self.counters.compaction_moves;
+            let (end, scanned) = self.compact_slice(id, SEGMENT_HEADER_BYTES, u64::MAX)?;
+            debug_assert!(end.is_none() && scanned <= data);
+            stats.records_moved += self.counters.compaction_moves - moved;
+            stats.bytes_moved += s.live_bytes - self.stats[id as usize].live_bytes;
             stats.segments_compacted += 1;
         }
         stats.duration = started.elapsed();
         Ok(stats)
+    }
+
+    /// A bounded slice of incremental compaction, for a caller that calls it between batches
+    /// of work (a stage's loop). While the log holds more than
+    /// [`StoreConfig::compact_above_percent`] of the live bytes, it empties the candidate
+    /// segment (see [`StateStore::compact`]) with the lowest live ratio, moving its live
+    /// records to the tail a slice at a time: each call scans up to twice the bytes appended
+    /// since the previous call (so compaction keeps pace with the garbage that updates leave),
+    /// at least `min_bytes` (an idle caller's budget) and at most 256 KiB. Returns whether
+    /// compaction is still due and has a segment to work on (an idle caller calls again).
+    pub fn compact_step(&mut self, min_bytes: u32) -> Result<bool> {
+        const MAX_SLICE: u64 = 256 << 10;
+        const MAX_CREDIT: u64 = 64 << 20;
+        let appended = self.appended_bytes - self.compact_mark;
+        self.compact_mark = self.appended_bytes;
+        if self.compacting.is_none() {
+            if appended == 0 && min_bytes == 0 {
+                return Ok(false);
+            }
+            match self.compaction_victim() {
+                Some(id) => self.compacting = Some((id, SEGMENT_HEADER_BYTES)),
+                None => {
+                    self.compact_credit = 0;
+                    return Ok(false);
+                }
+            }
+        }
+        self.compact_credit = (self.compact_credit + 2 * appended).min(MAX_CREDIT);
+        let budget = self.compact_credit.max(u64::from(min_bytes)).min(MAX_SLICE);
+        if let Some((id, from)) = self.compacting {
+            let (next, scanned) = self.compact_slice(id, from, budget)?;
+            self.compact_credit = self.compact_credit.saturating_sub(scanned);
+            self.compacting = next.map(|off| (id, off));
+        }
+        // The slice's own appends earn no credit.
+        self.compact_mark = self.appended_bytes;
+        Ok(self.compacting.is_some() || self.compaction_victim().is_some())
+    }
+
+    /// Segments compaction may empty: sealed, before the newest confirmed index snapshot's
+    /// seal (a replay from it never needs their records), holding live records.
+    fn compaction_candidates(&self) -> Vec<SegmentId> {
+        let replay_from = self.ledger.lock().ok().and_then(|l| l.confirmed_index.as_ref().map(|r| r.seal));
+        let Some(replay_from) = replay_from else { return Vec::new() };
+        let limit = address_segment(replay_from).min(address_segment(self.seal));
+        (self.first_segment..limit)
+            .filter(|&id| {
+                let s = self.stats.get(id as usize).copied().unwrap_or_default();
+                self.has_segment(id) && s.live_bytes > 0 && s.data_end > SEGMENT_HEADER_BYTES
+            })
+            .collect()
+    }
+
+    /// The segment compaction should empty next, if compaction is due: the candidate with the
+    /// lowest live ratio, if that is at most 3/4 (emptying a fuller one frees too little).
+    fn compaction_victim(&self) -> Option<SegmentId> {
+        let percent = u64::from(self.config.compact_above_percent);
+        if percent == 0 {
+            return None;
+        }
+        // Segments already emptied wait for deletion (once no checkpoint needs them): they
+        // are not compaction's to reclaim.
+        let (live, log) = self.log_totals(true);
+        if log * 100 <= live * percent {
+            return None;
+        }
+        let ratio = |id: SegmentId| {
+            let s = self.stats[id as usize];
+            (s.live_bytes as f64) / f64::from(s.data_end - SEGMENT_HEADER_BYTES)
+        };
+        self.compaction_candidates()
+            .into_iter()
+            .map(|id| (ratio(id), id))
+            .filter(|(r, _)| *r <= 0.75)
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, id)| id)
+    }
+
+    /// Moves the live records of segment `id` from offset `from` on to the tail, scanning at
+    /// most about `budget` bytes. Returns where to go on (`None`: the segment is done, or no
+    /// longer part of the store) and the bytes scanned.
+    fn compact_slice(&mut self, id: SegmentId, from: u32, budget: u64) -> Result<(Option<u32>, u64)> {
+        let mut key = std::mem::take(&mut self.key_buf);
+        let mut value = std::mem::take(&mut self.value_buf);
+        let result = self.compact_slice_with(id, from, budget, &mut key, &mut value);
+        self.key_buf = key;
+        self.value_buf = value;
+        result
+    }
+
+    fn compact_slice_with(
+        &mut self,
+        id: SegmentId,
+        from: u32,
+        budget: u64,
+        key: &mut Vec<u8>,
+        value: &mut AlignedVec<16>,
+    ) -> Result<(Option<u32>, u64)> {
+        let end = match self.stats.get(id as usize) {
+            Some(s) if self.has_segment(id) && s.live_bytes > 0 => s.data_end,
+            _ => return Ok((None, 0)),
+        };
+        let mut off = from;
+        while off < end && u64::from(off - from) < budget {
+            let addr = log_address(id, off);
+            let Some(segment) = self.segment(id)? else { return Ok((None, u64::from(off - from))) };
+            let bytes = &segment.bytes()[off as usize..end as usize];
+            let h =
+                if addr < self.restored_upto { record::decode_checked(bytes) } else { record::decode_header(bytes) }
+                    .map_err(|e| StateError::corrupt(segment.path(), u64::from(off), format!("bad record: {e:?}")))?;
+            off += h.slot_bytes();
+            if h.kind != RecordKind::Put {
+                continue;
+            }
+            let Found::Live { slot, addr: current } = self.find(h.state, record::key_of(bytes, &h))? else {
+                continue;
+            };
+            if current != addr {
+                continue;
+            }
+            key.clear();
+            key.extend_from_slice(record::key_of(bytes, &h));
+            value.clear();
+            value.extend_from_slice(record::value_of(bytes, &h));
+            // A value read from a file keeps being validated before typed access after the move.
+            let flags = if addr < self.restored_upto { h.flags | FLAG_UNVALIDATED } else { h.flags };
+            let new_addr =
+                self.append(h.state, Key { group: h.key_group, bytes: key }, RecordKind::Put, value, flags)?;
+            self.mark_dead(addr)?;
+            self.index.set_addr(slot, new_addr);
+            self.counters.compaction_moves += 1;
+            if self.stats[id as usize].live_bytes == 0 {
+                // Nothing live is left after this record.
+                break;
+            }
+        }
+        let scanned = u64::from(off - from);
+        self.counters.compaction_scanned += scanned;
+        let empty = self.stats[id as usize].live_bytes == 0;
+        Ok(((off < end && !empty).then_some(off), scanned))
     }
 
     /// Deletes segment and index snapshot files that neither the current state nor any of the

@@ -1,6 +1,7 @@
 //! Model-based property test of the state store: random sequences of put, get, delete, list
 //! appends, checkpoint, restore (of any retained checkpoint), crash (everything after the last
-//! durable point is lost, including a torn partial record), compaction, garbage collection and
+//! durable point is lost, including a torn partial record), compaction (at once, and in
+//! incremental steps with any budget), garbage collection and
 //! steps of background upkeep (folding a restore's index delta, with any budget), checked
 //! against a `BTreeMap` model. After every restore the store equals the model as it was
 //! at that checkpoint.
@@ -25,6 +26,7 @@ enum Op {
     Restore(usize),
     Crash(Vec<u8>),
     Compact,
+    CompactStep(u32),
     CollectGarbage,
     Maintain(usize),
 }
@@ -41,6 +43,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..4).prop_map(Op::Restore),
         1 => proptest::collection::vec(any::<u8>(), 1..60).prop_map(Op::Crash),
         1 => Just(Op::Compact),
+        3 => prop_oneof![Just(0u32), 1u32..300, Just(4096u32), Just(u32::MAX)].prop_map(Op::CompactStep),
         1 => Just(Op::CollectGarbage),
         2 => prop_oneof![Just(0usize), 1usize..4, 4usize..64, Just(usize::MAX)].prop_map(Op::Maintain),
     ]
@@ -74,6 +77,8 @@ fn config() -> StoreConfig {
         index_snapshot_tail_bytes: 6000,
         max_parallelism: 128,
         key_groups: weir_state::keygroup::KeyGroupRange::all(128),
+        // Compaction is due at the least garbage, so the steps run often.
+        compact_above_percent: 110,
         ..StoreConfig::default()
     }
 }
@@ -180,6 +185,10 @@ fn run(ops: Vec<Op>) {
             }
             Op::Compact => {
                 store.compact(0.5).unwrap();
+            }
+            Op::CompactStep(min_bytes) => {
+                store.compact_step(min_bytes).unwrap();
+                check(&store, &s, &model);
             }
             Op::CollectGarbage => {
                 let handles: Vec<&CheckpointHandle> = retained.iter().map(|(h, _)| h).collect();

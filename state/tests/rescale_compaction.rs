@@ -19,6 +19,7 @@ fn config(shard: usize, parallelism: usize) -> StoreConfig {
         key_groups: KeyGroupRange::for_shard(shard, parallelism, MAX),
         index_snapshot_every: 2,
         index_snapshot_tail_bytes: 8 * 1024,
+        compact_above_percent: 200,
     }
 }
 
@@ -141,6 +142,64 @@ fn compaction_reclaims_segments_once_no_checkpoint_needs_them() {
         for kb in &keys {
             assert_eq!(v.get_owned(&restored, Key::new(kb, MAX)).unwrap(), Some(round));
         }
+    }
+}
+
+#[test]
+fn compaction_steps_keep_the_log_within_its_bound_under_random_updates() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("store");
+    let mut store = StateStore::create(&dir, config(0, 1)).unwrap();
+    let v: ValueState<u64> = ValueState::register(&mut store, "count/v").unwrap();
+    let keys: Vec<Vec<u8>> = (0..2000).map(key_bytes).collect();
+    let mut model = vec![0u64; keys.len()];
+    let mut retained: Vec<CheckpointHandle> = Vec::new();
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut worst = 0.0f64;
+    for id in 1..=400u64 {
+        // 200 random updates per interval, a compaction step after every 10 (a stage's batch).
+        for i in 0..200 {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let k = (rng >> 33) as usize % keys.len();
+            model[k] += 1;
+            v.put(&mut store, Key::new(&keys[k], MAX), &model[k]).unwrap();
+            if i % 10 == 9 {
+                store.compact_step(0).unwrap();
+            }
+        }
+        let pending = store.checkpoint(id).unwrap();
+        pending.task.run().unwrap();
+        retained.push(pending.handle);
+        if retained.len() > 2 {
+            retained.remove(0);
+        }
+        let refs: Vec<&CheckpointHandle> = retained.iter().collect();
+        store.collect_garbage(&refs).unwrap();
+        let stats = store.stats();
+        if id > 100 {
+            worst = worst.max(stats.log_bytes as f64 / stats.live_bytes as f64);
+        }
+    }
+    let stats = store.stats();
+    // 80,000 updates of 48-byte records: 3.8 MB of log without compaction, ~100 KB live.
+    assert!(stats.compaction_moves > 0);
+    assert!(worst < 3.0, "the log grew to {worst:.2} times the live bytes");
+    let files = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("seg-"))
+        .count();
+    assert!(files < 40, "{files} segment files remain");
+    for (k, kb) in keys.iter().enumerate() {
+        let expected = (model[k] > 0).then_some(model[k]);
+        assert_eq!(v.get_owned(&store, Key::new(kb, MAX)).unwrap(), expected);
+    }
+    let handle = retained.last().unwrap().clone();
+    drop(store);
+    let mut restored = StateStore::restore(&dir, &handle, config(0, 1), RestoreOptions { verify_all: true }).unwrap();
+    let v: ValueState<u64> = ValueState::register(&mut restored, "count/v").unwrap();
+    for (k, kb) in keys.iter().enumerate() {
+        let expected = (model[k] > 0).then_some(model[k]);
+        assert_eq!(v.get_owned(&restored, Key::new(kb, MAX)).unwrap(), expected);
     }
 }
 

@@ -27,6 +27,7 @@ fn config(shard: usize, parallelism: usize, max: u16) -> StoreConfig {
         key_groups: KeyGroupRange::for_shard(shard, parallelism, max),
         index_snapshot_every: 2,
         index_snapshot_tail_bytes: 16 * 1024,
+        ..StoreConfig::default()
     }
 }
 
