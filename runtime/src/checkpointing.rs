@@ -537,14 +537,20 @@ impl CheckpointDriver {
             .name("weir-background".into())
             .spawn({
                 let stats = Arc::clone(&stats);
-                move || background_worker(&background_rx, &fence, &stats)
+                move || {
+                    yield_to_shards();
+                    background_worker(&background_rx, &fence, &stats)
+                }
             })
             .map_err(|e| RuntimeError::Checkpoint(format!("cannot start the background worker: {e}")))?;
         let write_behind = std::thread::Builder::new()
             .name("weir-write-behind".into())
             .spawn({
                 let (stats, fence) = (Arc::clone(&stats), Arc::clone(&shared.fence));
-                move || background_worker(&write_behind_rx, &fence, &stats)
+                move || {
+                    yield_to_shards();
+                    background_worker(&write_behind_rx, &fence, &stats)
+                }
             })
             .map_err(|e| RuntimeError::Checkpoint(format!("cannot start the write-behind worker: {e}")))?;
         let workers = work_rx
@@ -619,6 +625,15 @@ impl CheckpointDriver {
             }
         }
     }
+}
+
+/// Gives the calling thread the lowest priority (nice 19), for helpers whose work nobody waits
+/// for (write-behind, index snapshots, deletions, unmapping): on a machine with as many shards
+/// as cores they would otherwise take a shard's core for milliseconds at a time, stalling its
+/// records and its barriers. The durability workers and the coordinator keep the normal
+/// priority: a checkpoint waits for them. A failure (a sandbox that forbids it) is ignored.
+pub(crate) fn yield_to_shards() {
+    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
 }
 
 fn durability_worker(rx: &Receiver<Work>, tx: &Sender<Msg>) {

@@ -1007,6 +1007,7 @@ pub(crate) fn reap(value: Box<dyn Send>) {
     let reaper = REAPER.get_or_init(|| {
         let (tx, rx) = channel::<Box<dyn Send>>();
         let started = std::thread::Builder::new().name("weir-reaper".into()).spawn(move || {
+            crate::checkpointing::yield_to_shards();
             while let Ok(value) = rx.recv() {
                 drop(value);
             }
