@@ -560,7 +560,10 @@ impl CheckpointDriver {
                 let tx = to_coordinator.clone();
                 std::thread::Builder::new()
                     .name(format!("weir-durability-{i}"))
-                    .spawn(move || durability_worker(&rx, &tx))
+                    .spawn(move || {
+                        hurry();
+                        durability_worker(&rx, &tx)
+                    })
                     .map_err(|e| RuntimeError::Checkpoint(format!("cannot start a durability worker: {e}")))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -585,7 +588,10 @@ impl CheckpointDriver {
         };
         let coordinator = std::thread::Builder::new()
             .name("weir-coordinator".into())
-            .spawn(move || run.run())
+            .spawn(move || {
+                hurry();
+                run.run()
+            })
             .map_err(|e| RuntimeError::Checkpoint(format!("cannot start the coordinator: {e}")))?;
         Ok(CheckpointDriver {
             shared,
@@ -634,6 +640,15 @@ impl CheckpointDriver {
 /// priority: a checkpoint waits for them. A failure (a sandbox that forbids it) is ignored.
 pub(crate) fn yield_to_shards() {
     let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
+}
+
+/// Gives the calling thread a higher priority than the shards' (nice -10), for the threads a
+/// checkpoint waits for (the durability workers and the coordinator): they sleep nearly all the
+/// time, and on a machine with as many shards as cores a wakeup would otherwise wait for a
+/// busy shard's time slice (measured: up to 9 ms). Needs `CAP_SYS_NICE` (or `RLIMIT_NICE`); without
+/// it the thread keeps the normal priority.
+pub(crate) fn hurry() {
+    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), -10);
 }
 
 fn durability_worker(rx: &Receiver<Work>, tx: &Sender<Msg>) {
@@ -943,6 +958,27 @@ pub fn savepoint_restore_point(dir: &Path) -> Result<RestorePoint> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn helper_priorities_apply_to_the_calling_thread_only() {
+        let own = || rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
+        let before = own();
+        let (low, high) = std::thread::scope(|s| {
+            let low = s.spawn(|| {
+                yield_to_shards();
+                own()
+            });
+            let high = s.spawn(|| {
+                hurry();
+                own()
+            });
+            (low.join().unwrap(), high.join().unwrap())
+        });
+        assert_eq!(low, 19);
+        // Raising a priority needs CAP_SYS_NICE; without it the thread keeps its own.
+        assert!(high == -10 || high == before, "{high}");
+        assert_eq!(own(), before, "the caller's priority is unchanged");
+    }
 
     #[test]
     fn restart_strategies_bound_attempts_and_back_off() {
