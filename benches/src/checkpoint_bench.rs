@@ -106,21 +106,33 @@ pub struct OverheadRun {
 
 /// The keyed count (`records` over `keys` keys, rolling count per key, a summing sink) at
 /// `parallelism`, checkpointed every `interval_ms` (`None`: without checkpoints), with its
-/// state in a fresh directory under `base`.
+/// state in a fresh directory under `base`. With `durable_sink` every count goes to an
+/// exactly-once [`weir::twophase::DurableCallbackSink`] (a file per shard and checkpoint)
+/// instead.
 pub fn overhead(
     records: u64,
     keys: u64,
     parallelism: usize,
     interval_ms: Option<i64>,
+    durable_sink: bool,
     base: &Path,
 ) -> weir::Result<OverheadRun> {
     let dir = run_dir(base, "checkpoint-overhead")?;
     let job = Job::new("checkpoint-overhead");
     let sink = SumSink::default();
-    job.source("numbers", GeneratorSource::new(Numbers { count: records }))
+    let counts = job
+        .source("numbers", GeneratorSource::new(Numbers { count: records }))
         .key_by("by-key", move |n: &u64| n.wrapping_mul(0x9E37_79B9_7F4A_7C15) % keys)
-        .reduce("count", |_: &u64| 0u64, |n: u64, _: u64| n + 1)
-        .sink("sum", sink.clone());
+        .reduce("count", |_: &u64| 0u64, |n: u64, _: u64| n + 1);
+    if durable_sink {
+        let delivered = Arc::clone(&sink.count);
+        let deliver = move |c: weir::twophase::Committed<u64>| {
+            delivered.fetch_add(c.records.len() as u64, Ordering::Relaxed);
+        };
+        counts.sink("sum", weir::twophase::DurableCallbackSink::new(dir.path().join("out"), deliver));
+    } else {
+        counts.sink("sum", sink.clone());
+    }
     let mut config =
         JobConfig { data_dir: dir.path().to_owned(), ..JobConfig::default() }.with_parallelism(parallelism);
     if let Some(interval_ms) = interval_ms {

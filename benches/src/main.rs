@@ -87,6 +87,10 @@ enum Command {
         /// Distinct keys.
         #[arg(long, default_value_t = 100_000)]
         keys: u64,
+        /// Every count goes to an exactly-once durable callback sink (a transaction file per
+        /// shard and checkpoint) instead of a summing sink.
+        #[arg(long)]
+        durable_sink: bool,
     },
     /// Checkpoint durations of a running job with a large state of which a share changes per
     /// interval (the target: p99 under 5 ms at 1 GiB and 1%).
@@ -229,15 +233,23 @@ fn nexmark(base: &std::path::Path, events: u64) -> Result<(), String> {
 /// Checkpoint intervals measured against the job without checkpoints.
 const OVERHEAD_INTERVALS_MS: [i64; 2] = [100, 10];
 
-fn checkpoint_overhead(base: &std::path::Path, records: u64, parallelism: usize, keys: u64) -> Result<(), String> {
-    let baseline = checkpoint_bench::overhead(records, keys, parallelism, None, base).map_err(|e| e.to_string())?;
+fn checkpoint_overhead(
+    base: &std::path::Path,
+    records: u64,
+    parallelism: usize,
+    keys: u64,
+    durable: bool,
+) -> Result<(), String> {
+    let baseline =
+        checkpoint_bench::overhead(records, keys, parallelism, None, durable, base).map_err(|e| e.to_string())?;
+    let sink = if durable { " durable-sink" } else { "" };
     println!(
-        "checkpoint-overhead records={records} keys={keys} P={parallelism} no-checkpoints {:.2} M events/s",
+        "checkpoint-overhead records={records} keys={keys} P={parallelism}{sink} no-checkpoints {:.2} M events/s",
         baseline.events_per_s / 1e6
     );
     for interval_ms in OVERHEAD_INTERVALS_MS {
         pipeline_bench::settle();
-        let run = checkpoint_bench::overhead(records, keys, parallelism, Some(interval_ms), base)
+        let run = checkpoint_bench::overhead(records, keys, parallelism, Some(interval_ms), durable, base)
             .map_err(|e| e.to_string())?;
         let c = run.checkpoints.unwrap_or_default();
         println!(
@@ -327,7 +339,7 @@ fn main() {
             .and_then(|_| state_ops(&base, &[1_000_000]))
             .and_then(|_| state_checkpoint(&base, 100, 1.0, 20))
             .and_then(|_| state_restore(&base, &[100]))
-            .and_then(|_| checkpoint_overhead(&base, 3_000_000, 2, 100_000))
+            .and_then(|_| checkpoint_overhead(&base, 3_000_000, 2, 100_000, false))
             .and_then(|_| checkpoint_scale(&base, 128, 1.0, 100, 2, 2.0))
             .and_then(|_| recovery(&base, &[64], 2)),
         Command::Chain { records } => chain(&base, records),
@@ -339,8 +351,8 @@ fn main() {
             state_checkpoint(&base, state_mib, changed_percent, rounds)
         }
         Command::StateRestore { state_mib } => state_restore(&base, &state_mib),
-        Command::CheckpointOverhead { records, parallelism, keys } => {
-            checkpoint_overhead(&base, records, parallelism, keys)
+        Command::CheckpointOverhead { records, parallelism, keys, durable_sink } => {
+            checkpoint_overhead(&base, records, parallelism, keys, durable_sink)
         }
         Command::CheckpointScale { state_mib, changed_percent, interval_ms, parallelism, seconds } => {
             checkpoint_scale(&base, state_mib, changed_percent, interval_ms, parallelism, seconds)

@@ -38,6 +38,9 @@ pub struct Env<'a> {
     pub side: &'a mut dyn FnMut(&'static str, Box<dyn std::any::Any + Send>),
     /// The uid of the operator whose code panicked, set while unwinding (see [`PanicSite`]).
     pub current: &'a Cell<Option<&'static str>>,
+    /// Work that makes what sinks pre-committed at the current barrier durable (see
+    /// [`crate::sink::SinkWriter::take_sync`]), collected by the stage with its snapshot.
+    pub syncs: &'a mut Vec<crate::sink::SyncWork>,
 }
 
 /// Names the operator a panic came from, at no cost when nothing panics: [`PanicSite::run`]

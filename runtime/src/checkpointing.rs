@@ -402,14 +402,22 @@ impl CheckpointShared {
 
     /// Hands a stage instance's snapshot and durability tasks to the workers; the coordinator
     /// hears of it once they are durable.
-    pub fn snapshot_taken(&self, task: usize, id: CheckpointId, snapshot: TaskSnapshot, work: Vec<DurabilityTask>) {
-        self.queue(Work { attempt: self.attempt, task, id, snapshot, work, finished: false });
+    pub fn snapshot_taken(
+        &self,
+        task: usize,
+        id: CheckpointId,
+        snapshot: TaskSnapshot,
+        work: Vec<DurabilityTask>,
+        sinks: Vec<crate::sink::SyncWork>,
+    ) {
+        self.queue(Work { attempt: self.attempt, task, id, snapshot, work, sinks, finished: false });
     }
 
     /// A stage instance finished (its input ended) after its snapshot for checkpoint `id`: that
     /// snapshot stands for it in every later checkpoint, once it is durable.
     pub fn task_finished(&self, task: usize, id: CheckpointId, snapshot: TaskSnapshot) {
-        self.queue(Work { attempt: self.attempt, task, id, snapshot, work: Vec::new(), finished: true });
+        let work = Vec::new();
+        self.queue(Work { attempt: self.attempt, task, id, snapshot, work, sinks: Vec::new(), finished: true });
     }
 
     fn queue(&self, item: Work) {
@@ -434,6 +442,8 @@ struct Work {
     id: CheckpointId,
     snapshot: TaskSnapshot,
     work: Vec<DurabilityTask>,
+    /// Syncs of the stage's sink transactions (after the stores').
+    sinks: Vec<crate::sink::SyncWork>,
     finished: bool,
 }
 
@@ -671,6 +681,14 @@ fn durability_worker(rx: &Receiver<Work>, tx: &Sender<Msg>) {
             if let Err(e) = task.run() {
                 failure = Some(e.to_string());
                 break;
+            }
+        }
+        if failure.is_none() {
+            for sync in item.sinks {
+                if let Err(e) = sync.run() {
+                    failure = Some(e.to_string());
+                    break;
+                }
             }
         }
         let msg = match failure {

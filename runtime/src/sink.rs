@@ -47,11 +47,77 @@ pub trait SinkWriter: 'static {
         let _ = restored;
         Ok(())
     }
+    /// The work that makes the transaction of the last [`SinkWriter::pre_commit`] durable, for
+    /// the runtime to run off the shard's thread (with the stores' syncs) before the stage
+    /// acknowledges the checkpoint: the shard does not stall for an `fsync` at every barrier.
+    /// Writers that need none (or sync in `pre_commit`) return `None`.
+    fn take_sync(&mut self) -> Option<SyncWork> {
+        None
+    }
     /// End of input. By default [`SinkWriter::flush`]; a two-phase writer of a checkpointed job
     /// leaves its last transaction to the final checkpoint (`checkpointed`).
     fn end_of_input(&mut self, checkpointed: bool) -> Result<()> {
         let _ = checkpointed;
         self.flush()
+    }
+}
+
+/// Files (then directories) to `fsync` so that a pre-committed transaction is durable; see
+/// [`SinkWriter::take_sync`]. A failure is recorded in the writer's [`SyncFailure`], which it
+/// reports at its next call (the job restarts from the last complete checkpoint: an `fsync`
+/// error is never retried and then trusted), and declines the checkpoint.
+#[derive(Debug)]
+pub struct SyncWork {
+    files: Vec<(File, PathBuf)>,
+    dirs: Vec<PathBuf>,
+    failure: SyncFailure,
+}
+
+impl SyncWork {
+    /// Work that syncs `files`, then `dirs`, recording a failure in `failure`.
+    pub fn new(files: Vec<(File, PathBuf)>, dirs: Vec<PathBuf>, failure: SyncFailure) -> SyncWork {
+        SyncWork { files, dirs, failure }
+    }
+
+    /// Syncs the files and directories, in that order.
+    pub fn run(self) -> Result<()> {
+        let fsync = |path: &std::path::Path, e: std::io::Error| (path.display().to_string(), format!("fsync: {e}"));
+        let synced = (|| {
+            for (file, path) in &self.files {
+                file.sync_all().map_err(|e| fsync(path, e))?;
+            }
+            for dir in &self.dirs {
+                File::open(dir).and_then(|d| d.sync_all()).map_err(|e| fsync(dir, e))?;
+            }
+            Ok(())
+        })();
+        synced.map_err(|(sink, reason)| {
+            self.failure.set(sink.clone(), reason.clone());
+            RuntimeError::Sink { sink, reason }
+        })
+    }
+}
+
+/// Where a sink writer's [`SyncWork`] leaves a failure for the writer to report.
+#[derive(Debug, Clone, Default)]
+pub struct SyncFailure(Arc<Mutex<Option<(String, String)>>>);
+
+impl SyncFailure {
+    fn set(&self, sink: String, reason: String) {
+        if let Ok(mut f) = self.0.lock() {
+            f.get_or_insert((sink, reason));
+        }
+    }
+
+    /// `Err` if a sync failed: the writer's pre-committed files are suspect.
+    pub fn check(&self) -> Result<()> {
+        match self.0.lock().ok().and_then(|f| f.clone()) {
+            Some((sink, reason)) => Err(RuntimeError::Sink {
+                sink,
+                reason: format!("a pre-committed transaction failed to sync ({reason})"),
+            }),
+            None => Ok(()),
+        }
     }
 }
 

@@ -759,7 +759,9 @@ impl<W: SinkWriter> Node<W::In> for SinkNode<W> {
         Ok(())
     }
     fn barrier(&mut self, env: &mut Env<'_>, id: u64) -> Result<()> {
-        crate::chain::PanicSite::run(env.current, self.uid, || self.writer.pre_commit(id))
+        crate::chain::PanicSite::run(env.current, self.uid, || self.writer.pre_commit(id))?;
+        env.syncs.extend(self.writer.take_sync());
+        Ok(())
     }
     fn committed(&mut self, env: &mut Env<'_>, id: u64) -> Result<()> {
         crate::chain::PanicSite::run(env.current, self.uid, || self.writer.commit(id))
@@ -1089,7 +1091,16 @@ struct Pass {
     done: bool,
     /// Records pushed down the chain.
     records: u64,
-    snapshots: Vec<(u64, weir_state::store::PendingCheckpoint, weir_state::store::PendingCheckpoint)>,
+    snapshots: Vec<Snapshot>,
+}
+
+/// What a stage took at a barrier: its stores' pending checkpoints (state, timers) and the
+/// syncs of what its sinks pre-committed.
+struct Snapshot {
+    id: u64,
+    state: weir_state::store::PendingCheckpoint,
+    timers: weir_state::store::PendingCheckpoint,
+    sinks: Vec<crate::sink::SyncWork>,
 }
 
 /// A stage's processing time: the clock's until its input is drained (event time reached its
@@ -1149,6 +1160,7 @@ fn run_chain<In: 'static, N: Node<In>>(
         now,
         side: &mut side,
         current: &current,
+        syncs: &mut Vec::new(),
     };
     let mut pass = Pass::default();
     let processed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
@@ -1184,7 +1196,8 @@ fn run_chain<In: 'static, N: Node<In>>(
                     side_control(sides, Element::Barrier(id));
                     let state = env.store.checkpoint(id)?;
                     let timers = env.timer_store.checkpoint(id)?;
-                    pass.snapshots.push((id, state, timers));
+                    let sinks = std::mem::take(env.syncs);
+                    pass.snapshots.push(Snapshot { id, state, timers, sinks });
                 }
                 Element::End => {
                     // Stopped without drain: pending windows and timers stay in the savepoint.
@@ -1230,7 +1243,7 @@ fn hand_over_snapshots<In>(
         stores.write_behind(checkpoints);
         return Ok(());
     }
-    for (id, mut state, mut timers) in pass.snapshots.drain(..) {
+    for Snapshot { id, mut state, mut timers, sinks } in pass.snapshots.drain(..) {
         // An index snapshot is written apart from the checkpoint: writing a file the size of
         // the index would otherwise be most of the checkpoint's duration.
         for index in [state.detach_index(), timers.detach_index()].into_iter().flatten() {
@@ -1251,7 +1264,7 @@ fn hand_over_snapshots<In>(
         };
         stores.retained.insert(id, [state.handle, timers.handle]);
         stores.last = Some((id, snapshot.clone()));
-        checkpoints.snapshot_taken(task, id, snapshot, vec![state.task, timers.task]);
+        checkpoints.snapshot_taken(task, id, snapshot, vec![state.task, timers.task], sinks);
     }
     // Keep the handles of retained complete checkpoints and of those still in flight (newer
     // than the newest complete one); older ones were released or aborted.
@@ -1328,7 +1341,7 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
         let pumped = pump.next(&mut batch, &rt).await?;
         let call = ChainCall::Batch(&mut batch);
         let mut pass = run_chain(&mut chain, &mut stores, &rt, name, &mut time, &io.sides, call)?;
-        let barrier = pass.snapshots.last().map(|(id, ..)| *id);
+        let barrier = pass.snapshots.last().map(|s| s.id);
         last_barrier = barrier.unwrap_or(last_barrier);
         hand_over_snapshots(&mut pass, &mut stores, pump.as_ref(), &rt, name, task)?;
         let upkeep = stores.maintain(pumped == Pumped::Drained)?;

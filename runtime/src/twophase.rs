@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use weir_operators::operator::Timestamp;
 
 use crate::error::{Result, RuntimeError};
+use crate::sink::{SyncFailure, SyncWork};
 
 /// A sink writer that takes part in checkpoints.
 pub trait TwoPhaseWriter {
@@ -36,9 +37,15 @@ pub trait TwoPhaseWriter {
     type In;
     /// Writes one record into the open transaction.
     fn write(&mut self, value: Self::In, timestamp: Timestamp) -> Result<()>;
-    /// Barrier `checkpoint` arrived: the open transaction becomes durable, invisible
-    /// transaction `checkpoint`; a new one opens.
+    /// Barrier `checkpoint` arrived: the open transaction becomes invisible transaction
+    /// `checkpoint`, durable once the work [`TwoPhaseWriter::take_sync`] hands out has run (or
+    /// at once, for a writer that hands out none); a new one opens.
     fn pre_commit(&mut self, checkpoint: u64) -> Result<()>;
+    /// What makes the last pre-committed transaction durable, to run off the shard's thread
+    /// before the checkpoint is acknowledged (see [`crate::sink::SinkWriter::take_sync`]).
+    fn take_sync(&mut self) -> Option<SyncWork> {
+        None
+    }
     /// Checkpoint `checkpoint` completed: every pre-committed transaction up to it becomes
     /// visible. Idempotent.
     fn commit(&mut self, checkpoint: u64) -> Result<()>;
@@ -58,6 +65,9 @@ pub struct TransactionalFileWriter<T, F> {
     shard: usize,
     format: F,
     open: Option<(PathBuf, BufWriter<File>)>,
+    /// Pre-committed part files not yet synced, and where their syncs report a failure.
+    unsynced: Vec<(File, PathBuf)>,
+    failure: SyncFailure,
     _t: std::marker::PhantomData<fn(T)>,
 }
 
@@ -78,6 +88,8 @@ impl<T, F: Fn(&T) -> String> TransactionalFileWriter<T, F> {
             shard,
             format,
             open: None,
+            unsynced: Vec::new(),
+            failure: SyncFailure::default(),
             _t: std::marker::PhantomData,
         })
     }
@@ -119,16 +131,30 @@ impl<T, F: Fn(&T) -> String> TwoPhaseWriter for TransactionalFileWriter<T, F> {
         writeln!(out, "{line}").map_err(|e| io(path, e))
     }
 
+    /// The part file is renamed into `.pending` now and synced (with the directory) by the
+    /// work [`TwoPhaseWriter::take_sync`] hands out. A crash before that sync can leave a
+    /// pending file with partial content, but only of a checkpoint that was never
+    /// acknowledged, which `recover` deletes unread.
     fn pre_commit(&mut self, checkpoint: u64) -> Result<()> {
+        self.failure.check()?;
         let Some((path, out)) = self.open.take() else { return Ok(()) };
         let file = out.into_inner().map_err(|e| io(&path, e.into_error()))?;
-        file.sync_all().map_err(|e| io(&path, e))?;
         let target = self.pending_path(checkpoint);
         std::fs::rename(&path, &target).map_err(|e| io(&target, e))?;
-        Self::sync_dir(&self.pending_dir)
+        self.unsynced.push((file, target));
+        Ok(())
+    }
+
+    fn take_sync(&mut self) -> Option<SyncWork> {
+        if self.unsynced.is_empty() {
+            return None;
+        }
+        let files = std::mem::take(&mut self.unsynced);
+        Some(SyncWork::new(files, vec![self.pending_dir.clone()], self.failure.clone()))
     }
 
     fn commit(&mut self, checkpoint: u64) -> Result<()> {
+        self.failure.check()?;
         let mut renamed = false;
         for (id, path) in self.pre_committed()? {
             if id <= checkpoint {
@@ -145,6 +171,7 @@ impl<T, F: Fn(&T) -> String> TwoPhaseWriter for TransactionalFileWriter<T, F> {
 
     fn recover(&mut self, restored: u64) -> Result<()> {
         self.open = None;
+        self.unsynced.clear();
         let _ = std::fs::remove_file(self.pending_dir.join(format!("part-{}-open", self.shard)));
         for (id, path) in self.pre_committed()? {
             if id > restored {
@@ -220,10 +247,16 @@ impl<W: TwoPhaseWriter + 'static> crate::sink::SinkWriter for TwoPhaseSinkWriter
     /// Without checkpoints, the end of input commits everything.
     fn flush(&mut self) -> Result<()> {
         self.0.pre_commit(u64::MAX)?;
+        if let Some(sync) = self.0.take_sync() {
+            sync.run()?;
+        }
         self.0.commit(u64::MAX)
     }
     fn pre_commit(&mut self, checkpoint: u64) -> Result<()> {
         self.0.pre_commit(checkpoint)
+    }
+    fn take_sync(&mut self) -> Option<SyncWork> {
+        self.0.take_sync()
     }
     fn commit(&mut self, checkpoint: u64) -> Result<()> {
         self.0.commit(checkpoint)
@@ -480,6 +513,8 @@ where
             shard,
             parallelism,
             open: Vec::new(),
+            unsynced: Vec::new(),
+            failure: SyncFailure::default(),
         })
     }
 }
@@ -491,6 +526,9 @@ pub struct DurableCallbackWriter<T, F> {
     shard: usize,
     parallelism: usize,
     open: Vec<(T, Timestamp)>,
+    /// Transaction files written but not yet synced, and where their syncs report a failure.
+    unsynced: Vec<(File, PathBuf)>,
+    failure: SyncFailure,
 }
 
 /// First bytes of a transaction file.
@@ -612,7 +650,12 @@ where
         }
         Ok(())
     }
+    /// The transaction file is written and renamed now, and synced (with the directory) by the
+    /// work [`crate::sink::SinkWriter::take_sync`] hands out, off the shard's thread. A crash
+    /// before that sync can leave a damaged file, but only of a checkpoint that was never
+    /// acknowledged, which `recover` deletes unread.
     fn pre_commit(&mut self, checkpoint: u64) -> Result<()> {
+        self.failure.check()?;
         if self.open.is_empty() {
             return Ok(());
         }
@@ -620,13 +663,21 @@ where
         let bytes = encode_txn(&self.open, &path)?;
         let tmp = path.with_extension("tmp");
         let mut file = File::create(&tmp).map_err(|e| io(&tmp, e))?;
-        file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(|e| io(&tmp, e))?;
+        file.write_all(&bytes).map_err(|e| io(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| io(&self.dir, e))?;
+        self.unsynced.push((file, path));
         self.open.clear();
         Ok(())
     }
+    fn take_sync(&mut self) -> Option<SyncWork> {
+        if self.unsynced.is_empty() {
+            return None;
+        }
+        let files = std::mem::take(&mut self.unsynced);
+        Some(SyncWork::new(files, vec![self.dir.clone()], self.failure.clone()))
+    }
     fn commit(&mut self, checkpoint: u64) -> Result<()> {
+        self.failure.check()?;
         for (id, shard, path) in self.pending()? {
             if id > checkpoint {
                 break;
@@ -640,6 +691,7 @@ where
     }
     fn recover(&mut self, restored: Option<u64>) -> Result<()> {
         self.open.clear();
+        self.unsynced.clear();
         // A pre-commit cut short by a crash leaves its temp file: it was never a transaction.
         let own_tmp = format!("txn-{:05}-", self.shard);
         for entry in std::fs::read_dir(&self.dir).map_err(|e| io(&self.dir, e))? {
@@ -683,6 +735,7 @@ mod durable_tests {
         let mut w = sink.writer(1, 2).unwrap();
         w.write((1, "a".into()), 10).unwrap();
         w.pre_commit(5).unwrap();
+        w.take_sync().expect("the transaction file to sync").run().unwrap();
         w.write((2, "b".into()), 11).unwrap();
         w.pre_commit(6).unwrap();
         w.write((3, "c".into()), 12).unwrap();
@@ -748,6 +801,32 @@ mod tests {
             .collect();
         names.sort();
         names
+    }
+
+    #[test]
+    fn pre_commit_hands_its_sync_out_and_a_failed_sync_fails_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = TransactionalFileWriter::new(dir.path(), 0, |n: &u32| n.to_string()).unwrap();
+        w.pre_commit(1).unwrap();
+        assert!(w.take_sync().is_none(), "an empty transaction needs no sync");
+        w.write(1, 0).unwrap();
+        w.pre_commit(2).unwrap();
+        let sync = w.take_sync().expect("the part file and its directory to sync");
+        assert!(w.take_sync().is_none(), "handed out once");
+        sync.run().unwrap();
+        w.commit(2).unwrap();
+        assert_eq!(parts(dir.path()), vec!["part-0-0000000002"]);
+        // A sync that fails (here its directory is gone) poisons the writer: the job restarts
+        // rather than commit a transaction that may not be durable.
+        w.write(2, 0).unwrap();
+        w.pre_commit(3).unwrap();
+        let sync = w.take_sync().unwrap();
+        std::fs::rename(dir.path().join(".pending"), dir.path().join("moved")).unwrap();
+        let err = sync.run().unwrap_err();
+        assert!(err.to_string().contains(".pending"), "{err}");
+        let err = w.commit(3).unwrap_err();
+        assert!(err.to_string().contains("failed to sync"), "{err}");
+        assert!(w.pre_commit(4).is_err());
     }
 
     #[test]
