@@ -1039,7 +1039,7 @@ impl Drop for ReapOnDrop {
 /// Full pages of a state store's log written back in the background once this many bytes
 /// accumulated since the last write-behind: the checkpoint then syncs at most about this much
 /// (plus the last partial page) itself.
-const WRITE_BEHIND_BYTES: u32 = 1 << 20;
+const WRITE_BEHIND_BYTES: u32 = 256 << 10;
 
 /// Index entries a restored store folds per pass of its stage loop (see
 /// [`weir_state::StateStore::maintain`]): about a millisecond at 1 GiB of state.
