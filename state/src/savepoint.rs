@@ -117,7 +117,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Result, StateError};
 use crate::keygroup::{KeyGroup, MAX_MAX_PARALLELISM};
 use crate::record::StateId;
-use crate::store::{Key, StateStore, write_durably};
+use crate::store::{Key, StateStore};
 
 /// Magic bytes at the start of a savepoint file.
 pub const SAVEPOINT_MAGIC: [u8; 8] = *b"WEIRSVP\0";
@@ -192,27 +192,122 @@ pub struct OperatorSummary {
 /// A (space, state name without uid) pair, the unit a savepoint file's name table lists.
 type StateName = (String, String);
 
-/// The entries of one operator, as collected by a [`SavepointWriter`].
-#[derive(Debug, Default)]
-struct OperatorEntries {
-    /// Names in use, each with a provisional id (order of first use).
-    names: BTreeMap<StateName, u32>,
-    /// Key group -> its entries.
-    groups: BTreeMap<u16, GroupEntries>,
-}
+/// Entries are spilled into this many files (at most), by ranges of key groups, so that
+/// [`SavepointWriter::finish`] holds one range's entries in memory at a time.
+const SPILL_BUCKETS: usize = 64;
 
-/// The entries of one key group: (provisional name id, key) -> value.
-type GroupEntries = BTreeMap<(u32, Vec<u8>), Vec<u8>>;
+/// Fixed bytes of a spilled entry: uid index (u16), key group (u16), name id, key length,
+/// value length (u32 each).
+const SPILL_FIXED_BYTES: usize = 16;
 
 /// Collects the entries of stores and writes a savepoint directory.
 ///
-/// Entries are held in memory until [`SavepointWriter::finish`]: the writer needs all of an
-/// operator's entries, from every shard, to write its file in key-group order.
+/// Memory stays bounded whatever the state size: [`SavepointWriter::add_store`] copies each
+/// entry into one of up to 64 spill files (by range of key groups, under a temporary
+/// directory inside the savepoint directory), and [`SavepointWriter::finish`] reads them back
+/// one at a time, sorts that range's entries and appends its blocks to every operator's file.
+/// So the writer holds about 1/64 of the state at once (more only when keys crowd into few key
+/// groups: a key group's block is sorted whole), and writes the state twice.
 #[derive(Debug)]
 pub struct SavepointWriter {
     dir: PathBuf,
     max_parallelism: u16,
-    operators: BTreeMap<String, OperatorEntries>,
+    /// Operator uids in order of first use, with their state names (each with a provisional
+    /// id, in order of first use) and whether an entry uses them.
+    operators: Vec<(String, BTreeMap<StateName, u32>)>,
+    spill: Option<Spill>,
+}
+
+/// The spill files of a [`SavepointWriter`]: one per bucket of key groups, with the bytes
+/// written to each (what a failed `add_store` truncates back to).
+#[derive(Debug)]
+struct Spill {
+    dir: PathBuf,
+    files: Vec<std::io::BufWriter<File>>,
+    lens: Vec<u64>,
+}
+
+impl Spill {
+    fn create(parent: &Path, buckets: usize) -> Result<Spill> {
+        let dir = parent.join(format!(".spill-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| StateError::io("create spill dir", &dir, e))?;
+        let mut files = Vec::with_capacity(buckets);
+        for bucket in 0..buckets {
+            let path = dir.join(format!("{bucket:03}"));
+            let file = File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(|e| StateError::io("create spill file", &path, e))?;
+            files.push(std::io::BufWriter::with_capacity(16 << 10, file));
+        }
+        Ok(Spill { dir, files, lens: vec![0; buckets] })
+    }
+
+    fn write(&mut self, bucket: usize, parts: &[&[u8]]) -> Result<()> {
+        use std::io::Write;
+        let out = &mut self.files[bucket];
+        for part in parts {
+            out.write_all(part).map_err(|e| StateError::io("write spill file", &self.dir, e))?;
+            self.lens[bucket] += part.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Drops what was written after `lens`.
+    fn truncate(&mut self, lens: &[u64]) -> Result<()> {
+        use std::io::{Seek, SeekFrom, Write};
+        for (bucket, out) in self.files.iter_mut().enumerate() {
+            out.flush().map_err(|e| StateError::io("write spill file", &self.dir, e))?;
+            let file = out.get_mut();
+            file.set_len(lens[bucket]).map_err(|e| StateError::io("truncate spill file", &self.dir, e))?;
+            file.seek(SeekFrom::Start(lens[bucket])).map_err(|e| StateError::io("seek spill file", &self.dir, e))?;
+            self.lens[bucket] = lens[bucket];
+        }
+        Ok(())
+    }
+
+    /// Everything written to `bucket`.
+    fn read(&mut self, bucket: usize) -> Result<Vec<u8>> {
+        use std::io::Write;
+        let out = &mut self.files[bucket];
+        out.flush().map_err(|e| StateError::io("write spill file", &self.dir, e))?;
+        let mut bytes = vec![0u8; self.lens[bucket] as usize];
+        out.get_ref().read_exact_at(&mut bytes, 0).map_err(|e| StateError::io("read spill file", &self.dir, e))?;
+        Ok(bytes)
+    }
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One spilled entry, pointing into its bucket's bytes.
+struct Spilled<'a> {
+    uid: u16,
+    group: u16,
+    name: u32,
+    key: &'a [u8],
+    value: &'a [u8],
+}
+
+/// Parses a bucket's spilled entries (written by this process: a malformed one is a bug).
+fn parse_spilled(bytes: &[u8]) -> Result<Vec<Spilled<'_>>> {
+    let mut out = Vec::new();
+    let mut c = Cursor::new(bytes, 0);
+    while c.pos < bytes.len() {
+        let entry = (|| {
+            let (uid, group, name) = (c.u16()?, c.u16()?, c.u32()?);
+            let (key_len, value_len) = (c.u32()? as usize, c.u32()? as usize);
+            Some(Spilled { uid, group, name, key: c.take(key_len)?, value: c.take(value_len)? })
+        })();
+        out.push(entry.ok_or_else(|| StateError::Misuse("a savepoint spill file is damaged".into()))?);
+    }
+    Ok(out)
 }
 
 impl SavepointWriter {
@@ -233,13 +328,18 @@ impl SavepointWriter {
                 existing.1.display()
             )));
         }
-        Ok(SavepointWriter { dir: dir.to_owned(), max_parallelism, operators: BTreeMap::new() })
+        Ok(SavepointWriter { dir: dir.to_owned(), max_parallelism, operators: Vec::new(), spill: None })
+    }
+
+    fn buckets(&self) -> usize {
+        SPILL_BUCKETS.min(usize::from(self.max_parallelism))
     }
 
     /// Adds every live entry of `store` under the namespace `space` (the runtime uses `"state"`
     /// for an operator's keyed state store and `"timers"` for its timer store). State names must
-    /// be `<operator uid>/<name>`. Adding an entry of the same (space, state name, key group,
-    /// key) twice is a [`StateError::Misuse`]; on any error nothing of `store` was added.
+    /// be `<operator uid>/<name>`. On any error nothing of `store` was added. Adding an entry of
+    /// the same (space, state name, key group, key) twice makes [`SavepointWriter::finish`]
+    /// fail with a [`StateError::Misuse`].
     pub fn add_store(&mut self, space: &str, store: &mut StateStore) -> Result<()> {
         if space.len() > usize::from(u16::MAX) {
             return Err(StateError::Misuse(format!("space name of {} bytes is too long", space.len())));
@@ -256,73 +356,228 @@ impl SavepointWriter {
             let (uid, name) = split_state_name(&info.name)?;
             names.insert(info.id, (uid.to_owned(), (space.to_owned(), name.to_owned())));
         }
-        let mut staged = Vec::new();
-        let mut unknown = None;
+        if self.spill.is_none() {
+            self.spill = Some(Spill::create(&self.dir, self.buckets())?);
+        }
+        let before = (self.operators.clone(), self.spill.as_ref().map(|s| s.lens.clone()).unwrap_or_default());
+        let mut failure = None;
+        // State id -> (uid index, name id), resolved on first use.
+        let mut resolved: BTreeMap<StateId, (u16, u32)> = BTreeMap::new();
+        let max = self.max_parallelism;
+        let dir = store.dir().to_owned();
         store.for_each(|state, group, key, value, _| {
-            if names.contains_key(&state) {
-                staged.push((state, group, key.to_vec(), value.to_vec()));
-            } else {
-                unknown = Some(state);
+            if failure.is_some() {
+                return;
+            }
+            let Some((uid, name)) = names.get(&state) else {
+                failure = Some(StateError::Misuse(format!(
+                    "store {} holds entries of state id {state}, which is not registered",
+                    dir.display()
+                )));
+                return;
+            };
+            if group.0 >= max {
+                failure = Some(StateError::Misuse(format!(
+                    "entry of {uid}/{} in key group {} of a job with {max} key groups",
+                    name.1, group.0
+                )));
+                return;
+            }
+            let (uid_index, name_id) = match resolved.get(&state) {
+                Some(r) => *r,
+                None => {
+                    let index = match self.operators.iter().position(|(u, _)| u == uid) {
+                        Some(i) => i,
+                        None => {
+                            self.operators.push((uid.clone(), BTreeMap::new()));
+                            self.operators.len() - 1
+                        }
+                    };
+                    let names = &mut self.operators[index].1;
+                    let next = names.len() as u32;
+                    let id = *names.entry(name.clone()).or_insert(next);
+                    let r = (index as u16, id);
+                    resolved.insert(state, r);
+                    r
+                }
+            };
+            let (Ok(key_len), Ok(value_len)) = (u32::try_from(key.len()), u32::try_from(value.len())) else {
+                failure = Some(StateError::Misuse(format!("an entry of {uid}/{} exceeds 4 GiB", name.1)));
+                return;
+            };
+            let mut fixed = [0u8; SPILL_FIXED_BYTES];
+            fixed[0..2].copy_from_slice(&uid_index.to_le_bytes());
+            fixed[2..4].copy_from_slice(&group.0.to_le_bytes());
+            fixed[4..8].copy_from_slice(&name_id.to_le_bytes());
+            fixed[8..12].copy_from_slice(&key_len.to_le_bytes());
+            fixed[12..16].copy_from_slice(&value_len.to_le_bytes());
+            let bucket = usize::from(group.0) * SPILL_BUCKETS.min(usize::from(max)) / usize::from(max);
+            if let Some(spill) = self.spill.as_mut()
+                && let Err(e) = spill.write(bucket, &[&fixed, key, value])
+            {
+                failure = Some(e);
             }
         })?;
-        if let Some(state) = unknown {
-            return Err(StateError::Misuse(format!(
-                "store {} holds entries of state id {state}, which is not registered",
-                store.dir().display()
-            )));
+        if self.operators.len() > usize::from(u16::MAX) {
+            failure.get_or_insert(StateError::Misuse("a savepoint holds at most 65535 operators".into()));
         }
-        // Check everything first, so that a failed call adds nothing.
-        for (state, group, key, _) in &staged {
-            let (uid, name) = &names[state];
-            if group.0 >= self.max_parallelism {
-                return Err(StateError::Misuse(format!(
-                    "entry of {uid}/{} in key group {} of a job with {} key groups",
-                    name.1, group.0, self.max_parallelism
-                )));
-            }
-            let known = self.operators.get(uid).and_then(|op| Some((op, *op.names.get(name)?)));
-            if let Some((op, id)) = known
-                && op.groups.get(&group.0).is_some_and(|g| g.contains_key(&(id, key.clone())))
-            {
-                return Err(StateError::Misuse(format!(
-                    "savepoint already holds key {key:02x?} (key group {}) of {uid}/{} in space {space:?}",
-                    group.0, name.1
-                )));
+        match failure {
+            None => Ok(()),
+            Some(e) => {
+                let (operators, lens) = before;
+                self.operators = operators;
+                if let Some(spill) = self.spill.as_mut() {
+                    spill.truncate(&lens)?;
+                }
+                Err(e)
             }
         }
-        for (state, group, key, value) in staged {
-            let (uid, name) = &names[&state];
-            let op = self.operators.entry(uid.clone()).or_default();
-            let next = op.names.len() as u32;
-            let id = *op.names.entry(name.clone()).or_insert(next);
-            op.groups.entry(group.0).or_default().insert((id, key), value);
-        }
-        Ok(())
     }
 
     /// Writes one file per operator uid and nothing else, each durably and atomically (temp
-    /// file, fsync, rename, directory fsync). When it returns `Ok`, every file is durable; the
-    /// caller then records the savepoint as complete.
-    pub fn finish(self) -> Result<SavepointSummary> {
+    /// file, fsync, rename, then one directory fsync). When it returns `Ok`, every file is
+    /// durable; the caller then records the savepoint as complete. On an error no file of the
+    /// savepoint is left under its final name.
+    pub fn finish(mut self) -> Result<SavepointSummary> {
         let mut summary = SavepointSummary {
             max_parallelism: (!self.operators.is_empty()).then_some(self.max_parallelism),
             operators: Vec::new(),
         };
-        for (uid, entries) in self.operators {
-            let file_name = savepoint_file_name(&uid);
-            let encoded = encode_operator(&uid, self.max_parallelism, entries)?;
-            let parts: Vec<&[u8]> = encoded.parts.iter().map(Vec::as_slice).collect();
-            write_durably(&self.dir.join(&file_name), &parts, &self.dir)?;
+        let Some(mut spill) = self.spill.take() else { return Ok(summary) };
+        // Operators go in ascending uid order, names in ascending order; entries refer to names
+        // by that position.
+        let mut order: Vec<usize> = (0..self.operators.len()).collect();
+        order.sort_by(|a, b| self.operators[*a].0.cmp(&self.operators[*b].0));
+        let positions: Vec<Vec<u32>> = self
+            .operators
+            .iter()
+            .map(|(_, names)| {
+                let mut position = vec![0u32; names.len()];
+                for (i, id) in names.values().enumerate() {
+                    position[*id as usize] = i as u32;
+                }
+                position
+            })
+            .collect();
+        let mut files = Vec::with_capacity(self.operators.len());
+        for (uid, names) in &self.operators {
+            let names: Vec<&StateName> = names.keys().collect();
+            let header = encode_header(uid, self.max_parallelism, &names)?;
+            files.push(OperatorFileWriter::create(&self.dir, uid, &header)?);
+        }
+        for bucket in 0..spill.lens.len() {
+            let bytes = spill.read(bucket)?;
+            let mut entries = parse_spilled(&bytes)?;
+            for e in &mut entries {
+                e.name = positions[usize::from(e.uid)][e.name as usize];
+            }
+            entries.sort_unstable_by(|a, b| (a.uid, a.group, a.name, a.key).cmp(&(b.uid, b.group, b.name, b.key)));
+            for group in entries.chunk_by(|a, b| (a.uid, a.group) == (b.uid, b.group)) {
+                let (uid, key_group) = (usize::from(group[0].uid), group[0].group);
+                if let Some(pair) = group.windows(2).find(|p| (p[0].name, p[0].key) == (p[1].name, p[1].key)) {
+                    let (operator, names) = &self.operators[uid];
+                    let (space, name) = names.keys().nth(pair[0].name as usize).cloned().unwrap_or_default();
+                    return Err(StateError::Misuse(format!(
+                        "savepoint holds key {:02x?} (key group {key_group}) of {operator}/{name} in space {space:?} twice",
+                        pair[0].key
+                    )));
+                }
+                let block: Vec<(u32, &[u8], &[u8])> = group.iter().map(|e| (e.name, e.key, e.value)).collect();
+                let encoded = encode_block(key_group, &block).ok_or_else(|| {
+                    StateError::Misuse(format!(
+                        "key group {key_group} of operator {:?} exceeds 4 GiB",
+                        self.operators[uid].0
+                    ))
+                })?;
+                files[uid].append_block(key_group, &encoded, block.len() as u32)?;
+            }
+        }
+        drop(spill);
+        let mut written = Vec::with_capacity(files.len());
+        for i in order {
+            let file = files[i].finish()?;
+            written.push((i, file));
+        }
+        sync_dir(&self.dir)?;
+        for (i, (file_name, entries, file_bytes, key_groups)) in written {
             summary.operators.push(OperatorSummary {
-                uid,
+                uid: self.operators[i].0.clone(),
                 file_name,
-                entries: encoded.entries,
-                file_bytes: parts.iter().map(|p| p.len() as u64).sum(),
-                key_groups: encoded.key_groups,
+                entries,
+                file_bytes,
+                key_groups,
             });
         }
         Ok(summary)
     }
+}
+
+/// One operator's savepoint file being written: a temp file that becomes `op-<uid>.wsp` when
+/// it is whole and synced.
+struct OperatorFileWriter {
+    tmp: PathBuf,
+    target: PathBuf,
+    out: Option<std::io::BufWriter<File>>,
+    offset: u64,
+    index: Vec<(u16, u32, u64, u32)>,
+}
+
+impl OperatorFileWriter {
+    fn create(dir: &Path, uid: &str, header: &[u8]) -> Result<OperatorFileWriter> {
+        let target = dir.join(savepoint_file_name(uid));
+        let tmp = dir.join(format!(".{}.tmp-{}", savepoint_file_name(uid), std::process::id()));
+        let file = File::create(&tmp).map_err(|e| StateError::io("create savepoint file", &tmp, e))?;
+        let mut f = OperatorFileWriter {
+            tmp,
+            target,
+            out: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
+            offset: 0,
+            index: Vec::new(),
+        };
+        f.write(header)?;
+        Ok(f)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        if let Some(out) = self.out.as_mut() {
+            out.write_all(bytes).map_err(|e| StateError::io("write savepoint file", &self.tmp, e))?;
+        }
+        self.offset += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn append_block(&mut self, group: u16, block: &[u8], entries: u32) -> Result<()> {
+        self.index.push((group, block.len() as u32, self.offset, entries));
+        self.write(block)
+    }
+
+    /// Writes the footer and trailer, syncs and renames the file (the caller syncs the
+    /// directory). Returns its name, entries, size and key groups.
+    fn finish(&mut self) -> Result<(String, u64, u64, Vec<KeyGroup>)> {
+        let footer = encode_footer(&self.index, self.offset);
+        self.write(&footer)?;
+        let out = self.out.take().ok_or_else(|| StateError::Misuse("savepoint file finished twice".into()))?;
+        let file = out.into_inner().map_err(|e| StateError::io("write savepoint file", &self.tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| StateError::io("fsync savepoint file", &self.tmp, e))?;
+        std::fs::rename(&self.tmp, &self.target)
+            .map_err(|e| StateError::io("rename savepoint file", &self.target, e))?;
+        let name = self.target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let entries = self.index.iter().map(|i| u64::from(i.3)).sum();
+        Ok((name, entries, self.offset, self.index.iter().map(|i| KeyGroup(i.0)).collect()))
+    }
+}
+
+impl Drop for OperatorFileWriter {
+    fn drop(&mut self) {
+        if self.out.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StateError::io("fsync savepoint dir", dir, e))
 }
 
 /// Splits `<uid>/<name>`.
@@ -339,39 +594,11 @@ fn split_state_name(full: &str) -> Result<(&str, &str)> {
     Ok((uid, name))
 }
 
-/// One operator's file, in parts ready for [`write_durably`].
-struct EncodedOperator {
-    parts: Vec<Vec<u8>>,
-    entries: u64,
-    key_groups: Vec<KeyGroup>,
-}
-
-fn encode_operator(uid: &str, max_parallelism: u16, op: OperatorEntries) -> Result<EncodedOperator> {
-    // Names go in ascending order; entries refer to them by that position.
-    let mut position = vec![0u32; op.names.len()];
-    for (i, id) in op.names.values().enumerate() {
-        position[*id as usize] = i as u32;
-    }
-    let names: Vec<&StateName> = op.names.keys().collect();
-    let header = encode_header(uid, max_parallelism, &names)?;
-    let mut offset = header.len() as u64;
-    let mut parts = vec![header];
-    let mut index = Vec::with_capacity(op.groups.len());
-    let mut total_entries = 0u64;
-    for (group, entries) in op.groups {
-        let mut sorted: Vec<(u32, Vec<u8>, Vec<u8>)> =
-            entries.into_iter().map(|((id, key), value)| (position[id as usize], key, value)).collect();
-        sorted.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-        let block = encode_block(group, &sorted)
-            .ok_or_else(|| StateError::Misuse(format!("key group {group} of operator {uid:?} exceeds 4 GiB")))?;
-        index.push((group, block.len() as u32, offset, sorted.len() as u32));
-        offset += block.len() as u64;
-        total_entries += sorted.len() as u64;
-        parts.push(block);
-    }
+/// The footer (block index) and trailer of a file whose blocks end at `offset`.
+fn encode_footer(index: &[(u16, u32, u64, u32)], offset: u64) -> Vec<u8> {
     let mut footer = Vec::with_capacity(2 * CRC_BYTES + INDEX_ENTRY_BYTES * index.len() + TRAILER_BYTES);
     footer.extend_from_slice(&(index.len() as u32).to_le_bytes());
-    for &(group, length, block_offset, entries) in &index {
+    for &(group, length, block_offset, entries) in index {
         footer.extend_from_slice(&group.to_le_bytes());
         footer.extend_from_slice(&0u16.to_le_bytes());
         footer.extend_from_slice(&length.to_le_bytes());
@@ -386,12 +613,7 @@ fn encode_operator(uid: &str, max_parallelism: u16, op: OperatorEntries) -> Resu
     footer.extend_from_slice(&footer_len.to_le_bytes());
     footer.extend_from_slice(&TRAILER_MAGIC);
     push_crc(&mut footer, trailer_start);
-    parts.push(footer);
-    Ok(EncodedOperator {
-        parts,
-        entries: total_entries,
-        key_groups: index.iter().map(|&(group, ..)| KeyGroup(group)).collect(),
-    })
+    footer
 }
 
 /// Appends the CRC-32 of `out[from..]`.
@@ -425,7 +647,7 @@ fn encode_header(uid: &str, max_parallelism: u16, names: &[&StateName]) -> Resul
 }
 
 /// Encodes one key group's block; `None` if it would exceed 4 GiB.
-fn encode_block(group: u16, entries: &[(u32, Vec<u8>, Vec<u8>)]) -> Option<Vec<u8>> {
+fn encode_block(group: u16, entries: &[(u32, &[u8], &[u8])]) -> Option<Vec<u8>> {
     let body: u64 = entries.iter().map(|(_, k, v)| (ENTRY_FIXED_BYTES + k.len() + v.len()) as u64).sum();
     let len = u32::try_from((BLOCK_FIXED_BYTES + CRC_BYTES) as u64 + body).ok()?;
     let mut out = Vec::with_capacity(len as usize);
@@ -847,4 +1069,45 @@ fn read_index(
         return Err(corrupt(footer_at, "blocks do not end where the footer starts"));
     }
     Ok(blocks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spill_truncates_back_and_reads_what_was_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spill = Spill::create(dir.path(), 2).unwrap();
+        spill.write(0, &[b"abc"]).unwrap();
+        spill.write(1, &[b"xy"]).unwrap();
+        let lens = spill.lens.clone();
+        spill.write(0, &[b"def", b"g"]).unwrap();
+        spill.write(1, &[b"z"]).unwrap();
+        spill.truncate(&lens).unwrap();
+        spill.write(1, &[b"w"]).unwrap();
+        assert_eq!(spill.read(0).unwrap(), b"abc");
+        assert_eq!(spill.read(1).unwrap(), b"xyw");
+        let path = spill.dir.clone();
+        drop(spill);
+        assert!(!path.exists(), "the spill directory goes with the writer");
+    }
+
+    #[test]
+    fn spilled_entries_parse_back_and_damage_is_an_error() {
+        let mut bytes = Vec::new();
+        for (uid, group, name, key, value) in [(1u16, 7u16, 2u32, &b"k1"[..], &b"v"[..]), (0, 3, 0, b"", b"value")] {
+            bytes.extend_from_slice(&uid.to_le_bytes());
+            bytes.extend_from_slice(&group.to_le_bytes());
+            bytes.extend_from_slice(&name.to_le_bytes());
+            bytes.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(key);
+            bytes.extend_from_slice(value);
+        }
+        let parsed = parse_spilled(&bytes).unwrap();
+        let got: Vec<_> = parsed.iter().map(|e| (e.uid, e.group, e.name, e.key, e.value)).collect();
+        assert_eq!(got, vec![(1, 7, 2, &b"k1"[..], &b"v"[..]), (0, 3, 0, &b""[..], &b"value"[..])]);
+        assert!(parse_spilled(&bytes[..bytes.len() - 1]).is_err());
+    }
 }

@@ -247,11 +247,18 @@ fn keep_filter_drops_an_operator() {
 fn misuse_and_mismatch_are_typed_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let mut source = job_at(&tmp.path().join("src"), 1, 50);
+    // The same entries twice: the savepoint is refused, and leaves no file behind.
+    let dup_dir = tmp.path().join("dup");
+    let mut writer = SavepointWriter::new(&dup_dir, MAX).unwrap();
+    writer.add_store("state", &mut source[0].0).unwrap();
+    writer.add_store("state", &mut source[0].0).unwrap();
+    let again = writer.finish().unwrap_err();
+    assert_eq!(again.class(), ErrorClass::Misuse, "{again}");
+    assert!(again.to_string().contains("twice"), "{again}");
+    assert_eq!(std::fs::read_dir(&dup_dir).unwrap().count(), 0, "nothing left in {}", dup_dir.display());
     let sp_dir = tmp.path().join("sp");
     let mut writer = SavepointWriter::new(&sp_dir, MAX).unwrap();
     writer.add_store("state", &mut source[0].0).unwrap();
-    let again = writer.add_store("state", &mut source[0].0).unwrap_err();
-    assert_eq!(again.class(), ErrorClass::Misuse, "{again}");
     // The same entries in another space are other entries.
     writer.add_store("copy", &mut source[0].0).unwrap();
     let mut other_max = StateStore::create(&tmp.path().join("m128"), config(0, 1, 128)).unwrap();
