@@ -203,7 +203,7 @@ impl CheckpointDirectory {
     /// returns `Ok`, the checkpoint is complete and survives a crash.
     pub fn commit(&self, manifest: &Manifest) -> Result<()> {
         let path = self.manifest_path(manifest.checkpoint_id);
-        write_durably_fenced(&path, &[&manifest.encode()], &self.manifests, self.fence.as_deref(), false)
+        write_durably_fenced(&path, &[&manifest.encode()], &self.manifests, self.fence.as_deref(), None)
     }
 
     /// Ids of all manifests present (valid or not), ascending.
