@@ -258,6 +258,18 @@ impl<H: Clone> Coordinator<H> {
         out
     }
 
+    /// When the next checkpoint is due by the interval and the minimum pause (`None`: never,
+    /// interval 0). It triggers at the first tick from then on at which the in-flight limit
+    /// allows.
+    pub fn next_due_ms(&self) -> Option<i64> {
+        if self.config.interval_ms <= 0 {
+            return None;
+        }
+        let by_interval = self.last_trigger_ms.map_or(i64::MIN, |t| t.saturating_add(self.config.interval_ms));
+        let by_pause = self.last_complete_ms.map_or(i64::MIN, |t| t.saturating_add(self.config.min_pause_ms));
+        Some(by_interval.max(by_pause))
+    }
+
     /// A checkpoint on demand (a savepoint, a test): triggered now if the in-flight limit
     /// allows, else `None`.
     pub fn trigger_now(&mut self, now_ms: i64) -> Option<CheckpointId> {
@@ -330,6 +342,26 @@ impl<H: Clone> Coordinator<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_due_is_where_tick_triggers() {
+        let config = CheckpointConfig { interval_ms: 100, min_pause_ms: 30, ..CheckpointConfig::default() };
+        let mut c: Coordinator<u64> = Coordinator::new(config, 1, 1);
+        c.start_interval_at(1000);
+        assert_eq!(c.next_due_ms(), Some(1100));
+        assert!(c.tick(1099).is_empty());
+        assert_eq!(c.tick(1100), vec![Command::Trigger(1)]);
+        assert_eq!(c.next_due_ms(), Some(1200));
+        // Completed late: the minimum pause pushes the next one back.
+        c.on_ack(0, 1, 7);
+        c.on_manifest(1, Ok(()), 1190);
+        assert_eq!(c.next_due_ms(), Some(1220));
+        assert!(c.tick(1219).is_empty());
+        assert_eq!(c.tick(1220), vec![Command::Trigger(2)]);
+        let never: Coordinator<u64> =
+            Coordinator::new(CheckpointConfig { interval_ms: 0, ..CheckpointConfig::default() }, 1, 1);
+        assert_eq!(never.next_due_ms(), None);
+    }
 
     #[test]
     fn the_first_checkpoint_is_due_one_interval_after_a_start() {

@@ -217,6 +217,9 @@ pub struct CheckpointShared {
     /// Delivery mode of this job's barriers.
     pub mode: crate::checkpoint::DeliveryMode,
     requested: AtomicU64,
+    /// When the coordinator's next checkpoint is due (clock milliseconds; `i64::MAX`: not
+    /// known), for idle sources to look for its request more often around then.
+    next_due: std::sync::atomic::AtomicI64,
     completed: AtomicU64,
     aborted_final: AtomicU64,
     final_wanted: AtomicBool,
@@ -345,6 +348,13 @@ impl CheckpointShared {
     /// The newest checkpoint sources should inject (0: none yet).
     pub fn requested(&self) -> CheckpointId {
         self.requested.load(Ordering::Acquire)
+    }
+
+    /// Whether a checkpoint may be triggered any moment at `now_ms`: from a millisecond before
+    /// it is due until a few after (the coordinator ticks every few milliseconds).
+    pub fn due_soon(&self, now_ms: i64) -> bool {
+        let due = self.next_due.load(Ordering::Relaxed);
+        due != i64::MAX && now_ms >= due.saturating_sub(1) && now_ms <= due.saturating_add(6)
     }
 
     /// The newest complete checkpoint (0: none yet in this attempt; see `restored`).
@@ -530,6 +540,7 @@ impl CheckpointDriver {
             attempt,
             mode: settings.protocol.mode,
             requested: AtomicU64::new(0),
+            next_due: std::sync::atomic::AtomicI64::new(i64::MAX),
             completed: AtomicU64::new(0),
             aborted_final: AtomicU64::new(0),
             final_wanted: AtomicBool::new(false),
@@ -755,6 +766,8 @@ impl CoordinatorLoop {
                 commands.push(Command::Trigger(id));
             }
             self.execute(commands);
+            let due = self.coordinator.next_due_ms().unwrap_or(i64::MAX);
+            self.shared.next_due.store(due, Ordering::Relaxed);
             match self.inbox.recv_timeout(self.tick) {
                 Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => {
                     for (_, request) in std::mem::take(&mut self.savepoints) {
