@@ -41,7 +41,9 @@ fn run(dir: &std::path::Path, inject: impl FnOnce()) -> (weir::checkpointing::Ch
         .sink("out", out.clone());
     let settings = CheckpointSettings::new(dir, 5)
         .with_restart(RestartStrategy::FixedDelay { attempts: 2, delay: Duration::from_millis(5) });
-    let handle = job.run(JobConfig::default().with_parallelism(2).with_checkpointing(settings)).unwrap();
+    // Small segments: new ones are created (and fsynced early by write-behind) all the time.
+    let config = JobConfig { segment_bytes: 64 << 10, ..JobConfig::default() };
+    let handle = job.run(config.with_parallelism(2).with_checkpointing(settings)).unwrap();
     // Let a checkpoint or two complete before the fault.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while handle.checkpoint_stats().completed.len() < 2 && std::time::Instant::now() < deadline {
@@ -93,5 +95,14 @@ fn storage_faults_fail_checkpoints_and_recovery_keeps_the_output_exact() {
     assert!(stats.restored.get(1).copied().flatten().is_some(), "from a complete checkpoint: {stats:?}");
     assert_exact(output);
     fail::remove("state::sync_segment");
+
+    // An fsync error on a new segment file, in write-behind: the store is suspect, its next
+    // seal fails the stage, and the job restarts from the last complete checkpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let (stats, output) = run(dir.path(), || fail::cfg("state::presync_segment", "1*return(eio)").unwrap());
+    assert_eq!(stats.restarts, 1, "the job restarted: {stats:?}");
+    assert!(stats.restored.get(1).copied().flatten().is_some(), "from a complete checkpoint: {stats:?}");
+    assert_exact(output);
+    fail::remove("state::presync_segment");
     scenario.teardown();
 }

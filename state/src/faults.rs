@@ -5,6 +5,7 @@
 //! with the given errno (`eio`, `enospc`); without the feature every check compiles to nothing.
 //!
 //! Points: `state::sync_segment` (msync/fsync of segments at a checkpoint),
+//! `state::presync_segment` (the early fsync of new segment files by write-behind),
 //! `state::write_file` (index snapshots and manifests).
 
 use std::path::Path;

@@ -267,6 +267,9 @@ struct Ledger {
     /// files and segments are kept meanwhile, and no further snapshot starts. (At most two: one
     /// copy may have started before the previous one was detached.)
     detached_index: Vec<(IndexSnapshotRef, bool)>,
+    /// New segments whose file (allocation) and name a write-behind task already made durable:
+    /// the next checkpoint need not fsync them.
+    presynced: Vec<SegmentId>,
 }
 
 impl Ledger {
@@ -349,6 +352,8 @@ pub struct StateStore {
     checkpoints_since_index: u32,
     bytes_since_index: u64,
     new_segments: Vec<SegmentId>,
+    /// New segments not yet handed to a write-behind task for an early fsync.
+    presync: Vec<SegmentId>,
     last_checkpoint: Option<u64>,
     counters: StoreStats,
     /// The index snapshot being copied (copy-on-write) since the checkpoint it reflects.
@@ -394,6 +399,7 @@ impl StateStore {
             checkpoints_since_index: 0,
             bytes_since_index: 0,
             new_segments: Vec::new(),
+            presync: Vec::new(),
             last_checkpoint: None,
             counters: StoreStats::default(),
             pending_index: None,
@@ -514,6 +520,7 @@ impl StateStore {
         self.tail_segment = id;
         self.tail_offset = SEGMENT_HEADER_BYTES;
         self.new_segments.push(id);
+        self.presync.push(id);
         Ok(())
     }
 
@@ -794,6 +801,10 @@ impl StateStore {
                 && ledger.detached_index.is_empty()
                 && !self.index.has_delta();
             let spare = if due { ledger.spare_index_buf.take() } else { None };
+            // New segments a write-behind task fsynced already need no fsync now; whatever
+            // else the list holds was synced by an earlier checkpoint.
+            self.new_segments.retain(|id| !ledger.presynced.contains(id));
+            ledger.presynced.clear();
             (ledger.synced_upto, ledger.confirmed_index.clone(), spare, due)
         };
         let seal = self.tail();
@@ -901,9 +912,20 @@ impl StateStore {
     /// finds little left to sync. Returns a task to run off the caller's thread, or `None` when
     /// there is less than `min_bytes` to write. Correctness never depends on it.
     pub fn write_behind(&mut self, min_bytes: u32) -> Option<WriteBehindTask> {
-        if self.appended_bytes - self.behind_mark < u64::from(min_bytes) {
+        if self.appended_bytes - self.behind_mark < u64::from(min_bytes) && self.presync.is_empty() {
             return None;
         }
+        // New segments are fsynced early (their allocation and name), so that checkpoints
+        // seldom wait for a journal commit of new files.
+        let new_files: Vec<(SegmentId, SegmentFlusher)> = std::mem::take(&mut self.presync)
+            .into_iter()
+            .filter_map(|id| self.segment(id).ok().flatten().map(|s| (id, s.flusher())))
+            .collect();
+        let presync = (!new_files.is_empty()).then(|| Presync {
+            files: new_files,
+            dir: self.dir.clone(),
+            ledger: Arc::clone(&self.ledger),
+        });
         // Whole pages only: the page the tail is in keeps changing.
         let to = log_address(self.tail_segment, self.tail_offset & !4095);
         let from = self.ledger.lock().ok()?.synced_upto.max(self.seal).max(self.behind_upto);
@@ -912,11 +934,11 @@ impl StateStore {
         if total < u64::from(min_bytes) {
             // The rest was synced by a checkpoint already: due again once `total` grew enough.
             self.behind_mark = self.appended_bytes.saturating_sub(total);
-            return None;
+            return presync.map(|p| WriteBehindTask { ranges: Vec::new(), presync: Some(p) });
         }
         self.behind_upto = to;
         self.behind_mark = self.appended_bytes;
-        Some(WriteBehindTask { ranges })
+        Some(WriteBehindTask { ranges, presync })
     }
 
     /// Restores the store of `handle` from its directory `dir`: maps its segments and index
@@ -995,10 +1017,12 @@ impl StateStore {
                 failed_sync: None,
                 spare_index_buf: None,
                 detached_index: Vec::new(),
+                presynced: Vec::new(),
             })),
             checkpoints_since_index: 0,
             bytes_since_index: 0,
             new_segments: Vec::new(),
+            presync: Vec::new(),
             last_checkpoint: Some(handle.checkpoint_id),
             counters: StoreStats::default(),
             pending_index: None,
@@ -1765,12 +1789,37 @@ fn write_paced(tmp: &Path, parts: &[&[u8]], fence: &crate::fence::Fence, pace: u
 #[derive(Debug)]
 pub struct WriteBehindTask {
     ranges: Vec<(SegmentFlusher, u32, u32)>,
+    presync: Option<Presync>,
+}
+
+/// The early fsync of new segment files and their directory (see [`WriteBehindTask`]).
+#[derive(Debug)]
+struct Presync {
+    files: Vec<(SegmentId, SegmentFlusher)>,
+    dir: PathBuf,
+    ledger: Arc<Mutex<Ledger>>,
 }
 
 impl WriteBehindTask {
-    /// Starts writing the ranges back (it does not wait for the disk). An error here is only a
-    /// hint: the next checkpoint syncs the same bytes and reports failures itself.
+    /// Fsyncs new segment files and their directory, so that the next checkpoint need not,
+    /// then starts writing the ranges back (it does not wait for the disk). A failed fsync marks
+    /// the store suspect, like a failed checkpoint sync (it is never retried and then trusted);
+    /// a failure to start writeback is only a hint: the next checkpoint syncs the same bytes.
     pub fn run(self) -> Result<u64> {
+        if let Some(p) = &self.presync {
+            let synced = crate::faults::check("state::presync_segment", &p.dir)
+                .and_then(|()| p.files.iter().try_for_each(|(_, f)| f.sync_file()))
+                .and_then(|()| sync_dir(&p.dir));
+            if let Ok(mut ledger) = p.ledger.lock() {
+                match &synced {
+                    Ok(()) => ledger.presynced.extend(p.files.iter().map(|(id, _)| *id)),
+                    Err(e) => {
+                        ledger.failed_sync.get_or_insert_with(|| e.to_string());
+                    }
+                }
+            }
+            synced?;
+        }
         let mut bytes = 0;
         for (f, off, len) in &self.ranges {
             f.start_writeback(*off, *len)?;
@@ -1877,6 +1926,45 @@ mod tests {
 
     /// A restore answers at once; folding in small steps keeps every answer; index snapshots
     /// wait for the fold; the key count is checked when it ends.
+    #[test]
+    fn write_behind_fsyncs_new_segments_so_checkpoints_need_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = StateStore::create(dir.path(), config()).unwrap();
+        let state = store.register("s", None).unwrap();
+        let value = [7u8; 1000];
+        let mut k = 0;
+        let mut roll = |store: &mut StateStore| {
+            let first = address_segment(store.tail());
+            while address_segment(store.tail()) == first {
+                store.put_raw(state, Key::new(&key(k), 64), &value).unwrap();
+                k += 1;
+            }
+        };
+        // Without write-behind the checkpoint fsyncs the new segment itself.
+        roll(&mut store);
+        let pending = store.checkpoint(1).unwrap();
+        assert_eq!(pending.task.new_files.len(), 2, "segments 1 and 2");
+        pending.task.run().unwrap();
+        // With it, the write-behind task did.
+        roll(&mut store);
+        let task = store.write_behind(1 << 30).expect("a new segment to fsync");
+        assert!(task.ranges.is_empty() && task.presync.is_some());
+        task.run().unwrap();
+        let pending = store.checkpoint(2).unwrap();
+        assert!(pending.task.new_files.is_empty(), "the new segment was fsynced early");
+        pending.task.run().unwrap();
+        // A new segment whose write-behind has not run yet is still the checkpoint's.
+        roll(&mut store);
+        let late = store.write_behind(1 << 30).unwrap();
+        let pending = store.checkpoint(3).unwrap();
+        assert_eq!(pending.task.new_files.len(), 1);
+        late.run().unwrap();
+        pending.task.run().unwrap();
+        assert!(store.ledger.lock().unwrap().presynced.len() <= 1);
+        assert!(store.checkpoint(4).is_ok_and(|p| p.task.new_files.is_empty()));
+        assert!(store.ledger.lock().unwrap().presynced.is_empty(), "stale entries are dropped");
+    }
+
     #[test]
     fn log_distance_counts_what_a_replay_reads_and_paces_snapshots_by_it() {
         let dir = tempfile::tempdir().unwrap();

@@ -5,7 +5,7 @@
 
 use weir_state::keygroup::KeyGroupRange;
 use weir_state::states::ValueState;
-use weir_state::store::{Key, RestoreOptions};
+use weir_state::store::{Key, RestoreOptions, address_segment};
 use weir_state::{ErrorClass, StateStore, StoreConfig};
 
 fn config() -> StoreConfig {
@@ -80,5 +80,19 @@ fn storage_faults_fail_the_checkpoint_not_the_data() {
     assert_values(&restored, v, 2000);
     fill(&mut restored, v, 4000);
     restored.checkpoint(4).unwrap().task.run().unwrap();
+
+    // EIO on the early fsync of a new segment (write-behind): the store is suspect too.
+    let first = address_segment(restored.tail());
+    let mut base = 5000;
+    while address_segment(restored.tail()) == first {
+        fill(&mut restored, v, base);
+        base += 1000;
+    }
+    fail::cfg("state::presync_segment", "return(eio)").unwrap();
+    let task = restored.write_behind(u32::MAX).expect("the new segment to fsync");
+    assert_eq!(task.run().unwrap_err().class(), ErrorClass::Io);
+    fail::remove("state::presync_segment");
+    let err = restored.checkpoint(5).unwrap_err();
+    assert!(err.to_string().contains("suspect"), "{err}");
     scenario.teardown();
 }
