@@ -413,6 +413,8 @@ impl StateStore {
             config,
         };
         store.open_segment(1)?;
+        // The first segment is fsynced by the first checkpoint: nothing to write back yet.
+        store.presync.clear();
         Ok(store)
     }
 
