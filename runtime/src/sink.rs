@@ -98,6 +98,39 @@ impl SyncWork {
     }
 }
 
+/// A two-phase writer's files written at barriers and not yet synced, and where their
+/// [`SyncWork`] reports a failure: the bookkeeping behind [`SinkWriter::take_sync`].
+#[derive(Debug, Default)]
+pub struct Unsynced {
+    files: Vec<(File, PathBuf)>,
+    failure: SyncFailure,
+}
+
+impl Unsynced {
+    /// `Err` if an earlier sync failed (see [`SyncFailure::check`]).
+    pub fn check(&self) -> Result<()> {
+        self.failure.check()
+    }
+
+    /// Notes `file` (now at `path`) as written and not synced.
+    pub fn push(&mut self, file: File, path: PathBuf) {
+        self.files.push((file, path));
+    }
+
+    /// The work that syncs the noted files, then `dir`; `None` when none was noted.
+    pub fn take(&mut self, dir: &std::path::Path) -> Option<SyncWork> {
+        if self.files.is_empty() {
+            return None;
+        }
+        Some(SyncWork::new(std::mem::take(&mut self.files), vec![dir.to_owned()], self.failure.clone()))
+    }
+
+    /// Forgets the noted files (a restart discards their transactions).
+    pub fn clear(&mut self) {
+        self.files.clear();
+    }
+}
+
 /// Where a sink writer's [`SyncWork`] leaves a failure for the writer to report.
 #[derive(Debug, Clone, Default)]
 pub struct SyncFailure(Arc<Mutex<Option<(String, String)>>>);

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use weir_operators::operator::Timestamp;
 
 use crate::error::{Result, RuntimeError};
-use crate::sink::{SyncFailure, SyncWork};
+use crate::sink::{SyncWork, Unsynced};
 
 /// A sink writer that takes part in checkpoints.
 pub trait TwoPhaseWriter {
@@ -65,9 +65,8 @@ pub struct TransactionalFileWriter<T, F> {
     shard: usize,
     format: F,
     open: Option<(PathBuf, BufWriter<File>)>,
-    /// Pre-committed part files not yet synced, and where their syncs report a failure.
-    unsynced: Vec<(File, PathBuf)>,
-    failure: SyncFailure,
+    /// Pre-committed part files not yet synced.
+    unsynced: Unsynced,
     _t: std::marker::PhantomData<fn(T)>,
 }
 
@@ -88,8 +87,7 @@ impl<T, F: Fn(&T) -> String> TransactionalFileWriter<T, F> {
             shard,
             format,
             open: None,
-            unsynced: Vec::new(),
-            failure: SyncFailure::default(),
+            unsynced: Unsynced::default(),
             _t: std::marker::PhantomData,
         })
     }
@@ -136,25 +134,21 @@ impl<T, F: Fn(&T) -> String> TwoPhaseWriter for TransactionalFileWriter<T, F> {
     /// pending file with partial content, but only of a checkpoint that was never
     /// acknowledged, which `recover` deletes unread.
     fn pre_commit(&mut self, checkpoint: u64) -> Result<()> {
-        self.failure.check()?;
+        self.unsynced.check()?;
         let Some((path, out)) = self.open.take() else { return Ok(()) };
         let file = out.into_inner().map_err(|e| io(&path, e.into_error()))?;
         let target = self.pending_path(checkpoint);
         std::fs::rename(&path, &target).map_err(|e| io(&target, e))?;
-        self.unsynced.push((file, target));
+        self.unsynced.push(file, target);
         Ok(())
     }
 
     fn take_sync(&mut self) -> Option<SyncWork> {
-        if self.unsynced.is_empty() {
-            return None;
-        }
-        let files = std::mem::take(&mut self.unsynced);
-        Some(SyncWork::new(files, vec![self.pending_dir.clone()], self.failure.clone()))
+        self.unsynced.take(&self.pending_dir)
     }
 
     fn commit(&mut self, checkpoint: u64) -> Result<()> {
-        self.failure.check()?;
+        self.unsynced.check()?;
         let mut renamed = false;
         for (id, path) in self.pre_committed()? {
             if id <= checkpoint {
@@ -513,8 +507,7 @@ where
             shard,
             parallelism,
             open: Vec::new(),
-            unsynced: Vec::new(),
-            failure: SyncFailure::default(),
+            unsynced: Unsynced::default(),
         })
     }
 }
@@ -526,9 +519,8 @@ pub struct DurableCallbackWriter<T, F> {
     shard: usize,
     parallelism: usize,
     open: Vec<(T, Timestamp)>,
-    /// Transaction files written but not yet synced, and where their syncs report a failure.
-    unsynced: Vec<(File, PathBuf)>,
-    failure: SyncFailure,
+    /// Transaction files written but not yet synced.
+    unsynced: Unsynced,
 }
 
 /// First bytes of a transaction file.
@@ -655,7 +647,7 @@ where
     /// before that sync can leave a damaged file, but only of a checkpoint that was never
     /// acknowledged, which `recover` deletes unread.
     fn pre_commit(&mut self, checkpoint: u64) -> Result<()> {
-        self.failure.check()?;
+        self.unsynced.check()?;
         if self.open.is_empty() {
             return Ok(());
         }
@@ -665,19 +657,15 @@ where
         let mut file = File::create(&tmp).map_err(|e| io(&tmp, e))?;
         file.write_all(&bytes).map_err(|e| io(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
-        self.unsynced.push((file, path));
+        self.unsynced.push(file, path);
         self.open.clear();
         Ok(())
     }
     fn take_sync(&mut self) -> Option<SyncWork> {
-        if self.unsynced.is_empty() {
-            return None;
-        }
-        let files = std::mem::take(&mut self.unsynced);
-        Some(SyncWork::new(files, vec![self.dir.clone()], self.failure.clone()))
+        self.unsynced.take(&self.dir)
     }
     fn commit(&mut self, checkpoint: u64) -> Result<()> {
-        self.failure.check()?;
+        self.unsynced.check()?;
         for (id, shard, path) in self.pending()? {
             if id > checkpoint {
                 break;

@@ -365,12 +365,19 @@ pub struct StateStore {
     /// whether one is due.
     appended_bytes: u64,
     behind_mark: u64,
-    /// Incremental compaction: the segment being emptied and how far it was scanned.
-    compacting: Option<(SegmentId, u32)>,
+    compaction: Compaction,
+}
+
+/// Where incremental compaction ([`StateStore::compact_step`]) stands.
+#[derive(Debug, Default)]
+struct Compaction {
+    /// The segment being emptied and how far it was scanned.
+    victim: Option<(SegmentId, u32)>,
     /// Bytes compaction may still scan (it earns twice what is appended), and the appended
     /// bytes it was last credited for.
-    compact_credit: u64,
-    compact_mark: u64,
+    credit: u64,
+    mark: u64,
+    /// A reused buffer for the key of a record being moved.
     key_buf: Vec<u8>,
 }
 
@@ -406,10 +413,7 @@ impl StateStore {
             behind_upto: 0,
             appended_bytes: 0,
             behind_mark: 0,
-            compacting: None,
-            compact_credit: 0,
-            compact_mark: 0,
-            key_buf: Vec::new(),
+            compaction: Compaction::default(),
             config,
         };
         store.open_segment(1)?;
@@ -1031,10 +1035,7 @@ impl StateStore {
             behind_upto: 0,
             appended_bytes: 0,
             behind_mark: 0,
-            compacting: None,
-            compact_credit: 0,
-            compact_mark: 0,
-            key_buf: Vec::new(),
+            compaction: Compaction::default(),
             config,
         };
         // The log a restore of the next checkpoint replays starts as long as this one was: a
@@ -1227,30 +1228,30 @@ impl StateStore {
     pub fn compact_step(&mut self, min_bytes: u32) -> Result<bool> {
         const MAX_SLICE: u64 = 256 << 10;
         const MAX_CREDIT: u64 = 64 << 20;
-        let appended = self.appended_bytes - self.compact_mark;
-        self.compact_mark = self.appended_bytes;
-        if self.compacting.is_none() {
+        let appended = self.appended_bytes - self.compaction.mark;
+        self.compaction.mark = self.appended_bytes;
+        if self.compaction.victim.is_none() {
             if appended == 0 && min_bytes == 0 {
                 return Ok(false);
             }
             match self.compaction_victim() {
-                Some(id) => self.compacting = Some((id, SEGMENT_HEADER_BYTES)),
+                Some(id) => self.compaction.victim = Some((id, SEGMENT_HEADER_BYTES)),
                 None => {
-                    self.compact_credit = 0;
+                    self.compaction.credit = 0;
                     return Ok(false);
                 }
             }
         }
-        self.compact_credit = (self.compact_credit + 2 * appended).min(MAX_CREDIT);
-        let budget = self.compact_credit.max(u64::from(min_bytes)).min(MAX_SLICE);
-        if let Some((id, from)) = self.compacting {
+        self.compaction.credit = (self.compaction.credit + 2 * appended).min(MAX_CREDIT);
+        let budget = self.compaction.credit.max(u64::from(min_bytes)).min(MAX_SLICE);
+        if let Some((id, from)) = self.compaction.victim {
             let (next, scanned) = self.compact_slice(id, from, budget)?;
-            self.compact_credit = self.compact_credit.saturating_sub(scanned);
-            self.compacting = next.map(|off| (id, off));
+            self.compaction.credit = self.compaction.credit.saturating_sub(scanned);
+            self.compaction.victim = next.map(|off| (id, off));
         }
         // The slice's own appends earn no credit.
-        self.compact_mark = self.appended_bytes;
-        Ok(self.compacting.is_some() || self.compaction_victim().is_some())
+        self.compaction.mark = self.appended_bytes;
+        Ok(self.compaction.victim.is_some() || self.compaction_victim().is_some())
     }
 
     /// Segments compaction may empty: sealed, before the newest confirmed index snapshot's
@@ -1296,10 +1297,10 @@ impl StateStore {
     /// most about `budget` bytes. Returns where to go on (`None`: the segment is done, or no
     /// longer part of the store) and the bytes scanned.
     fn compact_slice(&mut self, id: SegmentId, from: u32, budget: u64) -> Result<(Option<u32>, u64)> {
-        let mut key = std::mem::take(&mut self.key_buf);
+        let mut key = std::mem::take(&mut self.compaction.key_buf);
         let mut value = std::mem::take(&mut self.value_buf);
         let result = self.compact_slice_with(id, from, budget, &mut key, &mut value);
-        self.key_buf = key;
+        self.compaction.key_buf = key;
         self.value_buf = value;
         result
     }
