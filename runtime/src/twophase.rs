@@ -1,5 +1,8 @@
 //! Two-phase sinks: output written after barrier `n - 1` and before barrier `n` forms
-//! transaction `n`. At barrier `n` the sink *pre-commits* it (makes it durable but invisible);
+//! transaction `n`. At barrier `n` the sink *pre-commits* it (makes it durable but invisible:
+//! it writes the transaction on the shard, and the fsyncs it hands out with
+//! [`TwoPhaseWriter::take_sync`] run on a durability worker before the checkpoint is
+//! acknowledged);
 //! when checkpoint `n` completes (its manifest is written) the sink *commits* every transaction
 //! up to `n` (makes it visible). After a failure, the job restores checkpoint `m` and calls
 //! [`TwoPhaseWriter::recover`]: transactions up to `m` are committed (their commit may have been
@@ -7,7 +10,7 @@
 //! failure-free run up to the last complete checkpoint: no loss, no duplicate.
 //!
 //! - [`TransactionalFileWriter`]: each transaction is a part file, written under
-//!   `<dir>/.pending/`, fsynced at pre-commit, renamed to `<dir>/part-<shard>-<n>` at commit
+//!   `<dir>/.pending/`, synced before the checkpoint's ack, renamed to `<dir>/part-<shard>-<n>` at commit
 //!   (then the directory is fsynced). Readers of `<dir>` see only committed parts.
 //! - [`ExactlyOnceCallback`]: records are held per transaction and handed to the callback only
 //!   when their checkpoint completes. (For at-least-once delivery, use
@@ -458,7 +461,8 @@ pub struct Committed<T> {
 }
 
 /// Exactly-once delivery to a callback across process crashes: each shard's transaction is
-/// written to a file under `dir` at its barrier (CRC-checked, fsynced), and handed to the
+/// written to a file under `dir` at its barrier (CRC-checked, fsynced before the checkpoint is
+/// acknowledged), and handed to the
 /// callback, whole and named by `(shard, checkpoint)`, once its checkpoint completes; the file
 /// is deleted after the callback returns. A process that resumes the job from the directory
 /// delivers the transactions its predecessor pre-committed but did not deliver.
