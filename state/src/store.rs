@@ -16,7 +16,8 @@
 //!    index snapshot.
 //! 2. It returns a [`PendingCheckpoint`]: the [`CheckpointHandle`] (what a manifest records)
 //!    and a [`DurabilityTask`] to run off the caller's thread. The task fsyncs new segment
-//!    files and their directory, `msync(MS_SYNC)`s only the bytes written since the last
+//!    files and their directory (those a [`WriteBehindTask`] has not fsynced already),
+//!    `msync(MS_SYNC)`s only the bytes written since the last
 //!    durable checkpoint, and writes + fsyncs the index snapshot file and the directory.
 //! 3. When the task returns `Ok`, the shard's part of checkpoint n is durable. Checkpoint n is
 //!    *complete* only once the coordinator has written its manifest ([`crate::manifest`]).
