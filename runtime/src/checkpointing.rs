@@ -657,8 +657,9 @@ impl CheckpointDriver {
 /// Gives the calling thread the lowest priority (nice 19), for helpers whose work nobody waits
 /// for (write-behind, unmapping a failed attempt's stores): on a machine with as many shards
 /// as cores they would otherwise take a shard's core for milliseconds at a time, stalling its
-/// records and its barriers. The durability workers and the coordinator keep the normal
-/// priority: a checkpoint waits for them. A failure (a sandbox that forbids it) is ignored.
+/// records and its barriers. The durability workers and the coordinator, which a checkpoint
+/// waits for, get a higher one instead ([`hurry`]). A failure (a sandbox that forbids it) is
+/// ignored.
 pub(crate) fn yield_to_shards() {
     let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
 }

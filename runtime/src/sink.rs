@@ -63,8 +63,8 @@ pub trait SinkWriter: 'static {
 }
 
 /// Files (then directories) to `fsync` so that a pre-committed transaction is durable; see
-/// [`SinkWriter::take_sync`]. A failure is recorded in the writer's [`SyncFailure`], which it
-/// reports at its next call (the job restarts from the last complete checkpoint: an `fsync`
+/// [`SinkWriter::take_sync`] and [`Unsynced`], which makes them. A failure is recorded where
+/// the writer's [`Unsynced::check`] reports it at its next call (the job restarts from the last complete checkpoint: an `fsync`
 /// error is never retried and then trusted), and declines the checkpoint.
 #[derive(Debug)]
 pub struct SyncWork {
@@ -75,7 +75,7 @@ pub struct SyncWork {
 
 impl SyncWork {
     /// Work that syncs `files`, then `dirs`, recording a failure in `failure`.
-    pub fn new(files: Vec<(File, PathBuf)>, dirs: Vec<PathBuf>, failure: SyncFailure) -> SyncWork {
+    fn new(files: Vec<(File, PathBuf)>, dirs: Vec<PathBuf>, failure: SyncFailure) -> SyncWork {
         SyncWork { files, dirs, failure }
     }
 
@@ -107,7 +107,8 @@ pub struct Unsynced {
 }
 
 impl Unsynced {
-    /// `Err` if an earlier sync failed (see [`SyncFailure::check`]).
+    /// `Err` if an earlier sync of these files failed: they are suspect, and the writer must
+    /// not commit them (the job restarts instead).
     pub fn check(&self) -> Result<()> {
         self.failure.check()
     }
@@ -133,7 +134,7 @@ impl Unsynced {
 
 /// Where a sink writer's [`SyncWork`] leaves a failure for the writer to report.
 #[derive(Debug, Clone, Default)]
-pub struct SyncFailure(Arc<Mutex<Option<(String, String)>>>);
+struct SyncFailure(Arc<Mutex<Option<(String, String)>>>);
 
 impl SyncFailure {
     fn set(&self, sink: String, reason: String) {
@@ -143,7 +144,7 @@ impl SyncFailure {
     }
 
     /// `Err` if a sync failed: the writer's pre-committed files are suspect.
-    pub fn check(&self) -> Result<()> {
+    fn check(&self) -> Result<()> {
         match self.0.lock().ok().and_then(|f| f.clone()) {
             Some((sink, reason)) => Err(RuntimeError::Sink {
                 sink,

@@ -363,7 +363,7 @@ impl SavepointWriter {
         let mut failure = None;
         // State id -> (uid index, name id), resolved on first use.
         let mut resolved: BTreeMap<StateId, (u16, u32)> = BTreeMap::new();
-        let max = self.max_parallelism;
+        let (max, buckets) = (self.max_parallelism, self.buckets());
         let dir = store.dir().to_owned();
         store.for_each(|state, group, key, value, _| {
             if failure.is_some() {
@@ -411,7 +411,7 @@ impl SavepointWriter {
             fixed[4..8].copy_from_slice(&name_id.to_le_bytes());
             fixed[8..12].copy_from_slice(&key_len.to_le_bytes());
             fixed[12..16].copy_from_slice(&value_len.to_le_bytes());
-            let bucket = usize::from(group.0) * SPILL_BUCKETS.min(usize::from(max)) / usize::from(max);
+            let bucket = usize::from(group.0) * buckets / usize::from(max);
             if let Some(spill) = self.spill.as_mut()
                 && let Err(e) = spill.write(bucket, &[&fixed, key, value])
             {
