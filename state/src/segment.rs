@@ -25,7 +25,7 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::{MmapOptions, MmapRaw};
+use memmap2::{MmapOptions, MmapRaw, UncheckedAdvice};
 
 use crate::error::{Result, StateError};
 
@@ -137,8 +137,47 @@ pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
 pub struct Segment {
     header: SegmentHeader,
     path: PathBuf,
-    map: Arc<MmapRaw>,
+    map: Arc<SharedMap>,
     file: Arc<File>,
+}
+
+/// Bytes of a mapping whose page table entries [`SharedMap`] releases per step.
+const RELEASE_STEP: usize = 2 << 20;
+
+/// A segment's shared (`MAP_SHARED`) file mapping. Its last owner releases its page table
+/// entries a step at a time before the unmap. One `munmap` of a 64 MiB segment whose pages are
+/// all mapped holds the process's mmap lock for milliseconds, and every `mmap` or `munmap` of
+/// another thread (a shard freeing a buffer, mapping its next segment, a restart starting its
+/// threads) waits for it: dropping a failed attempt's stores stalled its restart for 15-25 ms.
+/// A step holds the lock for microseconds.
+#[derive(Debug)]
+struct SharedMap(MmapRaw);
+
+impl std::ops::Deref for SharedMap {
+    type Target = MmapRaw;
+    fn deref(&self) -> &MmapRaw {
+        &self.0
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        let len = self.0.len();
+        let mut offset = 0;
+        while offset < len {
+            let step = RELEASE_STEP.min(len - offset);
+            // SAFETY: `MADV_DONTNEED` on a shared file mapping drops page table entries only: a
+            // later access would fault the same page cache pages back in, holding every byte
+            // written through the mapping (the kernel keeps a dirty page dirty and writes it
+            // back), so no content changes and no write is lost. (On a private mapping it would
+            // discard the writes: `Segment::map` maps shared, and the test
+            // `dropping_a_segment_keeps_unsynced_writes` would catch a private one.) Nothing
+            // reads the mapping any more either: this is its last owner, being dropped.
+            // A failure only means the unmap does all the work.
+            let _ = unsafe { self.0.unchecked_advise_range(UncheckedAdvice::DontNeed, offset, step) };
+            offset += step;
+        }
+    }
 }
 
 impl Segment {
@@ -200,7 +239,7 @@ impl Segment {
             .len(header.segment_bytes as usize)
             .map_raw(&file)
             .map_err(|e| StateError::io("mmap segment", &path, e))?;
-        Ok(Segment { header, path, map: Arc::new(map), file: Arc::new(file) })
+        Ok(Segment { header, path, map: Arc::new(SharedMap(map)), file: Arc::new(file) })
     }
 
     /// The segment's header.
@@ -265,7 +304,7 @@ impl Segment {
 /// mapping alive until the flush is done.
 #[derive(Debug, Clone)]
 pub struct SegmentFlusher {
-    map: Arc<MmapRaw>,
+    map: Arc<SharedMap>,
     file: Arc<File>,
     path: PathBuf,
 }
@@ -348,6 +387,31 @@ mod tests {
         let seg = Segment::open(dir.path(), 1).unwrap();
         assert_eq!(seg.header(), &header(1));
         assert_eq!(&seg.bytes()[4096..4101], b"hello");
+    }
+
+    /// Dropping a segment releases its pages before the unmap (see `SharedMap`); what was
+    /// written through the mapping and never synced must still be in the file.
+    #[test]
+    fn dropping_a_segment_keeps_unsynced_writes() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let header = SegmentHeader { segment_bytes: 3 * RELEASE_STEP as u32 + 4096, ..header(1) };
+        let mut seg = Segment::create(dir.path(), header).unwrap();
+        let flusher = seg.flusher();
+        let at = [4096, RELEASE_STEP as u32 - 2, 2 * RELEASE_STEP as u32 + 100, 3 * RELEASE_STEP as u32 + 4000];
+        for (n, &offset) in at.iter().enumerate() {
+            seg.write(offset, &[n as u8 + 1; 5]);
+        }
+        // The flusher's share keeps the mapping: its pages are released when the last goes.
+        drop(seg);
+        drop(flusher);
+        let seg = Segment::open(dir.path(), 1).unwrap();
+        for (n, &offset) in at.iter().enumerate() {
+            assert_eq!(&seg.bytes()[offset as usize..offset as usize + 5], &[n as u8 + 1; 5]);
+        }
+        let mut file = Vec::new();
+        File::open(seg.path()).unwrap().read_to_end(&mut file).unwrap();
+        assert_eq!(&file[at[3] as usize..at[3] as usize + 5], &[4; 5]);
     }
 
     #[test]
