@@ -18,7 +18,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use weir_state::keygroup::KeyGroupRange;
 use weir_state::{StateStore, StoreConfig};
@@ -1003,19 +1003,28 @@ impl<F: FnOnce() + Send> Drop for OnDrop<F> {
     }
 }
 
+/// How long the reaper keeps what it is given before dropping it. A failed attempt's stores
+/// arrive as its restart begins, and unmapping them takes the process's mmap lock in every
+/// step, which the restart needs too (for its threads' stacks, its executors' rings and the
+/// mappings it restores): dropped at once, they delayed restarts by up to 15-30 ms.
+const REAP_GRACE: Duration = Duration::from_millis(250);
+
 /// Drops `value` on a reaper thread shared by all jobs of the process (or here, should the
-/// thread not start): for values whose drop is slow and that nobody waits for, such as a failed
-/// run attempt's mapped stores.
+/// thread not start), [`REAP_GRACE`] after it was handed over: for values whose drop is slow
+/// and that nobody waits for, such as a failed run attempt's mapped stores.
 pub(crate) fn reap(value: Box<dyn Send>) {
     use std::sync::OnceLock;
     use std::sync::mpsc::{Sender, channel};
-    type Reaper = Mutex<Sender<Box<dyn Send>>>;
+    type Reaper = Mutex<Sender<(Instant, Box<dyn Send>)>>;
     static REAPER: OnceLock<Option<Reaper>> = OnceLock::new();
     let reaper = REAPER.get_or_init(|| {
-        let (tx, rx) = channel::<Box<dyn Send>>();
+        let (tx, rx) = channel::<(Instant, Box<dyn Send>)>();
         let started = std::thread::Builder::new().name("weir-reaper".into()).spawn(move || {
             crate::checkpointing::yield_to_shards();
-            while let Ok(value) = rx.recv() {
+            while let Ok((handed, value)) = rx.recv() {
+                if let Some(wait) = (handed + REAP_GRACE).checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
                 drop(value);
             }
         });
@@ -1023,7 +1032,7 @@ pub(crate) fn reap(value: Box<dyn Send>) {
     });
     match reaper.as_ref().and_then(|tx| tx.lock().ok()) {
         Some(tx) => {
-            if let Err(returned) = tx.send(value) {
+            if let Err(returned) = tx.send((Instant::now(), value)) {
                 drop(returned.0);
             }
         }

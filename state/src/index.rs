@@ -109,7 +109,7 @@ struct LazyCheck {
 /// The index: the base table and, after a restore until folded, the delta in front of it.
 #[derive(Debug)]
 pub struct Index {
-    mem: MmapMut,
+    mem: SlotMemory,
     capacity: usize,
     /// Occupied slots of the base table (all keys when there is no delta).
     len: usize,
@@ -223,24 +223,32 @@ pub enum FoldStatus {
     },
 }
 
-/// Zeroed slots in anonymous memory, with huge pages where the kernel has them: a probe is a
-/// random access into the table, and with 4 KiB pages most probes of a large table also miss
-/// the TLB.
-struct AnonSlots(MmapMut);
+/// The memory of a table of slots: anonymous (zeroed, with huge pages where the kernel has
+/// them: a probe is a random access into the table, and with 4 KiB pages most probes of a
+/// large table also miss the TLB) or a private mapping of an index snapshot file. Dropping it
+/// releases its pages a step at a time before the unmap, as a segment's mapping does: one
+/// `munmap` of a large table holds the process's mmap lock for milliseconds, and every other
+/// thread's `mmap` or `munmap` waits for it.
+#[derive(Debug)]
+struct SlotMemory(MmapMut);
 
-impl AnonSlots {
-    fn zeroed(slots: usize) -> Result<AnonSlots> {
+impl SlotMemory {
+    fn zeroed(slots: usize) -> Result<SlotMemory> {
         let mem = MmapOptions::new()
             .len(slots * size_of::<Slot>())
             .map_anon()
             .map_err(|e| StateError::io("mmap anonymous index", "<memory>", e))?;
         // Only a hint.
         let _ = mem.advise(memmap2::Advice::HugePage);
-        Ok(AnonSlots(mem))
+        Ok(SlotMemory(mem))
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.0[..]
     }
 }
 
-impl std::ops::Deref for AnonSlots {
+impl std::ops::Deref for SlotMemory {
     type Target = [Slot];
 
     fn deref(&self) -> &[Slot] {
@@ -248,9 +256,21 @@ impl std::ops::Deref for AnonSlots {
     }
 }
 
-impl std::ops::DerefMut for AnonSlots {
+impl std::ops::DerefMut for SlotMemory {
     fn deref_mut(&mut self) -> &mut [Slot] {
         bytemuck::cast_slice_mut(&mut self.0[..])
+    }
+}
+
+impl Drop for SlotMemory {
+    fn drop(&mut self) {
+        crate::segment::release_in_steps(self.0.len(), |offset, len| {
+            // SAFETY: `MADV_DONTNEED` discards the pages of this private or anonymous mapping
+            // (the next access would see zeros, or the snapshot file's bytes). Nothing accesses
+            // them again: `drop` has the mapping to itself (no borrow of it can be alive), and
+            // it is unmapped right after.
+            let _ = unsafe { self.0.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
+        });
     }
 }
 
@@ -259,7 +279,7 @@ impl std::ops::DerefMut for AnonSlots {
 /// replay never reads the base table (a probe there would CRC-check its chunk, fault its pages
 /// and compare keys with records anywhere in the log).
 struct Delta {
-    slots: AnonSlots,
+    slots: SlotMemory,
     /// Occupied slots, live or tombstone.
     used: usize,
     /// Live keys of the whole index, delta and base together.
@@ -281,7 +301,7 @@ impl std::fmt::Debug for Delta {
 
 impl Delta {
     fn new() -> Result<Delta> {
-        Ok(Delta { slots: AnonSlots::zeroed(MIN_DELTA_CAPACITY)?, used: 0, keys: 0, cursor: 0 })
+        Ok(Delta { slots: SlotMemory::zeroed(MIN_DELTA_CAPACITY)?, used: 0, keys: 0, cursor: 0 })
     }
 
     fn mask(&self) -> usize {
@@ -364,7 +384,7 @@ impl Delta {
     /// Moves the entries into a table of `capacity` slots (a power of two that holds them).
     fn resize(&mut self, capacity: usize) -> Result<()> {
         debug_assert!(capacity.is_power_of_two() && self.used * 4 <= capacity * 3);
-        let old = std::mem::replace(&mut self.slots, AnonSlots::zeroed(capacity)?);
+        let old = std::mem::replace(&mut self.slots, SlotMemory::zeroed(capacity)?);
         let mask = self.mask();
         for slot in old.iter().filter(|s| s.addr != 0) {
             let mut i = slot.hash as usize & mask;
@@ -408,7 +428,7 @@ impl Index {
 
     fn with_capacity(capacity: usize) -> Result<Index> {
         debug_assert!(capacity.is_power_of_two());
-        let mem = AnonSlots::zeroed(capacity)?.0;
+        let mem = SlotMemory::zeroed(capacity)?;
         Ok(Index { mem, capacity, len: 0, lazy: None, copy: None, delta: None })
     }
 
@@ -438,11 +458,11 @@ impl Index {
     }
 
     fn slots(&self) -> &[Slot] {
-        bytemuck::cast_slice(&self.mem[..])
+        &self.mem
     }
 
     fn slots_mut(&mut self) -> &mut [Slot] {
-        bytemuck::cast_slice_mut(&mut self.mem[..])
+        &mut self.mem
     }
 
     /// Checks the CRC of the chunk holding slot `i`, once.
@@ -463,7 +483,7 @@ impl Index {
         }
         let start = chunk * CHUNK_SLOTS * size_of::<Slot>();
         let end = start + CHUNK_SLOTS.min(self.capacity) * size_of::<Slot>();
-        if crc32fast::hash(&self.mem[start..end]) != lazy.chunk_crcs[chunk] {
+        if crc32fast::hash(&self.mem.bytes()[start..end]) != lazy.chunk_crcs[chunk] {
             return Err(StateError::corrupt(
                 &lazy.path,
                 (lazy.slots_offset + start) as u64,
@@ -846,7 +866,7 @@ impl Index {
         let chunk_bytes = CHUNK_SLOTS * size_of::<Slot>();
         let start = chunk * chunk_bytes;
         let end = (start + chunk_bytes).min(copy.buf.len());
-        copy.buf[start..end].copy_from_slice(&self.mem[start..end]);
+        copy.buf[start..end].copy_from_slice(&self.mem.bytes()[start..end]);
         copy.copied[word] |= bit;
         copy.remaining -= 1;
     }
@@ -870,7 +890,7 @@ impl Index {
         self.single_table("snapshot the index")?;
         self.verify_all()?;
         buf.clear();
-        buf.extend_from_slice(&self.mem[..]);
+        buf.extend_from_slice(self.mem.bytes());
         Ok((self.capacity, self.len))
     }
 
@@ -924,6 +944,7 @@ impl Index {
         let mem =
             unsafe { MmapOptions::new().offset(slots_offset as u64).len(capacity * size_of::<Slot>()).map_copy(&file) }
                 .map_err(|e| StateError::io("mmap index snapshot", path, e))?;
+        let mem = SlotMemory(mem);
         let lazy = LazyCheck {
             path: path.to_owned(),
             slots_offset,

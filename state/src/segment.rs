@@ -162,10 +162,7 @@ impl std::ops::Deref for SharedMap {
 
 impl Drop for SharedMap {
     fn drop(&mut self) {
-        let len = self.0.len();
-        let mut offset = 0;
-        while offset < len {
-            let step = RELEASE_STEP.min(len - offset);
+        release_in_steps(self.0.len(), |offset, len| {
             // SAFETY: `MADV_DONTNEED` on a shared file mapping drops page table entries only: a
             // later access would fault the same page cache pages back in, holding every byte
             // written through the mapping (the kernel keeps a dirty page dirty and writes it
@@ -173,10 +170,20 @@ impl Drop for SharedMap {
             // discard the writes: `Segment::map` maps shared, and the test
             // `dropping_a_segment_keeps_unsynced_writes` would catch a private one.) Nothing
             // reads the mapping any more either: this is its last owner, being dropped.
-            // A failure only means the unmap does all the work.
-            let _ = unsafe { self.0.unchecked_advise_range(UncheckedAdvice::DontNeed, offset, step) };
-            offset += step;
-        }
+            let _ = unsafe { self.0.unchecked_advise_range(UncheckedAdvice::DontNeed, offset, len) };
+        });
+    }
+}
+
+/// Calls `release(offset, len)` for consecutive steps of [`RELEASE_STEP`] bytes covering a
+/// mapping of `len` bytes, for a `Drop` that releases the mapping's pages (`MADV_DONTNEED`)
+/// before it is unmapped. A failed step only leaves its pages to the unmap.
+pub(crate) fn release_in_steps(len: usize, mut release: impl FnMut(usize, usize)) {
+    let mut offset = 0;
+    while offset < len {
+        let step = RELEASE_STEP.min(len - offset);
+        release(offset, step);
+        offset += step;
     }
 }
 
