@@ -11,6 +11,9 @@
 //!   index snapshot), and again once an index snapshot covers the state (the restore replays
 //!   almost nothing). The claim under test: recovery does not grow with the state, because a
 //!   restore maps the store's files instead of rebuilding them.
+//! - `at_scale` (`checkpoint-scale`): checkpoint durations of a job holding a large state of
+//!   which a share is rewritten per interval; the baselines ([`sync_floor`]) sync the same bytes
+//!   per interval without the runtime, once with `pwrite` and once through a mapped segment.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -603,6 +606,13 @@ pub struct ScaleRun {
     pub max: Duration,
     /// Index snapshots the job wrote in the background, in all.
     pub index_snapshots: u64,
+    /// Mean bytes a keyed store synced per checkpoint in the window.
+    pub synced_per_store: u64,
+    /// The baselines: what syncing that much takes on this disk without the runtime (see
+    /// [`sync_floor`]), written with `pwrite` and through a mapped segment.
+    pub floor_write: Percentiles,
+    /// See `floor_write`.
+    pub floor_mapping: Percentiles,
 }
 
 /// Checkpoint durations with `state_bytes` of keyed state (a [`Payload`] per key) of which
@@ -662,6 +672,13 @@ pub fn at_scale(
             );
         }
     }
+    // What the keyed stores appended per interval: the updates, one record each (an update of
+    // a key already rewritten in this interval costs none; at 1% of the keys nearly none is).
+    let synced_per_store = (rate_per_s * interval_ms as f64 / 1000.0 / parallelism.max(1) as f64) as u64 * RECORD_BYTES;
+    let rounds = in_window.completed.len().max(10);
+    let every = Duration::from_millis(interval_ms as u64);
+    let floor_write = sync_floor(dir.path(), parallelism.max(1), synced_per_store, every, rounds, FloorVia::Write)?;
+    let floor_mapping = sync_floor(dir.path(), parallelism.max(1), synced_per_store, every, rounds, FloorVia::Mapping)?;
     dir.close().map_err(|e| RuntimeError::Checkpoint(format!("cannot remove the run directory: {e}")))?;
     Ok(ScaleRun {
         keys,
@@ -671,5 +688,153 @@ pub fn at_scale(
         checkpoints: CheckpointSummary::of(&in_window),
         max,
         index_snapshots: stats.index_snapshots,
+        synced_per_store,
+        floor_write,
+        floor_mapping,
     })
+}
+
+/// Write-behind steps of the baselines, as the runtime's (`WRITE_BEHIND_BYTES`).
+const FLOOR_STEP: usize = 256 << 10;
+
+/// How a [`sync_floor`] baseline writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloorVia {
+    /// `pwrite` into a file allocated up front, `posix_fadvise(DONTNEED)` to start writeback,
+    /// `fdatasync`.
+    Write,
+    /// Through the mapping of a weir segment (`weir_state::segment::Segment`): a copy into the
+    /// mapping, `SegmentFlusher::start_writeback`, `SegmentFlusher::flush_range` (`msync`).
+    Mapping,
+}
+
+/// One baseline writer: a file, or a mapped segment, of `bytes`.
+enum FloorFile {
+    Write(std::fs::File),
+    Mapping(weir_state::segment::Segment, weir_state::segment::SegmentFlusher),
+}
+
+impl FloorFile {
+    fn create(dir: &Path, store: usize, via: FloorVia, bytes: u64) -> weir::Result<FloorFile> {
+        let err = |what: &str, e: String| RuntimeError::Checkpoint(format!("sync floor: {what}: {e}"));
+        let dir = dir.join(format!("sync-floor-{store}"));
+        std::fs::create_dir_all(&dir).map_err(|e| err("mkdir", e.to_string()))?;
+        Ok(match via {
+            FloorVia::Write => {
+                let path = dir.join("file");
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)
+                    .map_err(|e| err("create", e.to_string()))?;
+                rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, bytes)
+                    .map_err(|e| err("fallocate", e.to_string()))?;
+                file.sync_all().map_err(|e| err("fsync", e.to_string()))?;
+                FloorFile::Write(file)
+            }
+            FloorVia::Mapping => {
+                let segment_bytes = u32::try_from(bytes.div_ceil(4096) * 4096 + 4096)
+                    .map_err(|_| err("segment", format!("{bytes} bytes is over a segment's size")))?;
+                let header = weir_state::segment::SegmentHeader { shard: 0, id: 1, first_seq: 0, segment_bytes };
+                let segment =
+                    weir_state::segment::Segment::create(&dir, header).map_err(|e| err("segment", e.to_string()))?;
+                let flusher = segment.flusher();
+                FloorFile::Mapping(segment, flusher)
+            }
+        })
+    }
+
+    /// Writes `chunk` at `offset` and starts its writeback.
+    fn write(&mut self, offset: u64, chunk: &[u8]) -> weir::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let err = |what: &str, e: String| RuntimeError::Checkpoint(format!("sync floor: {what}: {e}"));
+        match self {
+            FloorFile::Write(file) => {
+                file.write_all_at(chunk, offset).map_err(|e| err("write", e.to_string()))?;
+                let len = std::num::NonZeroU64::new(chunk.len() as u64);
+                rustix::fs::fadvise(&*file, offset, len, rustix::fs::Advice::DontNeed)
+                    .map_err(|e| err("fadvise", e.to_string()))
+            }
+            FloorFile::Mapping(segment, flusher) => {
+                // Past the segment header.
+                let at = offset as u32 + 4096;
+                segment.write(at, chunk);
+                flusher.start_writeback(at, chunk.len() as u32).map_err(|e| err("fadvise", e.to_string()))
+            }
+        }
+    }
+
+    /// Makes `[from, to)` durable.
+    fn sync(&self, from: u64, to: u64) -> weir::Result<()> {
+        let err = |what: &str, e: String| RuntimeError::Checkpoint(format!("sync floor: {what}: {e}"));
+        match self {
+            FloorFile::Write(file) => file.sync_data().map_err(|e| err("fdatasync", e.to_string())),
+            FloorFile::Mapping(_, flusher) => {
+                flusher.flush_range(from as u32 + 4096, (to - from) as u32).map_err(|e| err("msync", e.to_string()))
+            }
+        }
+    }
+}
+
+/// The disk's share of a checkpoint, measured without the runtime in the same run and
+/// directory: `stores` threads each append `bytes` per `interval` (in 256 KiB writes spread
+/// over the interval, each followed by the start of its writeback, as write-behind does) to a
+/// file allocated up front, written `via` plain writes or a mapped weir segment; at every
+/// tick all of them sync what they wrote since the last one. Returns the time from the tick
+/// until the last sync returns, over `rounds` ticks.
+pub fn sync_floor(
+    dir: &Path,
+    stores: usize,
+    bytes: u64,
+    interval: Duration,
+    rounds: usize,
+    via: FloorVia,
+) -> weir::Result<Percentiles> {
+    let steps = (bytes as usize).div_ceil(FLOOR_STEP).max(1);
+    let file_bytes = (steps * FLOOR_STEP * rounds) as u64;
+    let mut files = Vec::new();
+    for store in 0..stores {
+        files.push(FloorFile::create(dir, store, via, file_bytes)?);
+    }
+    let start = Instant::now();
+    let tick = |round: usize| start + interval * (round as u32 + 1);
+    let ran: weir::Result<Vec<Vec<Instant>>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (files.iter_mut())
+            .map(|file| {
+                scope.spawn(move || -> weir::Result<Vec<Instant>> {
+                    let chunk = vec![0x5au8; FLOOR_STEP];
+                    let mut offset = 0u64;
+                    let mut ends = Vec::with_capacity(rounds);
+                    for round in 0..rounds {
+                        let (from, synced) = (tick(round) - interval, offset);
+                        for step in 0..steps {
+                            let at = from + interval.mul_f64(step as f64 / steps as f64);
+                            std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                            file.write(offset, &chunk)?;
+                            offset += FLOOR_STEP as u64;
+                        }
+                        std::thread::sleep(tick(round).saturating_duration_since(Instant::now()));
+                        file.sync(synced, offset)?;
+                        ends.push(Instant::now());
+                    }
+                    Ok(ends)
+                })
+            })
+            .collect();
+        let joined = workers.into_iter().map(|w| w.join());
+        joined
+            .map(|r| r.unwrap_or_else(|_| Err(RuntimeError::Checkpoint("sync floor: a writer panicked".into()))))
+            .collect()
+    });
+    drop(files);
+    for store in 0..stores {
+        let _ = std::fs::remove_dir_all(dir.join(format!("sync-floor-{store}")));
+    }
+    let ends = ran?;
+    Ok(Percentiles::of((0..rounds).map(|round| {
+        let last = ends.iter().map(|e| e[round]).max().unwrap_or_else(|| tick(round));
+        last.saturating_duration_since(tick(round))
+    })))
 }
