@@ -78,6 +78,19 @@ fn capacity_for(entries: usize, at_least: usize) -> usize {
     capacity
 }
 
+/// Inserts the occupied slots of `from` (distinct keys) into `into`, an empty table with room
+/// for them: how a table moves into a larger (or, for the delta, a fitting) one.
+fn insert_all(from: &[Slot], into: &mut [Slot]) {
+    let mask = into.len() - 1;
+    for slot in from.iter().filter(|s| s.addr != 0) {
+        let mut i = slot.hash as usize & mask;
+        while into[i].addr != 0 {
+            i = (i + 1) & mask;
+        }
+        into[i] = *slot;
+    }
+}
+
 /// Marks the address in a delta slot as a tombstone: the key is deleted, whatever the base table
 /// says, and the rest of the address is that of its Delete record (which carries the key, so a
 /// probe confirms a tombstone like any entry). Never set in the base table.
@@ -385,14 +398,7 @@ impl Delta {
     fn resize(&mut self, capacity: usize) -> Result<()> {
         debug_assert!(capacity.is_power_of_two() && self.used * 4 <= capacity * 3);
         let old = std::mem::replace(&mut self.slots, SlotMemory::zeroed(capacity)?);
-        let mask = self.mask();
-        for slot in old.iter().filter(|s| s.addr != 0) {
-            let mut i = slot.hash as usize & mask;
-            while self.slots[i].addr != 0 {
-                i = (i + 1) & mask;
-            }
-            self.slots[i] = *slot;
-        }
+        insert_all(&old, &mut self.slots);
         self.cursor = 0;
         Ok(())
     }
@@ -668,14 +674,7 @@ impl Index {
         self.copy_remaining();
         let copy = self.copy.take();
         let mut bigger = Index::with_capacity(capacity)?;
-        for slot in self.slots().iter().filter(|s| s.addr != 0) {
-            let mask = bigger.capacity - 1;
-            let mut i = slot.hash as usize & mask;
-            while bigger.slots()[i].addr != 0 {
-                i = (i + 1) & mask;
-            }
-            bigger.slots_mut()[i] = *slot;
-        }
+        insert_all(self.slots(), bigger.slots_mut());
         bigger.len = self.len;
         bigger.copy = copy;
         bigger.delta = self.delta.take();
