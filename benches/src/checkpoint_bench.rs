@@ -613,6 +613,8 @@ pub struct ScaleRun {
     pub floor_write: Percentiles,
     /// See `floor_write`.
     pub floor_mapping: Percentiles,
+    /// See `floor_write`: written with `pwrite`, read through a mapping.
+    pub floor_write_read_mapped: Percentiles,
 }
 
 /// Checkpoint durations with `state_bytes` of keyed state (a [`Payload`] per key) of which
@@ -679,6 +681,8 @@ pub fn at_scale(
     let every = Duration::from_millis(interval_ms as u64);
     let floor_write = sync_floor(dir.path(), parallelism.max(1), synced_per_store, every, rounds, FloorVia::Write)?;
     let floor_mapping = sync_floor(dir.path(), parallelism.max(1), synced_per_store, every, rounds, FloorVia::Mapping)?;
+    let floor_write_read_mapped =
+        sync_floor(dir.path(), parallelism.max(1), synced_per_store, every, rounds, FloorVia::WriteReadMapped)?;
     dir.close().map_err(|e| RuntimeError::Checkpoint(format!("cannot remove the run directory: {e}")))?;
     Ok(ScaleRun {
         keys,
@@ -691,6 +695,7 @@ pub fn at_scale(
         synced_per_store,
         floor_write,
         floor_mapping,
+        floor_write_read_mapped,
     })
 }
 
@@ -706,12 +711,17 @@ pub enum FloorVia {
     /// Through the mapping of a weir segment (`weir_state::segment::Segment`): a copy into the
     /// mapping, `SegmentFlusher::start_writeback`, `SegmentFlusher::flush_range` (`msync`).
     Mapping,
+    /// `pwrite` into a weir segment whose mapping reads every page written (as zero-copy
+    /// reads would), `posix_fadvise(DONTNEED)`, `fdatasync`: the pages are mapped, but never
+    /// written through the mapping.
+    WriteReadMapped,
 }
 
 /// One baseline writer: a file, or a mapped segment, of `bytes`.
 enum FloorFile {
     Write(std::fs::File),
     Mapping(weir_state::segment::Segment, weir_state::segment::SegmentFlusher),
+    WriteReadMapped(std::fs::File, weir_state::segment::Segment),
 }
 
 impl FloorFile {
@@ -734,12 +744,19 @@ impl FloorFile {
                 file.sync_all().map_err(|e| err("fsync", e.to_string()))?;
                 FloorFile::Write(file)
             }
-            FloorVia::Mapping => {
+            FloorVia::Mapping | FloorVia::WriteReadMapped => {
                 let segment_bytes = u32::try_from(bytes.div_ceil(4096) * 4096 + 4096)
                     .map_err(|_| err("segment", format!("{bytes} bytes is over a segment's size")))?;
                 let header = weir_state::segment::SegmentHeader { shard: 0, id: 1, first_seq: 0, segment_bytes };
                 let segment =
                     weir_state::segment::Segment::create(&dir, header).map_err(|e| err("segment", e.to_string()))?;
+                if via == FloorVia::WriteReadMapped {
+                    let file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(segment.path())
+                        .map_err(|e| err("open", e.to_string()))?;
+                    return Ok(FloorFile::WriteReadMapped(file, segment));
+                }
                 let flusher = segment.flusher();
                 FloorFile::Mapping(segment, flusher)
             }
@@ -757,6 +774,15 @@ impl FloorFile {
                 rustix::fs::fadvise(&*file, offset, len, rustix::fs::Advice::DontNeed)
                     .map_err(|e| err("fadvise", e.to_string()))
             }
+            FloorFile::WriteReadMapped(file, segment) => {
+                let at = offset + 4096;
+                file.write_all_at(chunk, at).map_err(|e| err("write", e.to_string()))?;
+                let read = &segment.bytes()[at as usize..at as usize + chunk.len()];
+                std::hint::black_box(read.iter().step_by(4096).fold(0u8, |a, b| a ^ b));
+                let len = std::num::NonZeroU64::new(chunk.len() as u64);
+                rustix::fs::fadvise(&*file, at, len, rustix::fs::Advice::DontNeed)
+                    .map_err(|e| err("fadvise", e.to_string()))
+            }
             FloorFile::Mapping(segment, flusher) => {
                 // Past the segment header.
                 let at = offset as u32 + 4096;
@@ -770,7 +796,9 @@ impl FloorFile {
     fn sync(&self, from: u64, to: u64) -> weir::Result<()> {
         let err = |what: &str, e: String| RuntimeError::Checkpoint(format!("sync floor: {what}: {e}"));
         match self {
-            FloorFile::Write(file) => file.sync_data().map_err(|e| err("fdatasync", e.to_string())),
+            FloorFile::Write(file) | FloorFile::WriteReadMapped(file, _) => {
+                file.sync_data().map_err(|e| err("fdatasync", e.to_string()))
+            }
             FloorFile::Mapping(_, flusher) => {
                 flusher.flush_range(from as u32 + 4096, (to - from) as u32).map_err(|e| err("msync", e.to_string()))
             }
