@@ -632,6 +632,15 @@ pub fn at_scale(
     let dir = run_dir(base, "checkpoint-scale")?;
     let keys = (state_bytes / RECORD_BYTES).max(1);
     let rate_per_s = keys as f64 * changed_percent / 100.0 * 1000.0 / interval_ms.max(1) as f64;
+    // The baselines first, on an idle disk (after the job, its files are being deleted).
+    // What the keyed stores append per interval: the updates, one record each (an update of
+    // a key already rewritten in this interval costs none; at 1% of the keys nearly none is).
+    let synced_per_store = (rate_per_s * interval_ms as f64 / 1000.0 / parallelism.max(1) as f64) as u64 * RECORD_BYTES;
+    let rounds = ((seconds * 1000.0 / interval_ms.max(1) as f64) as usize).max(10);
+    let every = Duration::from_millis(interval_ms.max(1) as u64);
+    let floor = |via| sync_floor(dir.path(), parallelism.max(1), synced_per_store, every, rounds, via);
+    let (floor_write, floor_mapping) = (floor(FloorVia::Write)?, floor(FloorVia::Mapping)?);
+    let floor_write_read_mapped = floor(FloorVia::WriteReadMapped)?;
     let probe = Arc::new(RecoveryProbe::default());
     let job = Job::new("checkpoint-scale");
     let fill_probe = Arc::clone(&probe);
@@ -674,15 +683,6 @@ pub fn at_scale(
             );
         }
     }
-    // What the keyed stores appended per interval: the updates, one record each (an update of
-    // a key already rewritten in this interval costs none; at 1% of the keys nearly none is).
-    let synced_per_store = (rate_per_s * interval_ms as f64 / 1000.0 / parallelism.max(1) as f64) as u64 * RECORD_BYTES;
-    let rounds = in_window.completed.len().max(10);
-    let every = Duration::from_millis(interval_ms as u64);
-    let floor_write = sync_floor(dir.path(), parallelism.max(1), synced_per_store, every, rounds, FloorVia::Write)?;
-    let floor_mapping = sync_floor(dir.path(), parallelism.max(1), synced_per_store, every, rounds, FloorVia::Mapping)?;
-    let floor_write_read_mapped =
-        sync_floor(dir.path(), parallelism.max(1), synced_per_store, every, rounds, FloorVia::WriteReadMapped)?;
     dir.close().map_err(|e| RuntimeError::Checkpoint(format!("cannot remove the run directory: {e}")))?;
     Ok(ScaleRun {
         keys,
