@@ -707,6 +707,16 @@ impl Index {
         Ok(())
     }
 
+    /// Makes room in the delta (started here) for about `records` replayed records, so that
+    /// [`Index::replay`] need not grow it piece by piece; [`Index::end_replay`] shrinks it to
+    /// what the replay left.
+    pub fn reserve_replay(&mut self, records: usize) -> Result<()> {
+        match &mut self.delta {
+            Some(delta) => delta.reserve(records),
+            None => self.delta.insert(Box::new(Delta::new()?)).reserve(records),
+        }
+    }
+
     /// Ends a replay: the index now holds `keys` keys (as the checkpoint recorded them; counting
     /// them here would need the base table). The count is checked when the fold ends
     /// ([`FoldStatus::CountMismatch`]). Call it also when nothing was replayed.

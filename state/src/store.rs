@@ -174,8 +174,52 @@ impl IndexSnapshotRef {
 /// [`StateStore::garbage`] renamed it so before deleting it).
 pub const TRASH_SUFFIX: &str = ".trash";
 
-/// Records a restore decodes before it replays them into the index together (16 MiB).
-const REPLAY_CHUNK: usize = 1 << 20;
+/// Records a restore decodes before it replays them into the index together (1 MiB of
+/// decoded records, about 9 MiB of a log of 144-byte records).
+const REPLAY_PIECE: usize = 1 << 16;
+
+/// A replayed tail at least this long is decoded on a helper thread (see `StateStore::replay`).
+const PARALLEL_REPLAY_BYTES: u64 = 16 << 20;
+
+/// The part `[start, end)` of segment `id` a restore replays.
+struct TailRange<'a> {
+    id: SegmentId,
+    segment: &'a Segment,
+    start: u32,
+    end: u32,
+}
+
+/// Decodes the records of `ranges` in order, checking each CRC, and hands them to `emit`
+/// [`REPLAY_PIECE`] at a time; stops early when `emit` returns false. Returns the bytes
+/// decoded, or the first bad record as a corruption error naming its file and offset.
+fn decode_tail(ranges: &[TailRange<'_>], mut emit: impl FnMut(Vec<Replayed>) -> bool) -> Result<u64> {
+    let mut decoded = 0;
+    let mut piece = Vec::with_capacity(REPLAY_PIECE);
+    for range in ranges {
+        let mut off = range.start;
+        while off < range.end {
+            let bytes = &range.segment.bytes()[off as usize..range.end as usize];
+            let h = record::decode_checked(bytes).map_err(|e| {
+                StateError::corrupt(range.segment.path(), u64::from(off), format!("bad record in replay: {e:?}"))
+            })?;
+            let hash = StateStore::hash(h.state, record::key_of(bytes, &h));
+            let addr = log_address(range.id, off);
+            piece.push(match h.kind {
+                RecordKind::Put => Replayed::put(hash, addr),
+                RecordKind::Delete => Replayed::delete(hash, addr),
+            });
+            if piece.len() == REPLAY_PIECE && !emit(std::mem::replace(&mut piece, Vec::with_capacity(REPLAY_PIECE))) {
+                return Ok(decoded);
+            }
+            off += h.slot_bytes();
+            decoded += u64::from(h.slot_bytes());
+        }
+    }
+    if !piece.is_empty() {
+        emit(piece);
+    }
+    Ok(decoded)
+}
 
 /// The file name of the index snapshot written at checkpoint `id`.
 pub fn index_file_name(id: u64) -> String {
@@ -1057,45 +1101,50 @@ impl StateStore {
 
     /// Replays records in `[from, to)` into the delta of `index`, checking each one's CRC.
     /// Returns the bytes replayed. The records are decoded first (16 bytes each: the hash of
-    /// the key, the address) and then handed to [`Index::replay`] together, up to
-    /// [`REPLAY_CHUNK`] at a time: it sizes the delta for them at once and overlaps the cache
-    /// misses of their probes.
+    /// the key, the address) and handed to [`Index::replay`] [`REPLAY_PIECE`] at a time, into
+    /// a delta sized up front for the whole tail. A tail of at least [`PARALLEL_REPLAY_BYTES`]
+    /// is decoded on a helper thread while this one replays the pieces decoded before (the
+    /// two halves of the work take about as long each; restore is the one time a shard's
+    /// thread has a helper, as the other cores are idle or restoring too).
     fn replay(&self, from: LogAddress, to: LogAddress, index: &mut Index) -> Result<u64> {
-        let mut replayed = 0;
-        let expected = usize::try_from(self.log_distance(Some(from), to) / 128).unwrap_or(usize::MAX);
-        let mut batch = Vec::with_capacity(expected.min(REPLAY_CHUNK));
-        let same_key = |a, b| self.same_key(a, b);
+        // Opened here: a segment opens lazily, on the store's thread.
+        let mut ranges = Vec::new();
         for id in address_segment(from)..=address_segment(to) {
-            let Some(end) = self.segment(id)?.map(|_| self.stats[id as usize].data_end) else {
+            let Some(segment) = self.segment(id)? else {
                 return Err(StateError::corrupt(
                     self.dir.join(segment_file_name(id)),
                     0,
                     "a segment the checkpoint replays is missing from it",
                 ));
             };
-            let mut off = if id == address_segment(from) { address_offset(from) } else { SEGMENT_HEADER_BYTES };
-            while off < end {
-                let Some(segment) = self.segment(id)? else { break };
-                let bytes = &segment.bytes()[off as usize..end as usize];
-                let h = record::decode_checked(bytes).map_err(|e| {
-                    StateError::corrupt(segment.path(), u64::from(off), format!("bad record in replay: {e:?}"))
-                })?;
-                let hash = Self::hash(h.state, record::key_of(bytes, &h));
-                let addr = log_address(id, off);
-                batch.push(match h.kind {
-                    RecordKind::Put => Replayed::put(hash, addr),
-                    RecordKind::Delete => Replayed::delete(hash, addr),
-                });
-                if batch.len() == REPLAY_CHUNK {
-                    index.replay(&batch, same_key)?;
-                    batch.clear();
-                }
-                off += h.slot_bytes();
-                replayed += u64::from(h.slot_bytes());
-            }
+            let start = if id == address_segment(from) { address_offset(from) } else { SEGMENT_HEADER_BYTES };
+            ranges.push(TailRange { id, segment, start, end: self.stats[id as usize].data_end });
         }
-        index.replay(&batch, same_key)?;
-        Ok(replayed)
+        let tail = self.log_distance(Some(from), to);
+        index.reserve_replay(usize::try_from(tail / 128).unwrap_or(usize::MAX))?;
+        let same_key = |a, b| self.same_key(a, b);
+        if tail < PARALLEL_REPLAY_BYTES {
+            let mut replayed = Ok(());
+            let bytes = decode_tail(&ranges, |piece| {
+                replayed = index.replay(&piece, same_key);
+                replayed.is_ok()
+            });
+            return replayed.and(bytes);
+        }
+        let (pieces, decoded) = std::sync::mpsc::sync_channel::<Vec<Replayed>>(2);
+        std::thread::scope(|scope| {
+            let decoder = scope.spawn(|| decode_tail(&ranges, move |piece| pieces.send(piece).is_ok()));
+            let mut replayed = Ok(());
+            for piece in decoded {
+                replayed = index.replay(&piece, same_key);
+                if replayed.is_err() {
+                    break; // the receiver goes with the loop, which stops the decoder
+                }
+            }
+            let bytes =
+                decoder.join().unwrap_or_else(|_| Err(StateError::Misuse("the replay decoder panicked".into())));
+            replayed.and(bytes)
+        })
     }
 
     /// Does up to `budget` entries of background upkeep on the caller's thread; returns whether
@@ -1860,6 +1909,59 @@ mod tests {
 
     fn key(k: u64) -> Vec<u8> {
         k.to_be_bytes().to_vec()
+    }
+
+    /// A tail long enough to be decoded on a helper thread replays like a short one: every
+    /// key's newest value and every delete come back; a bad record past its first pieces is
+    /// reported with its file and offset, and nothing is restored.
+    #[test]
+    fn a_long_tail_replays_on_a_helper_thread_and_its_corruption_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig { segment_bytes: 8 << 20, index_snapshot_every: u32::MAX, ..config() };
+        let mut store = StateStore::create(dir.path(), config.clone()).unwrap();
+        let state = store.register("s", None).unwrap();
+        let keys = 40_000u64;
+        // Three rounds of writes over every key, each sealed by a checkpoint (so the next
+        // appends instead of updating in place), then deletes of every 7th: about
+        // 3 * 40,000 * 300 bytes, over PARALLEL_REPLAY_BYTES.
+        for round in 0..3u8 {
+            for k in 0..keys {
+                store.put_raw(state, Key::new(&key(k), 64), &[round.wrapping_add(k as u8); 256]).unwrap();
+            }
+            store.checkpoint(u64::from(round) + 1).unwrap().task.run().unwrap();
+        }
+        for k in (0..keys).step_by(7) {
+            store.delete(state, Key::new(&key(k), 64)).unwrap();
+        }
+        let pending = store.checkpoint(4).unwrap();
+        pending.task.run().unwrap();
+        let handle = pending.handle;
+        assert!(handle.index_snapshot.is_none());
+        let tail = store.log_distance(None, handle.seal);
+        // More than a piece comes before the corrupted record below.
+        assert!(tail >= PARALLEL_REPLAY_BYTES && tail as usize > REPLAY_PIECE * 300, "tail {tail}");
+        drop(store);
+        let restored = StateStore::restore(dir.path(), &handle, config.clone(), RestoreOptions::default()).unwrap();
+        for k in 0..keys {
+            let got = restored.get_raw(state, Key::new(&key(k), 64)).unwrap().map(|v| v.bytes.to_vec());
+            let want = (k % 7 != 0).then(|| vec![2u8.wrapping_add(k as u8); 256]);
+            assert_eq!(got, want, "key {k}");
+        }
+        drop(restored);
+        // A byte of a record in the last segment the tail spans.
+        let last = address_segment(handle.seal);
+        let path = dir.path().join(segment_file_name(last));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = SEGMENT_HEADER_BYTES as usize + 1000;
+        bytes[at] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        match StateStore::restore(dir.path(), &handle, config, RestoreOptions::default()) {
+            Err(StateError::Corrupt { file, offset, .. }) => {
+                assert_eq!(file, path);
+                assert!(offset <= at as u64 && offset + 1024 > at as u64, "offset {offset} of a byte at {at}");
+            }
+            other => panic!("expected a corruption error, got {:?}", other.map(|_| ())),
+        }
     }
 
     fn put(store: &mut StateStore, state: StateId, k: u64, v: u64) {
