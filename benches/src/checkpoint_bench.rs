@@ -13,7 +13,7 @@
 //!   restore maps the store's files instead of rebuilding them.
 //! - `at_scale` (`checkpoint-scale`): checkpoint durations of a job holding a large state of
 //!   which a share is rewritten per interval; the baselines ([`sync_floor`]) sync the same bytes
-//!   per interval without the runtime, once with `pwrite` and once through a mapped segment.
+//!   per interval without the runtime, written each of the ways [`FloorVia`] names.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -606,14 +606,15 @@ pub struct ScaleRun {
     pub max: Duration,
     /// Index snapshots the job wrote in the background, in all.
     pub index_snapshots: u64,
-    /// Mean bytes a keyed store synced per checkpoint in the window.
+    /// Bytes a keyed store appends per interval at the asked update rate (a record per
+    /// update), which the baselines sync.
     pub synced_per_store: u64,
     /// The baselines: what syncing that much takes on this disk without the runtime (see
-    /// [`sync_floor`]), written with `pwrite` and through a mapped segment.
+    /// [`sync_floor`]), written as [`FloorVia::Write`].
     pub floor_write: Percentiles,
-    /// See `floor_write`.
+    /// The baseline written as [`FloorVia::Mapping`].
     pub floor_mapping: Percentiles,
-    /// See `floor_write`: written with `pwrite`, read through a mapping.
+    /// The baseline written as [`FloorVia::WriteReadMapped`].
     pub floor_write_read_mapped: Percentiles,
 }
 
@@ -717,46 +718,56 @@ pub enum FloorVia {
     WriteReadMapped,
 }
 
-/// One baseline writer: a file, or a mapped segment, of `bytes`.
+/// One baseline writer: a file, or a mapped segment, of `bytes`. In a segment, offsets
+/// count from the end of its header.
 enum FloorFile {
     Write(std::fs::File),
     Mapping(weir_state::segment::Segment, weir_state::segment::SegmentFlusher),
     WriteReadMapped(std::fs::File, weir_state::segment::Segment),
 }
 
+/// The error of a baseline step.
+fn floor_err(what: &str, e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Checkpoint(format!("sync floor: {what}: {e}"))
+}
+
+/// `pwrite` of `chunk` at `at`, then the start of its writeback.
+fn write_and_start_writeback(file: &std::fs::File, at: u64, chunk: &[u8]) -> weir::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(chunk, at).map_err(|e| floor_err("write", e))?;
+    let len = std::num::NonZeroU64::new(chunk.len() as u64);
+    rustix::fs::fadvise(file, at, len, rustix::fs::Advice::DontNeed).map_err(|e| floor_err("fadvise", e))
+}
+
 impl FloorFile {
     fn create(dir: &Path, store: usize, via: FloorVia, bytes: u64) -> weir::Result<FloorFile> {
-        let err = |what: &str, e: String| RuntimeError::Checkpoint(format!("sync floor: {what}: {e}"));
         let dir = dir.join(format!("sync-floor-{store}"));
-        std::fs::create_dir_all(&dir).map_err(|e| err("mkdir", e.to_string()))?;
+        std::fs::create_dir_all(&dir).map_err(|e| floor_err("mkdir", e))?;
+        if via == FloorVia::Write {
+            let path = dir.join("file");
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(|e| floor_err("create", e))?;
+            rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, bytes)
+                .map_err(|e| floor_err("fallocate", e))?;
+            file.sync_all().map_err(|e| floor_err("fsync", e))?;
+            return Ok(FloorFile::Write(file));
+        }
+        let segment_bytes = u32::try_from(bytes.div_ceil(4096) * 4096 + u64::from(SEGMENT_HEADER_BYTES))
+            .map_err(|_| floor_err("segment", format!("{bytes} bytes is over a segment's size")))?;
+        let header = weir_state::segment::SegmentHeader { shard: 0, id: 1, first_seq: 0, segment_bytes };
+        let segment = weir_state::segment::Segment::create(&dir, header).map_err(|e| floor_err("segment", e))?;
         Ok(match via {
-            FloorVia::Write => {
-                let path = dir.join("file");
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&path)
-                    .map_err(|e| err("create", e.to_string()))?;
-                rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, bytes)
-                    .map_err(|e| err("fallocate", e.to_string()))?;
-                file.sync_all().map_err(|e| err("fsync", e.to_string()))?;
-                FloorFile::Write(file)
+            FloorVia::WriteReadMapped => {
+                let file =
+                    std::fs::OpenOptions::new().write(true).open(segment.path()).map_err(|e| floor_err("open", e))?;
+                FloorFile::WriteReadMapped(file, segment)
             }
-            FloorVia::Mapping | FloorVia::WriteReadMapped => {
-                let segment_bytes = u32::try_from(bytes.div_ceil(4096) * 4096 + 4096)
-                    .map_err(|_| err("segment", format!("{bytes} bytes is over a segment's size")))?;
-                let header = weir_state::segment::SegmentHeader { shard: 0, id: 1, first_seq: 0, segment_bytes };
-                let segment =
-                    weir_state::segment::Segment::create(&dir, header).map_err(|e| err("segment", e.to_string()))?;
-                if via == FloorVia::WriteReadMapped {
-                    let file = std::fs::OpenOptions::new()
-                        .write(true)
-                        .open(segment.path())
-                        .map_err(|e| err("open", e.to_string()))?;
-                    return Ok(FloorFile::WriteReadMapped(file, segment));
-                }
+            _ => {
                 let flusher = segment.flusher();
                 FloorFile::Mapping(segment, flusher)
             }
@@ -765,43 +776,31 @@ impl FloorFile {
 
     /// Writes `chunk` at `offset` and starts its writeback.
     fn write(&mut self, offset: u64, chunk: &[u8]) -> weir::Result<()> {
-        use std::os::unix::fs::FileExt;
-        let err = |what: &str, e: String| RuntimeError::Checkpoint(format!("sync floor: {what}: {e}"));
+        let in_segment = offset + u64::from(SEGMENT_HEADER_BYTES);
         match self {
-            FloorFile::Write(file) => {
-                file.write_all_at(chunk, offset).map_err(|e| err("write", e.to_string()))?;
-                let len = std::num::NonZeroU64::new(chunk.len() as u64);
-                rustix::fs::fadvise(&*file, offset, len, rustix::fs::Advice::DontNeed)
-                    .map_err(|e| err("fadvise", e.to_string()))
-            }
+            FloorFile::Write(file) => write_and_start_writeback(file, offset, chunk),
             FloorFile::WriteReadMapped(file, segment) => {
-                let at = offset + 4096;
-                file.write_all_at(chunk, at).map_err(|e| err("write", e.to_string()))?;
-                let read = &segment.bytes()[at as usize..at as usize + chunk.len()];
+                write_and_start_writeback(file, in_segment, chunk)?;
+                let read = &segment.bytes()[in_segment as usize..in_segment as usize + chunk.len()];
                 std::hint::black_box(read.iter().step_by(4096).fold(0u8, |a, b| a ^ b));
-                let len = std::num::NonZeroU64::new(chunk.len() as u64);
-                rustix::fs::fadvise(&*file, at, len, rustix::fs::Advice::DontNeed)
-                    .map_err(|e| err("fadvise", e.to_string()))
+                Ok(())
             }
             FloorFile::Mapping(segment, flusher) => {
-                // Past the segment header.
-                let at = offset as u32 + 4096;
-                segment.write(at, chunk);
-                flusher.start_writeback(at, chunk.len() as u32).map_err(|e| err("fadvise", e.to_string()))
+                segment.write(in_segment as u32, chunk);
+                flusher.start_writeback(in_segment as u32, chunk.len() as u32).map_err(|e| floor_err("fadvise", e))
             }
         }
     }
 
     /// Makes `[from, to)` durable.
     fn sync(&self, from: u64, to: u64) -> weir::Result<()> {
-        let err = |what: &str, e: String| RuntimeError::Checkpoint(format!("sync floor: {what}: {e}"));
         match self {
             FloorFile::Write(file) | FloorFile::WriteReadMapped(file, _) => {
-                file.sync_data().map_err(|e| err("fdatasync", e.to_string()))
+                file.sync_data().map_err(|e| floor_err("fdatasync", e))
             }
-            FloorFile::Mapping(_, flusher) => {
-                flusher.flush_range(from as u32 + 4096, (to - from) as u32).map_err(|e| err("msync", e.to_string()))
-            }
+            FloorFile::Mapping(_, flusher) => flusher
+                .flush_range(from as u32 + SEGMENT_HEADER_BYTES, (to - from) as u32)
+                .map_err(|e| floor_err("msync", e)),
         }
     }
 }
@@ -809,7 +808,7 @@ impl FloorFile {
 /// The disk's share of a checkpoint, measured without the runtime in the same run and
 /// directory: `stores` threads each append `bytes` per `interval` (in 256 KiB writes spread
 /// over the interval, each followed by the start of its writeback, as write-behind does) to a
-/// file allocated up front, written `via` plain writes or a mapped weir segment; at every
+/// file allocated up front, written as `via` says; at every
 /// tick all of them sync what they wrote since the last one. Returns the time from the tick
 /// until the last sync returns, over `rounds` ticks.
 pub fn sync_floor(
@@ -852,9 +851,7 @@ pub fn sync_floor(
             })
             .collect();
         let joined = workers.into_iter().map(|w| w.join());
-        joined
-            .map(|r| r.unwrap_or_else(|_| Err(RuntimeError::Checkpoint("sync floor: a writer panicked".into()))))
-            .collect()
+        joined.map(|r| r.unwrap_or_else(|_| Err(floor_err("writer", "panicked")))).collect()
     });
     drop(files);
     for store in 0..stores {

@@ -1103,9 +1103,10 @@ impl StateStore {
     /// Returns the bytes replayed. The records are decoded first (16 bytes each: the hash of
     /// the key, the address) and handed to [`Index::replay`] [`REPLAY_PIECE`] at a time, into
     /// a delta sized up front for the whole tail. A tail of at least [`PARALLEL_REPLAY_BYTES`]
-    /// is decoded on a helper thread while this one replays the pieces decoded before (the
-    /// two halves of the work take about as long each; restore is the one time a shard's
-    /// thread has a helper, as the other cores are idle or restoring too).
+    /// is decoded on a helper thread while this one replays the pieces decoded before (in a
+    /// profile of a single-threaded replay, decoding and inserting each took roughly half the
+    /// time; restore is the one time a shard's thread has a helper, as the other cores are
+    /// idle or restoring too).
     fn replay(&self, from: LogAddress, to: LogAddress, index: &mut Index) -> Result<u64> {
         // Opened here: a segment opens lazily, on the store's thread.
         let mut ranges = Vec::new();
