@@ -612,10 +612,8 @@ pub struct ScaleRun {
     /// The baselines: what syncing that much takes on this disk without the runtime (see
     /// [`sync_floor`]), written as [`FloorVia::Write`].
     pub floor_write: Percentiles,
-    /// The baseline written as [`FloorVia::Mapping`].
-    pub floor_mapping: Percentiles,
-    /// The baseline written as [`FloorVia::WriteReadMapped`].
-    pub floor_write_read_mapped: Percentiles,
+    /// The baseline written as [`FloorVia::Segment`].
+    pub floor_segment: Percentiles,
 }
 
 /// Checkpoint durations with `state_bytes` of keyed state (a [`Payload`] per key) of which
@@ -640,8 +638,7 @@ pub fn at_scale(
     let rounds = ((seconds * 1000.0 / interval_ms.max(1) as f64) as usize).max(10);
     let every = Duration::from_millis(interval_ms.max(1) as u64);
     let floor = |via| sync_floor(dir.path(), parallelism.max(1), synced_per_store, every, rounds, via);
-    let (floor_write, floor_mapping) = (floor(FloorVia::Write)?, floor(FloorVia::Mapping)?);
-    let floor_write_read_mapped = floor(FloorVia::WriteReadMapped)?;
+    let (floor_write, floor_segment) = (floor(FloorVia::Write)?, floor(FloorVia::Segment)?);
     let probe = Arc::new(RecoveryProbe::default());
     let job = Job::new("checkpoint-scale");
     let fill_probe = Arc::clone(&probe);
@@ -695,8 +692,7 @@ pub fn at_scale(
         index_snapshots: stats.index_snapshots,
         synced_per_store,
         floor_write,
-        floor_mapping,
-        floor_write_read_mapped,
+        floor_segment,
     })
 }
 
@@ -709,34 +705,23 @@ pub enum FloorVia {
     /// `pwrite` into a file allocated up front, `posix_fadvise(DONTNEED)` to start writeback,
     /// `fdatasync`.
     Write,
-    /// Through the mapping of a weir segment (`weir_state::segment::Segment`): a copy into the
-    /// mapping, `SegmentFlusher::start_writeback`, `SegmentFlusher::flush_range` (`msync`).
-    Mapping,
-    /// `pwrite` into a weir segment whose mapping reads every page written (as zero-copy
-    /// reads would), `posix_fadvise(DONTNEED)`, `fdatasync`: the pages are mapped, but never
-    /// written through the mapping.
-    WriteReadMapped,
+    /// Through a weir segment (`weir_state::segment::Segment`) as a store writes one: into its
+    /// open tail, `Segment::write_out` (`pwrite`) and `SegmentFlusher::start_writeback` per
+    /// step; at the tick `Segment::seal`, then `SegmentFlusher::flush_range` (`msync` of the
+    /// read-only mapping).
+    Segment,
 }
 
-/// One baseline writer: a file, or a mapped segment, of `bytes`. In a segment, offsets
-/// count from the end of its header.
+/// One baseline writer: a file, or a weir segment. In a segment, offsets count from the end
+/// of its header.
 enum FloorFile {
     Write(std::fs::File),
-    Mapping(weir_state::segment::Segment, weir_state::segment::SegmentFlusher),
-    WriteReadMapped(std::fs::File, weir_state::segment::Segment),
+    Segment(weir_state::segment::Segment, weir_state::segment::SegmentFlusher),
 }
 
 /// The error of a baseline step.
 fn floor_err(what: &str, e: impl std::fmt::Display) -> RuntimeError {
     RuntimeError::Checkpoint(format!("sync floor: {what}: {e}"))
-}
-
-/// `pwrite` of `chunk` at `at`, then the start of its writeback.
-fn write_and_start_writeback(file: &std::fs::File, at: u64, chunk: &[u8]) -> weir::Result<()> {
-    use std::os::unix::fs::FileExt;
-    file.write_all_at(chunk, at).map_err(|e| floor_err("write", e))?;
-    let len = std::num::NonZeroU64::new(chunk.len() as u64);
-    rustix::fs::fadvise(file, at, len, rustix::fs::Advice::DontNeed).map_err(|e| floor_err("fadvise", e))
 }
 
 impl FloorFile {
@@ -761,46 +746,40 @@ impl FloorFile {
             .map_err(|_| floor_err("segment", format!("{bytes} bytes is over a segment's size")))?;
         let header = weir_state::segment::SegmentHeader { shard: 0, id: 1, first_seq: 0, segment_bytes };
         let segment = weir_state::segment::Segment::create(&dir, header).map_err(|e| floor_err("segment", e))?;
-        Ok(match via {
-            FloorVia::WriteReadMapped => {
-                let file =
-                    std::fs::OpenOptions::new().write(true).open(segment.path()).map_err(|e| floor_err("open", e))?;
-                FloorFile::WriteReadMapped(file, segment)
-            }
-            _ => {
-                let flusher = segment.flusher();
-                FloorFile::Mapping(segment, flusher)
-            }
-        })
+        let flusher = segment.flusher();
+        flusher.sync_file().map_err(|e| floor_err("fsync", e))?;
+        Ok(FloorFile::Segment(segment, flusher))
     }
 
     /// Writes `chunk` at `offset` and starts its writeback.
     fn write(&mut self, offset: u64, chunk: &[u8]) -> weir::Result<()> {
-        let in_segment = offset + u64::from(SEGMENT_HEADER_BYTES);
         match self {
-            FloorFile::Write(file) => write_and_start_writeback(file, offset, chunk),
-            FloorFile::WriteReadMapped(file, segment) => {
-                write_and_start_writeback(file, in_segment, chunk)?;
-                let read = &segment.bytes()[in_segment as usize..in_segment as usize + chunk.len()];
-                std::hint::black_box(read.iter().step_by(4096).fold(0u8, |a, b| a ^ b));
-                Ok(())
+            FloorFile::Write(file) => {
+                use std::os::unix::fs::FileExt;
+                file.write_all_at(chunk, offset).map_err(|e| floor_err("write", e))?;
+                let len = std::num::NonZeroU64::new(chunk.len() as u64);
+                rustix::fs::fadvise(&*file, offset, len, rustix::fs::Advice::DontNeed)
+                    .map_err(|e| floor_err("fadvise", e))
             }
-            FloorFile::Mapping(segment, flusher) => {
-                segment.write(in_segment as u32, chunk);
-                flusher.start_writeback(in_segment as u32, chunk.len() as u32).map_err(|e| floor_err("fadvise", e))
+            FloorFile::Segment(segment, flusher) => {
+                let at = (offset + u64::from(SEGMENT_HEADER_BYTES)) as u32;
+                segment.write(at, chunk);
+                segment.write_out(at + chunk.len() as u32).map_err(|e| floor_err("write", e))?;
+                flusher.start_writeback(at, chunk.len() as u32).map_err(|e| floor_err("fadvise", e))
             }
         }
     }
 
     /// Makes `[from, to)` durable.
-    fn sync(&self, from: u64, to: u64) -> weir::Result<()> {
+    fn sync(&mut self, from: u64, to: u64) -> weir::Result<()> {
         match self {
-            FloorFile::Write(file) | FloorFile::WriteReadMapped(file, _) => {
-                file.sync_data().map_err(|e| floor_err("fdatasync", e))
+            FloorFile::Write(file) => file.sync_data().map_err(|e| floor_err("fdatasync", e)),
+            FloorFile::Segment(segment, flusher) => {
+                segment.seal(true).map_err(|e| floor_err("write", e))?;
+                flusher
+                    .flush_range(from as u32 + SEGMENT_HEADER_BYTES, (to - from) as u32)
+                    .map_err(|e| floor_err("msync", e))
             }
-            FloorFile::Mapping(_, flusher) => flusher
-                .flush_range(from as u32 + SEGMENT_HEADER_BYTES, (to - from) as u32)
-                .map_err(|e| floor_err("msync", e)),
         }
     }
 }

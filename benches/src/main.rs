@@ -282,7 +282,7 @@ fn checkpoint_scale(
     let asked = r.keys as f64 * pct / 100.0 * 1000.0 / interval_ms as f64;
     let c = r.checkpoints;
     println!(
-        "checkpoint-scale state={}MiB keys={} changed={pct}%/interval every {interval_ms}ms P={parallelism}: duration {} max={:.2}ms (p99 / 5ms target = {:.2}) alignment {} sync {} | baselines, the same {:.1} MB a store per interval synced without the runtime: pwrite+fdatasync {} (sync p99 = x{:.2} of it), through a mapped segment (msync) {} (x{:.2}), pwrite+fdatasync into a segment read through its mapping {} | checkpoints={} aborted={} updates={:.0}/s ({:.2} of asked) index-snapshots={} fill={:.1}s",
+        "checkpoint-scale state={}MiB keys={} changed={pct}%/interval every {interval_ms}ms P={parallelism}: duration {} max={:.2}ms (p99 / 5ms target = {:.2}) alignment {} sync {} | baselines, the same {:.1} MB a store per interval synced without the runtime: pwrite+fdatasync into a file {} (sync p99 = x{:.2} of it), through a weir segment (open tail, pwrite, msync) {} (x{:.2}) | checkpoints={} aborted={} updates={:.0}/s ({:.2} of asked) index-snapshots={} fill={:.1}s",
         r.state_bytes >> 20,
         r.keys,
         c.duration,
@@ -293,9 +293,8 @@ fn checkpoint_scale(
         r.synced_per_store as f64 / 1e6,
         r.floor_write,
         c.sync.p99_us as f64 / r.floor_write.p99_us.max(1) as f64,
-        r.floor_mapping,
-        c.sync.p99_us as f64 / r.floor_mapping.p99_us.max(1) as f64,
-        r.floor_write_read_mapped,
+        r.floor_segment,
+        c.sync.p99_us as f64 / r.floor_segment.p99_us.max(1) as f64,
         c.completed,
         c.aborted,
         r.updates_per_s,

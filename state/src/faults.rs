@@ -6,7 +6,8 @@
 //!
 //! Points: `state::sync_segment` (msync/fsync of segments at a checkpoint),
 //! `state::presync_segment` (the early fsync of new segment files by write-behind),
-//! `state::write_file` (index snapshots and manifests).
+//! `state::write_file` (index snapshots and manifests), `state::write_segment` (the `pwrite`
+//! of a segment's open tail into its file).
 
 use std::path::Path;
 

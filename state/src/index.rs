@@ -50,10 +50,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use bytemuck::{Pod, Zeroable};
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::MmapOptions;
 
 use crate::error::{Result, StateError};
-use crate::segment::{u32_at, u64_at};
+use crate::segment::{PrivatePages, u32_at, u64_at};
 
 #[cfg(not(target_endian = "little"))]
 compile_error!("weir's index snapshot is mapped in place and assumes a little-endian machine");
@@ -243,14 +243,11 @@ pub enum FoldStatus {
 /// `munmap` of a large table holds the process's mmap lock for milliseconds, and every other
 /// thread's `mmap` or `munmap` waits for it.
 #[derive(Debug)]
-struct SlotMemory(MmapMut);
+struct SlotMemory(PrivatePages);
 
 impl SlotMemory {
     fn zeroed(slots: usize) -> Result<SlotMemory> {
-        let mem = MmapOptions::new()
-            .len(slots * size_of::<Slot>())
-            .map_anon()
-            .map_err(|e| StateError::io("mmap anonymous index", "<memory>", e))?;
+        let mem = PrivatePages::anonymous(slots * size_of::<Slot>(), "index")?;
         // Only a hint.
         let _ = mem.advise(memmap2::Advice::HugePage);
         Ok(SlotMemory(mem))
@@ -272,18 +269,6 @@ impl std::ops::Deref for SlotMemory {
 impl std::ops::DerefMut for SlotMemory {
     fn deref_mut(&mut self) -> &mut [Slot] {
         bytemuck::cast_slice_mut(&mut self.0[..])
-    }
-}
-
-impl Drop for SlotMemory {
-    fn drop(&mut self) {
-        crate::segment::release_in_steps(self.0.len(), |offset, len| {
-            // SAFETY: `MADV_DONTNEED` discards the pages of this private or anonymous mapping
-            // (the next access would see zeros, or the snapshot file's bytes). Nothing accesses
-            // them again: `drop` has the mapping to itself (no borrow of it can be alive), and
-            // it is unmapped right after.
-            let _ = unsafe { self.0.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
-        });
     }
 }
 
@@ -953,7 +938,7 @@ impl Index {
         let mem =
             unsafe { MmapOptions::new().offset(slots_offset as u64).len(capacity * size_of::<Slot>()).map_copy(&file) }
                 .map_err(|e| StateError::io("mmap index snapshot", path, e))?;
-        let mem = SlotMemory(mem);
+        let mem = SlotMemory(PrivatePages::from_private_map(mem));
         let lazy = LazyCheck {
             path: path.to_owned(),
             slots_offset,

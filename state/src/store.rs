@@ -198,7 +198,7 @@ fn decode_tail(ranges: &[TailRange<'_>], mut emit: impl FnMut(Vec<Replayed>) -> 
     for range in ranges {
         let mut off = range.start;
         while off < range.end {
-            let bytes = &range.segment.bytes()[off as usize..range.end as usize];
+            let bytes = range.segment.data(off, range.end);
             let h = record::decode_checked(bytes).map_err(|e| {
                 StateError::corrupt(range.segment.path(), u64::from(off), format!("bad record in replay: {e:?}"))
             })?;
@@ -390,6 +390,9 @@ pub struct StateStore {
     tail_offset: u32,
     /// Start of the mutable region.
     seal: LogAddress,
+    /// The first segment that may have an open tail: the last segment sealed whole by a
+    /// checkpoint (a failed write can leave tails open across later seals).
+    open_from: SegmentId,
     /// Records before this address came from files: check them on read.
     restored_upto: LogAddress,
     next_seq: u64,
@@ -442,6 +445,7 @@ impl StateStore {
             tail_segment: 0,
             tail_offset: 0,
             seal: log_address(1, SEGMENT_HEADER_BYTES),
+            open_from: 1,
             restored_upto: 0,
             next_seq: 1,
             index: Index::new()?,
@@ -564,6 +568,13 @@ impl StateStore {
             segment_bytes: self.config.segment_bytes,
         };
         let segment = Segment::create(&self.dir, header)?;
+        // The full segment before takes no more writes: its open tail is written out and
+        // closed now (records in it are no longer rewritten in place, but appended again), so
+        // a store holds one open tail, whatever the time between checkpoints. Should the write
+        // fail, the tail stays open, and the next checkpoint writes it or fails.
+        if let Ok(Some(full)) = self.segment_mut(self.tail_segment) {
+            let _ = full.seal(false);
+        }
         let idx = id as usize;
         if self.segments.len() <= idx {
             self.segments.resize_with(idx + 1, || None);
@@ -627,7 +638,7 @@ impl StateStore {
         if off < SEGMENT_HEADER_BYTES || off as usize >= end {
             return Err(StateError::corrupt(segment.path(), u64::from(off), "index points outside the log"));
         }
-        let bytes = &segment.bytes()[off as usize..end];
+        let bytes = segment.data(off, end as u32);
         let decoded =
             if addr < self.restored_upto { record::decode_checked(bytes) } else { record::decode_header(bytes) };
         match decoded {
@@ -754,6 +765,10 @@ impl StateStore {
         let Some(segment) = self.segment_mut(address_segment(addr))? else {
             return Ok(false);
         };
+        // A full segment's tail is closed when the log moves on (see `open_segment`).
+        if !segment.is_writable(address_offset(addr)) {
+            return Ok(false);
+        }
         let slot = segment.slice_mut(address_offset(addr), h.slot_bytes());
         record::rewrite_value(slot, &h, seq, flags, value);
         self.next_seq += 1;
@@ -840,6 +855,10 @@ impl StateStore {
         {
             return Err(StateError::Misuse(format!("checkpoint {checkpoint_id} is not after {prev}")));
         }
+        // What the log holds up to the seal goes into the files first (`pwrite` from the open
+        // tails). Should that fail, the open tails keep every byte: this checkpoint's task
+        // fails (and the store is not suspect), and the next checkpoint writes them again.
+        let write_error = self.write_out_open_tails().err();
         let (synced_upto, confirmed_index, spare, take_index) = {
             let mut ledger = self.ledger.lock().map_err(|_| StateError::Misuse("ledger poisoned".into()))?;
             if let Some(failure) = &ledger.failed_sync {
@@ -916,10 +935,21 @@ impl StateStore {
             key_count: self.index.len() as u64,
         };
         let flushes = self.ranges_to_sync(synced_upto, seal)?;
-        let new_files = std::mem::take(&mut self.new_segments)
-            .into_iter()
-            .filter_map(|id| self.segment(id).ok().flatten().map(Segment::flusher))
-            .collect();
+        let mut new_files = Vec::new();
+        if write_error.is_none() {
+            new_files = std::mem::take(&mut self.new_segments)
+                .into_iter()
+                .filter_map(|id| self.segment(id).ok().flatten().map(Segment::flusher))
+                .collect();
+            // Reads before the seal go through the mappings from now on (written out above).
+            let tail_segment = self.tail_segment;
+            for id in self.open_from.max(self.first_segment)..=tail_segment {
+                if let Some(segment) = self.segment_mut(id)? {
+                    segment.seal(id == tail_segment)?;
+                }
+            }
+            self.open_from = tail_segment;
+        }
         self.seal = seal;
         self.last_checkpoint = Some(checkpoint_id);
         if take_index {
@@ -929,6 +959,7 @@ impl StateStore {
             self.checkpoints_since_index += 1;
         }
         let task = DurabilityTask {
+            write_error,
             checkpoint_id,
             dir: self.dir.clone(),
             seal,
@@ -938,6 +969,16 @@ impl StateStore {
             ledger: Arc::clone(&self.ledger),
         };
         Ok(PendingCheckpoint { handle, task, fallback })
+    }
+
+    /// Writes the open tails of the segments after the seal into their files (`pwrite`).
+    fn write_out_open_tails(&mut self) -> Result<()> {
+        for id in self.open_from.max(self.first_segment)..=self.tail_segment {
+            if let Some(segment) = self.segment_mut(id)? {
+                segment.write_out(u32::MAX)?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether the current state, restored from `index` plus a replay, needs segment `id`.
@@ -983,6 +1024,17 @@ impl StateStore {
         // Whole pages only: the page the tail is in keeps changing.
         let to = log_address(self.tail_segment, self.tail_offset & !4095);
         let from = self.ledger.lock().ok()?.synced_upto.max(self.seal).max(self.behind_upto);
+        // This thread writes those pages into the files (`pwrite` from the open tail: only
+        // the shard's thread touches it); the task starts their writeback. Should the write
+        // fail, the checkpoint writes them again, or fails.
+        for id in address_segment(from).max(self.first_segment)..=self.tail_segment {
+            let upto = if id == self.tail_segment { address_offset(to) } else { u32::MAX };
+            if let Ok(Some(segment)) = self.segment_mut(id)
+                && segment.write_out(upto).is_err()
+            {
+                return presync.map(|p| WriteBehindTask { ranges: Vec::new(), presync: Some(p) });
+            }
+        }
         let ranges = self.ranges_to_sync(from, to.max(from)).ok()?;
         let total: u64 = ranges.iter().map(|r| u64::from(r.2)).sum();
         if total < u64::from(min_bytes) {
@@ -1059,6 +1111,7 @@ impl StateStore {
             tail_segment,
             tail_offset,
             seal: handle.seal,
+            open_from: tail_segment,
             restored_upto: handle.seal,
             next_seq: handle.next_seq,
             // A stand-in while the replay fills `index` (it reads records, never the index).
@@ -1086,6 +1139,11 @@ impl StateStore {
             compaction: Compaction::default(),
             config,
         };
+        // The log continues from the seal, through an open tail of the last segment.
+        match store.segment_mut(tail_segment)? {
+            Some(segment) => segment.open_tail(tail_offset)?,
+            None => return Err(StateError::corrupt(dir, handle.seal, "checkpoint does not list its last segment")),
+        }
         // The log a restore of the next checkpoint replays starts as long as this one was: a
         // store restored with a long tail takes its next index snapshot as soon as one is due.
         store.bytes_since_index = store.replay(replay_from, handle.seal, &mut index)?;
@@ -1193,7 +1251,7 @@ impl StateStore {
             let end = if id == self.tail_segment { self.tail_offset } else { self.stats[id as usize].data_end };
             let mut off = SEGMENT_HEADER_BYTES;
             while off < end {
-                let h = record::decode_checked(&segment.bytes()[off as usize..end as usize])
+                let h = record::decode_checked(segment.data(off, end))
                     .map_err(|e| StateError::corrupt(segment.path(), u64::from(off), format!("bad record: {e:?}")))?;
                 off += h.slot_bytes();
                 records += 1;
@@ -1382,7 +1440,7 @@ impl StateStore {
         while off < end && u64::from(off - from) < budget {
             let addr = log_address(id, off);
             let Some(segment) = self.segment(id)? else { return Ok((None, u64::from(off - from))) };
-            let bytes = &segment.bytes()[off as usize..end as usize];
+            let bytes = segment.data(off, end);
             let h =
                 if addr < self.restored_upto { record::decode_checked(bytes) } else { record::decode_header(bytes) }
                     .map_err(|e| StateError::corrupt(segment.path(), u64::from(off), format!("bad record: {e:?}")))?;
@@ -1597,6 +1655,8 @@ impl Drop for IndexSnapshotTask {
 /// and the index snapshot file. `Send`, so it runs on any thread.
 #[derive(Debug)]
 pub struct DurabilityTask {
+    /// Set when the log could not be written into its files: the task fails with it.
+    write_error: Option<StateError>,
     checkpoint_id: u64,
     dir: PathBuf,
     seal: LogAddress,
@@ -1636,6 +1696,10 @@ impl DurabilityTask {
     pub fn run(mut self) -> Result<Durable> {
         let started = Instant::now();
         let bytes_synced = self.bytes_to_sync();
+        if let Some(e) = self.write_error.take() {
+            // Nothing was synced: the store still holds the bytes and writes them again.
+            return Err(e);
+        }
         if let Err(e) = self.sync_log() {
             if let Ok(mut ledger) = self.ledger.lock() {
                 ledger.failed_sync = Some(e.to_string());

@@ -1,6 +1,7 @@
 //! Storage faults while checkpointing (run with `--features failpoints`): a failed sync fails
 //! the checkpoint and is never retried and then trusted; a full disk while writing the index
-//! snapshot fails that checkpoint, not the store.
+//! snapshot fails that checkpoint, not the store; a failed write of the log into its files
+//! fails the checkpoint, and the next one writes it again.
 #![cfg(feature = "failpoints")]
 
 use weir_state::keygroup::KeyGroupRange;
@@ -21,6 +22,15 @@ fn config() -> StoreConfig {
 fn fill(store: &mut StateStore, v: ValueState<u64>, base: u64) {
     for k in 0..200u64 {
         v.put(store, Key::new(&k.to_be_bytes(), 16), &(base + k)).unwrap();
+    }
+}
+
+/// Puts new keys until the log has reached the segment `segment`.
+fn grow_to_segment(store: &mut StateStore, v: ValueState<u64>, segment: u32) {
+    let mut k = 1_000_000u64;
+    while address_segment(store.tail()) < segment {
+        v.put(store, Key::new(&k.to_be_bytes(), 16), &k).unwrap();
+        k += 1;
     }
 }
 
@@ -82,17 +92,42 @@ fn storage_faults_fail_the_checkpoint_not_the_data() {
     restored.checkpoint(4).unwrap().task.run().unwrap();
 
     // EIO on the early fsync of a new segment (write-behind): the store is suspect too.
-    let first = address_segment(restored.tail());
-    let mut base = 5000;
-    while address_segment(restored.tail()) == first {
-        fill(&mut restored, v, base);
-        base += 1000;
-    }
+    let next = address_segment(restored.tail()) + 1;
+    grow_to_segment(&mut restored, v, next);
     fail::cfg("state::presync_segment", "return(eio)").unwrap();
     let task = restored.write_behind(u32::MAX).expect("the new segment to fsync");
     assert_eq!(task.run().unwrap_err().class(), ErrorClass::Io);
     fail::remove("state::presync_segment");
     let err = restored.checkpoint(5).unwrap_err();
     assert!(err.to_string().contains("suspect"), "{err}");
+    drop(restored);
+
+    // EIO while writing the log into its files (`pwrite` from the open tails): write-behind
+    // and the checkpoint fail, but the store is not suspect (the bytes are still in memory and
+    // nothing was trusted to a sync): the next checkpoint writes them all. The fills cross
+    // segments, so a full segment's tail fails to close as well.
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = StateStore::create(dir.path(), config()).unwrap();
+    let v: ValueState<u64> = ValueState::register(&mut store, "op/v").unwrap();
+    fill(&mut store, v, 0);
+    store.checkpoint(1).unwrap().task.run().unwrap();
+    fail::cfg("state::write_segment", "return(eio)").unwrap();
+    fill(&mut store, v, 100);
+    if let Some(task) = store.write_behind(0) {
+        task.run().unwrap();
+    }
+    let next = address_segment(store.tail()) + 2;
+    grow_to_segment(&mut store, v, next);
+    let failed = store.checkpoint(2).unwrap();
+    assert_eq!(failed.task.run().unwrap_err().class(), ErrorClass::Io);
+    assert_values(&store, v, 100);
+    fill(&mut store, v, 200);
+    fail::remove("state::write_segment");
+    let third = store.checkpoint(3).unwrap();
+    third.task.run().unwrap();
+    drop(store);
+    let restored =
+        StateStore::restore(dir.path(), &third.handle, config(), RestoreOptions { verify_all: true }).unwrap();
+    assert_values(&restored, v, 200);
     scenario.teardown();
 }
