@@ -39,6 +39,7 @@ pub mod index;
 pub mod ingest;
 pub mod keygroup;
 pub mod manifest;
+pub mod priority;
 pub mod record;
 pub mod savepoint;
 pub mod segment;

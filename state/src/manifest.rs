@@ -202,6 +202,7 @@ impl CheckpointDirectory {
     /// Writes `manifest` atomically: temp file, fsync, rename, fsync of the directory. When this
     /// returns `Ok`, the checkpoint is complete and survives a crash.
     pub fn commit(&self, manifest: &Manifest) -> Result<()> {
+        let _foreground = crate::priority::Foreground::begin();
         let path = self.manifest_path(manifest.checkpoint_id);
         write_durably_fenced(&path, &[&manifest.encode()], &self.manifests, self.fence.as_deref(), None)
     }

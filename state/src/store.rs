@@ -53,8 +53,8 @@ use crate::index::{FoldStatus, Found, Index, Replayed};
 use crate::keygroup::{KeyGroup, KeyGroupRange};
 use crate::record::{self, FLAG_UNVALIDATED, RecordHeader, RecordKind, StateId};
 use crate::segment::{
-    SEGMENT_HEADER_BYTES, Segment, SegmentFlusher, SegmentHeader, SegmentId, parse_segment_file_name,
-    segment_file_name, sync_dir,
+    SEGMENT_HEADER_BYTES, SPARE_SEGMENT_FILE, Segment, SegmentFlusher, SegmentHeader, SegmentId,
+    parse_segment_file_name, segment_file_name, sync_dir,
 };
 
 /// A position in a store's log: segment id in the high 32 bits, byte offset in the low 32.
@@ -220,6 +220,10 @@ fn decode_tail(ranges: &[TailRange<'_>], mut emit: impl FnMut(Vec<Replayed>) -> 
     }
     Ok(decoded)
 }
+
+/// The name under which a store keeps one index snapshot file no one needs any more, for the
+/// next snapshot to be written over (see [`SPARE_SEGMENT_FILE`]).
+pub const SPARE_INDEX_FILE: &str = "index.spare";
 
 /// The file name of the index snapshot written at checkpoint `id`.
 pub fn index_file_name(id: u64) -> String {
@@ -390,6 +394,8 @@ pub struct StateStore {
     tail_offset: u32,
     /// Start of the mutable region.
     seal: LogAddress,
+    /// The index snapshot file the index table is mapped from, if it is.
+    mapped_index: Option<String>,
     /// The first segment that may have an open tail: the last segment sealed whole by a
     /// checkpoint (a failed write can leave tails open across later seals).
     open_from: SegmentId,
@@ -445,6 +451,7 @@ impl StateStore {
             tail_segment: 0,
             tail_offset: 0,
             seal: log_address(1, SEGMENT_HEADER_BYTES),
+            mapped_index: None,
             open_from: 1,
             restored_upto: 0,
             next_seq: 1,
@@ -568,11 +575,14 @@ impl StateStore {
             segment_bytes: self.config.segment_bytes,
         };
         let segment = Segment::create(&self.dir, header)?;
-        // The full segment before takes no more writes: its open tail is written out and
-        // closed now (records in it are no longer rewritten in place, but appended again), so
-        // a store holds one open tail, whatever the time between checkpoints. Should the write
-        // fail, the tail stays open, and the next checkpoint writes it or fails.
-        if let Ok(Some(full)) = self.segment_mut(self.tail_segment) {
+        // The full segment before the last keeps its open tail until the next checkpoint
+        // seals it (values in it are rewritten in place meanwhile); the one before that is
+        // written out and closed now (its records are appended again when they change), so a
+        // store holds two open tails at most, whatever the time between checkpoints. Should
+        // the write fail, the tail stays open, and the next checkpoint writes it or fails.
+        if let Some(older) = self.tail_segment.checked_sub(1)
+            && let Ok(Some(full)) = self.segment_mut(older)
+        {
             let _ = full.seal(false);
         }
         let idx = id as usize;
@@ -1111,6 +1121,7 @@ impl StateStore {
             tail_segment,
             tail_offset,
             seal: handle.seal,
+            mapped_index: handle.index_snapshot.as_ref().map(IndexSnapshotRef::file_name),
             open_from: tail_segment,
             restored_upto: handle.seal,
             next_seq: handle.next_seq,
@@ -1488,6 +1499,25 @@ impl StateStore {
         Ok(garbage.len())
     }
 
+    /// Keeps a file no one needs as the store's spare segment or index file, for the next one
+    /// to be written over instead of a new file (see [`SPARE_SEGMENT_FILE`]), if there is no
+    /// spare yet. Never the index snapshot the index table is mapped from (privately: writing
+    /// the file would show through pages not copied yet). Returns whether it did.
+    fn recycle(&self, entry: &std::fs::DirEntry, name: &str) -> bool {
+        let spare = if parse_segment_file_name(name).is_some() {
+            let size_fits = entry.metadata().is_ok_and(|m| m.len() == u64::from(self.config.segment_bytes));
+            if !size_fits {
+                return false;
+            }
+            SPARE_SEGMENT_FILE
+        } else if parse_index_file_name(name).is_some() && self.mapped_index.as_deref() != Some(name) {
+            SPARE_INDEX_FILE
+        } else {
+            return false;
+        };
+        crate::segment::recycle(&entry.path(), &self.dir.join(spare))
+    }
+
     /// The files no checkpoint in `retained` (nor the store itself) needs, which the store
     /// has let go of (unmapped): the caller deletes them, on any thread (unlinking a large file
     /// can block for milliseconds). The store never writes to these paths again.
@@ -1521,7 +1551,7 @@ impl StateStore {
             } else {
                 true
             };
-            if !keep {
+            if !keep && !self.recycle(&entry, &name) {
                 garbage.push(entry.path());
             }
         }
@@ -1694,6 +1724,7 @@ impl DurabilityTask {
 
     /// Performs the syncs, blocking the calling thread.
     pub fn run(mut self) -> Result<Durable> {
+        let _foreground = crate::priority::Foreground::begin();
         let started = Instant::now();
         let bytes_synced = self.bytes_to_sync();
         if let Some(e) = self.write_error.take() {
@@ -1819,7 +1850,11 @@ pub(crate) fn write_durably_fenced(
     let fenced = || StateError::Misuse(format!("writing {} was cancelled", path.display()));
     let written = (|| {
         let file = match fence {
-            Some(fence) if let Some(pace) = pace => write_paced(&tmp, parts, fence, pace)?,
+            Some(fence) if let Some(pace) = pace => {
+                // A background write goes over the store's spare file, if it has one.
+                let _ = std::fs::rename(dir.join(SPARE_INDEX_FILE), &tmp);
+                write_paced(&tmp, parts, fence, pace)?
+            }
             _ => {
                 let mut file = std::fs::File::create(&tmp).map_err(|e| StateError::io("create", &tmp, e))?;
                 for bytes in parts {
@@ -1860,21 +1895,25 @@ pub(crate) fn write_durably_fenced(
 fn write_paced(tmp: &Path, parts: &[&[u8]], fence: &crate::fence::Fence, pace: u64) -> Result<std::fs::File> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    const PIECE: usize = 4 << 20;
+    const PIECE: usize = crate::priority::BACKGROUND_PIECE;
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let direct = total.is_multiple_of(4096);
+    // Not truncated: `tmp` may be a recycled file, whose blocks are written over; its length
+    // is set once written.
     let open =
-        |flags: i32| std::fs::OpenOptions::new().write(true).create(true).truncate(true).custom_flags(flags).open(tmp);
+        |flags: i32| std::fs::OpenOptions::new().write(true).create(true).truncate(false).custom_flags(flags).open(tmp);
     let direct_flag = rustix::fs::OFlags::DIRECT.bits() as i32;
     let (mut file, direct) = match direct.then(|| open(direct_flag)) {
         Some(Ok(file)) => (file, true),
         _ => (open(0).map_err(|e| StateError::io("create", tmp, e))?, false),
     };
     let mut bounce = memmap2::MmapMut::map_anon(PIECE).map_err(|e| StateError::io("mmap bounce buffer", tmp, e))?;
-    let started = Instant::now();
+    let mut started = Instant::now();
     let mut written = 0usize;
     let mut filled = 0usize;
     let mut flush = |buf: &[u8], written: &mut usize| -> Result<()> {
+        // Checkpoint I/O goes first; the time waited for it does not count against the pace.
+        started += crate::priority::yield_to_foreground(|| fence.is_closed());
         if fence.is_closed() {
             return Err(StateError::Misuse(format!("writing {} was cancelled", tmp.display())));
         }
@@ -1909,6 +1948,7 @@ fn write_paced(tmp: &Path, parts: &[&[u8]], fence: &crate::fence::Fence, pace: u
     if filled > 0 {
         flush(&bounce[..filled], &mut written)?;
     }
+    file.set_len(total as u64).map_err(|e| StateError::io("truncate", tmp, e))?;
 
     Ok(file)
 }

@@ -207,3 +207,84 @@ fn a_restored_store_counts_its_replayed_tail_towards_the_next_index_snapshot() {
     assert!(third.detach_index().is_some(), "the replayed tail counts towards the snapshot bound");
     third.task.run().unwrap();
 }
+
+fn inode(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().ino()
+}
+
+/// Files no checkpoint needs become the store's spares (one segment file, one index snapshot
+/// file), and the next new segment and background index snapshot are written over them (the
+/// same inode: no blocks freed, none allocated). The index snapshot a restored store's table is
+/// mapped from is never recycled (it is deleted): writing over it would show through the
+/// private mapping.
+#[test]
+fn garbage_files_are_recycled_as_the_next_segment_and_index_snapshot() {
+    use weir_state::segment::{SPARE_SEGMENT_FILE, segment_file_name};
+    use weir_state::store::{SPARE_INDEX_FILE, address_segment};
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = StateStore::create(dir.path(), config()).unwrap();
+    let v: ValueState<u64> = ValueState::register(&mut store, "op/v").unwrap();
+    let mut last = None;
+    for round in 0..8u64 {
+        fill(&mut store, v, round * 10_000);
+        let pending = store.checkpoint(round + 1).unwrap();
+        pending.task.run().unwrap();
+        last = Some(pending.handle);
+    }
+    let mut last = last.unwrap();
+    let garbage = store.garbage(&[&last]).unwrap();
+    let (spare_segment, spare_index) = (dir.path().join(SPARE_SEGMENT_FILE), dir.path().join(SPARE_INDEX_FILE));
+    assert!(spare_segment.exists() && spare_index.exists(), "{garbage:?}");
+    assert!(!garbage.contains(&spare_segment) && !garbage.contains(&spare_index));
+    for path in &garbage {
+        std::fs::remove_file(path).unwrap();
+    }
+    let (segment_inode, index_inode) = (inode(&spare_segment), inode(&spare_index));
+
+    // The next segment is the spare segment file.
+    let segment = address_segment(store.tail());
+    let mut base = 100_000;
+    while address_segment(store.tail()) == segment {
+        fill(&mut store, v, base);
+        base += 10_000;
+    }
+    let new_segment = dir.path().join(segment_file_name(segment + 1));
+    assert_eq!(inode(&new_segment), segment_inode);
+    assert!(!spare_segment.exists());
+
+    // The next index snapshot written in the background goes over the spare index file.
+    let mut pending = store.checkpoint(9).unwrap();
+    let index = pending.detach_index().expect("the snapshot started at checkpoint 8");
+    pending.task.run().unwrap();
+    index.run(&Fence::new()).unwrap();
+    assert!(!spare_index.exists());
+    let written: Vec<_> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).filter(|p| inode(p) == index_inode).collect();
+    assert_eq!(written, [dir.path().join(index_file_name(8))]);
+    fill(&mut store, v, base);
+    let next = store.checkpoint(10).unwrap();
+    next.task.run().unwrap();
+    let mapped = next.handle.index_snapshot.as_ref().map(|r| r.checkpoint_id).expect("a confirmed snapshot");
+    drop(store);
+    assert_restores(dir.path(), &next.handle, v, base);
+
+    // A store restored from that snapshot maps its file: once newer snapshots replace it, the
+    // file is garbage to delete, not a spare, even with no spare present.
+    let mut restored = StateStore::restore(dir.path(), &next.handle, config(), RestoreOptions::default()).unwrap();
+    // Snapshots start again once the replayed delta is folded into the mapped table.
+    while restored.maintain(usize::MAX).unwrap() {}
+    for round in 11..16u64 {
+        fill(&mut restored, v, round * 10_000);
+        let pending = restored.checkpoint(round).unwrap();
+        pending.task.run().unwrap();
+        last = pending.handle;
+    }
+    let _ = std::fs::remove_file(&spare_index);
+    let mapped_file = dir.path().join(index_file_name(mapped));
+    let mapped_inode = inode(&mapped_file);
+    let garbage = restored.garbage(&[&last]).unwrap();
+    assert!(garbage.contains(&mapped_file), "{garbage:?}");
+    assert_eq!(inode(&mapped_file), mapped_inode, "not moved");
+    assert!(!spare_index.exists() || inode(&spare_index) != mapped_inode);
+}
