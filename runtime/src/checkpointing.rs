@@ -275,7 +275,7 @@ impl Drop for Trash {
     fn drop(&mut self) {
         for path in &self.0 {
             // A file left behind is collected again by the store's next garbage collection.
-            let _ = std::fs::remove_file(path);
+            let _ = weir_state::priority::delete_in_steps(path);
         }
     }
 }
