@@ -706,7 +706,7 @@ pub enum FloorVia {
     /// `fdatasync`.
     Write,
     /// Through a weir segment (`weir_state::segment::Segment`) as a store writes one: into its
-    /// open tail, `Segment::write_out` (`pwrite`) and `SegmentFlusher::start_writeback` per
+    /// open tail, `Segment::write_ahead` (`pwrite`) and `SegmentFlusher::start_writeback` per
     /// step; at the tick `Segment::seal`, then `SegmentFlusher::flush_range` (`msync` of the
     /// read-only mapping).
     Segment,
@@ -764,7 +764,7 @@ impl FloorFile {
             FloorFile::Segment(segment, flusher) => {
                 let at = (offset + u64::from(SEGMENT_HEADER_BYTES)) as u32;
                 segment.write(at, chunk);
-                segment.write_out(at + chunk.len() as u32).map_err(|e| floor_err("write", e))?;
+                segment.write_ahead(at + chunk.len() as u32).map_err(|e| floor_err("write", e))?;
                 flusher.start_writeback(at, chunk.len() as u32).map_err(|e| floor_err("fadvise", e))
             }
         }

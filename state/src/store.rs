@@ -1040,7 +1040,7 @@ impl StateStore {
         for id in address_segment(from).max(self.first_segment)..=self.tail_segment {
             let upto = if id == self.tail_segment { address_offset(to) } else { u32::MAX };
             if let Ok(Some(segment)) = self.segment_mut(id)
-                && segment.write_out(upto).is_err()
+                && segment.write_ahead(upto).is_err()
             {
                 return presync.map(|p| WriteBehindTask { ranges: Vec::new(), presync: Some(p) });
             }
