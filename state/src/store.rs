@@ -1520,7 +1520,9 @@ impl StateStore {
 
     /// The files no checkpoint in `retained` (nor the store itself) needs, which the store
     /// has let go of (unmapped): the caller deletes them, on any thread (unlinking a large file
-    /// can block for milliseconds). The store never writes to these paths again.
+    /// can block for milliseconds), and may shrink them first
+    /// ([`crate::priority::delete_in_steps`]). The store never writes to these paths again.
+    /// Some become the store's spare files instead (see [`SPARE_SEGMENT_FILE`]).
     pub fn garbage(&mut self, retained: &[&CheckpointHandle]) -> Result<Vec<PathBuf>> {
         let (confirmed, detached) = match self.ledger.lock() {
             Ok(l) => (l.confirmed_index.clone(), l.detached_index.iter().map(|d| d.0.clone()).collect()),
@@ -1551,9 +1553,18 @@ impl StateStore {
             } else {
                 true
             };
-            if !keep && !self.recycle(&entry, &name) {
-                garbage.push(entry.path());
+            if keep || self.recycle(&entry, &name) {
+                continue;
             }
+            if self.mapped_index.as_deref() == Some(&*name) {
+                // The index table is still mapped from it: unlinked here (its blocks are freed
+                // when the mapping goes), never handed out, as a caller may shrink what it
+                // deletes first, and a mapped page past the end of a file raises SIGBUS.
+                std::fs::remove_file(entry.path()).map_err(|e| StateError::io("delete", entry.path(), e))?;
+                self.mapped_index = None;
+                continue;
+            }
+            garbage.push(entry.path());
         }
         while self.first_segment < self.tail_segment && !self.has_segment(self.first_segment) {
             self.first_segment += 1;
