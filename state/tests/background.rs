@@ -34,6 +34,19 @@ fn assert_restores(dir: &std::path::Path, handle: &CheckpointHandle, v: ValueSta
     }
 }
 
+/// For each round `r`: fills with values from `r * 10_000` and takes checkpoint `r + 1`
+/// (durable). Returns the last handle.
+fn fill_and_checkpoint(store: &mut StateStore, v: ValueState<u64>, rounds: std::ops::Range<u64>) -> CheckpointHandle {
+    let mut last = None;
+    for round in rounds {
+        fill(store, v, round * 10_000);
+        let pending = store.checkpoint(round + 1).unwrap();
+        pending.task.run().unwrap();
+        last = Some(pending.handle);
+    }
+    last.expect("at least one round")
+}
+
 fn exists(dir: &std::path::Path, name: &str) -> bool {
     dir.join(name).exists()
 }
@@ -164,14 +177,7 @@ fn garbage_is_let_go_by_the_store_and_deleted_by_the_caller() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = StateStore::create(dir.path(), config()).unwrap();
     let v: ValueState<u64> = ValueState::register(&mut store, "op/v").unwrap();
-    let mut last = None;
-    for round in 0..8u64 {
-        fill(&mut store, v, round * 10_000);
-        let pending = store.checkpoint(round + 1).unwrap();
-        pending.task.run().unwrap();
-        last = Some(pending.handle);
-    }
-    let last = last.unwrap();
+    let last = fill_and_checkpoint(&mut store, v, 0..8);
     let garbage = store.garbage(&[&last]).unwrap();
     assert!(!garbage.is_empty(), "eight rounds over 2000 keys leave dead segments");
     assert!(garbage.iter().all(|p| p.exists()), "the store does not delete them itself");
@@ -225,14 +231,7 @@ fn garbage_files_are_recycled_as_the_next_segment_and_index_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = StateStore::create(dir.path(), config()).unwrap();
     let v: ValueState<u64> = ValueState::register(&mut store, "op/v").unwrap();
-    let mut last = None;
-    for round in 0..8u64 {
-        fill(&mut store, v, round * 10_000);
-        let pending = store.checkpoint(round + 1).unwrap();
-        pending.task.run().unwrap();
-        last = Some(pending.handle);
-    }
-    let mut last = last.unwrap();
+    let last = fill_and_checkpoint(&mut store, v, 0..8);
     let garbage = store.garbage(&[&last]).unwrap();
     let (spare_segment, spare_index) = (dir.path().join(SPARE_SEGMENT_FILE), dir.path().join(SPARE_INDEX_FILE));
     assert!(spare_segment.exists() && spare_index.exists(), "{garbage:?}");
@@ -274,12 +273,7 @@ fn garbage_files_are_recycled_as_the_next_segment_and_index_snapshot() {
     let mut restored = StateStore::restore(dir.path(), &next.handle, config(), RestoreOptions::default()).unwrap();
     // Snapshots start again once the replayed delta is folded into the mapped table.
     while restored.maintain(usize::MAX).unwrap() {}
-    for round in 11..16u64 {
-        fill(&mut restored, v, round * 10_000);
-        let pending = restored.checkpoint(round).unwrap();
-        pending.task.run().unwrap();
-        last = pending.handle;
-    }
+    let last = fill_and_checkpoint(&mut restored, v, 10..15);
     let _ = std::fs::remove_file(&spare_index);
     let mapped_file = dir.path().join(index_file_name(mapped));
     let mapped_inode = inode(&mapped_file);
@@ -292,6 +286,6 @@ fn garbage_files_are_recycled_as_the_next_segment_and_index_snapshot() {
         weir_state::priority::delete_in_steps(path).unwrap();
     }
     for k in 0..KEYS {
-        assert_eq!(v.get_owned(&restored, Key::new(&k.to_be_bytes(), 16)).unwrap(), Some(15 * 10_000 + k), "key {k}");
+        assert_eq!(v.get_owned(&restored, Key::new(&k.to_be_bytes(), 16)).unwrap(), Some(14 * 10_000 + k), "key {k}");
     }
 }
