@@ -29,6 +29,7 @@ enum Op {
     CompactStep(u32),
     CollectGarbage,
     Maintain(usize),
+    WriteBehind(u32),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -46,6 +47,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => prop_oneof![Just(0u32), 1u32..300, Just(4096u32), Just(u32::MAX)].prop_map(Op::CompactStep),
         1 => Just(Op::CollectGarbage),
         2 => prop_oneof![Just(0usize), 1usize..4, 4usize..64, Just(usize::MAX)].prop_map(Op::Maintain),
+        2 => prop_oneof![Just(0u32), Just(4096u32)].prop_map(Op::WriteBehind),
     ]
 }
 
@@ -193,6 +195,14 @@ fn run(ops: Vec<Op>) {
             Op::CollectGarbage => {
                 let handles: Vec<&CheckpointHandle> = retained.iter().map(|(h, _)| h).collect();
                 store.collect_garbage(&handles).unwrap();
+            }
+            Op::WriteBehind(min_bytes) => {
+                // Writes whole pages of the open tail into the file early; values rewritten in
+                // place afterwards must still reach the file at the next seal.
+                if let Some(task) = store.write_behind(min_bytes) {
+                    task.run().unwrap();
+                }
+                check(&store, &s, &model);
             }
             Op::Maintain(budget) => {
                 let more = store.maintain(budget).unwrap();
