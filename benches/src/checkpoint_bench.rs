@@ -775,7 +775,7 @@ impl FloorFile {
         match self {
             FloorFile::Write(file) => file.sync_data().map_err(|e| floor_err("fdatasync", e)),
             FloorFile::Segment(segment, flusher) => {
-                segment.seal(true).map_err(|e| floor_err("write", e))?;
+                segment.seal().map_err(|e| floor_err("write", e))?;
                 flusher
                     .flush_range(from as u32 + SEGMENT_HEADER_BYTES, (to - from) as u32)
                     .map_err(|e| floor_err("msync", e))

@@ -1249,6 +1249,10 @@ fn hand_over_snapshots<In>(
         for index in [state.detach_index(), timers.detach_index()].into_iter().flatten() {
             checkpoints.background(crate::checkpointing::Background::IndexSnapshot(index));
         }
+        // Freeing closed open tails (tens of MiB of touched pages) takes milliseconds.
+        for released in [state.take_released(), timers.take_released()].into_iter().flatten() {
+            crate::runner::reap(Box::new(released));
+        }
         let offsets = pump
             .offset()
             .map(|offset| crate::checkpointing::SourceOffset { uid: name.to_owned(), shard: rt.shard as u32, offset })

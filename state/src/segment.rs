@@ -9,8 +9,9 @@
 //! Nothing is written through the mapping. The part of a segment that may still change (from
 //! the last checkpoint's seal to the end of the data: appends, and values rewritten in place)
 //! is its *open tail*, held in anonymous memory and read from there; [`Segment::write_out`]
-//! copies it into the file with `pwrite`, and [`Segment::seal`] closes it at a checkpoint,
-//! after which its bytes are read through the mapping. The reason is the kernel's writeback: a
+//! copies it into the file with `pwrite`, and [`Segment::seal`] seals it at a checkpoint,
+//! after which its bytes are read through the mapping ([`Segment::close`] when the segment is
+//! full). The reason is the kernel's writeback: a
 //! page mapped writable and dirty is write-protected before it is written back
 //! (`folio_mkclean`), and each of those flushes the TLB of every CPU running the process. On a
 //! 2-vCPU VM that made syncing a checkpoint's pages through the mapping take 14-250 ms at the
@@ -338,6 +339,12 @@ impl Drop for PrivatePages {
     }
 }
 
+/// The memory of a closed open tail (see [`Segment::close`]): frees it when dropped.
+#[derive(Debug)]
+pub struct ClosedTail {
+    _memory: PrivatePages,
+}
+
 impl Segment {
     /// Creates `dir/seg-<id>.log` of `segment_bytes`, fully allocated, and maps it: the
     /// store's spare segment file ([`SPARE_SEGMENT_FILE`]) if it has one of that size, else a
@@ -475,6 +482,15 @@ impl Segment {
         }
     }
 
+    /// Closes the segment for writing for good (it is full): writes out what is left of the
+    /// open tail, after which everything is read through the mapping. Returns the tail's
+    /// memory, for the caller to free on a thread that may wait (giving back tens of MiB of
+    /// touched pages takes milliseconds). On an error nothing is closed.
+    pub fn close(&mut self) -> Result<Option<ClosedTail>> {
+        self.write_out(u32::MAX)?;
+        Ok(self.tail.take().map(|tail| ClosedTail { _memory: tail.buffer }))
+    }
+
     /// Whether `offset` lies in the open tail, where it may be written.
     pub fn is_writable(&self, offset: u32) -> bool {
         self.tail.as_ref().is_some_and(|t| offset >= t.start)
@@ -533,16 +549,11 @@ impl Segment {
     }
 
     /// Seals the open tail at its end, for a checkpoint: writes out what is left, then reads
-    /// of everything before the end go through the mapping. With `keep_open` the segment takes
-    /// further writes after the end; without, it is closed for good (it is full) and its
-    /// buffer freed. On an error nothing is sealed (see [`Segment::write_out`]).
-    pub fn seal(&mut self, keep_open: bool) -> Result<()> {
+    /// of everything before the end go through the mapping, and further writes go after the
+    /// end. On an error nothing is sealed (see [`Segment::write_out`]).
+    pub fn seal(&mut self) -> Result<()> {
         self.write_out(u32::MAX)?;
         let Some(tail) = self.tail.as_mut() else { return Ok(()) };
-        if !keep_open {
-            self.tail = None;
-            return Ok(());
-        }
         tail.start = tail.end;
         // Buffer pages wholly before the new start are never read again: given back a step
         // at a time, once a whole step has gathered.
@@ -679,7 +690,7 @@ mod tests {
         assert_eq!(seg.data(4096, 4104), &[1, 1, 1, 1, 3, 3, 3, 3]);
         seg.write_ahead(8192).unwrap();
         assert_eq!(file_bytes(seg.path(), 4100, 4), [1; 4], "write-ahead leaves rewritten pages to the seal");
-        seg.seal(true).unwrap();
+        seg.seal().unwrap();
         assert_eq!(file_bytes(seg.path(), 4096, 8), [1, 1, 1, 1, 3, 3, 3, 3]);
         assert_eq!(file_bytes(seg.path(), 12288, 4), [2; 4]);
         // Sealed: reads of what came before the seal go through the mapping, writes go on after it.
@@ -699,10 +710,10 @@ mod tests {
         let mut seg = Segment::create(dir.path(), header).unwrap();
         let data: Vec<u8> = (0..RELEASE_STEP + 4096).map(|i| (i % 251) as u8 + 1).collect();
         seg.write(4096, &data);
-        seg.seal(true).unwrap();
+        seg.seal().unwrap();
         assert_eq!(seg.tail.as_ref().unwrap().released, RELEASE_STEP as u32);
         assert_eq!(seg.data(4096, 4096 + data.len() as u32), &data[..]);
-        seg.seal(false).unwrap();
+        seg.close().unwrap();
         assert!(!seg.is_writable(RELEASE_STEP as u32 + 8192));
         assert_eq!(seg.data(4096, 4096 + data.len() as u32), &data[..]);
     }
@@ -713,7 +724,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut seg = Segment::create(dir.path(), header(1)).unwrap();
         seg.write(4096, &[1; 32]);
-        seg.seal(true).unwrap();
+        seg.seal().unwrap();
         seg.write(4096, &[2; 4]);
     }
 
@@ -729,7 +740,7 @@ mod tests {
         for (n, &offset) in at.iter().enumerate() {
             seg.write(offset, &[n as u8 + 1; 5]);
         }
-        seg.seal(false).unwrap();
+        seg.close().unwrap();
         // Pages read through the mapping are mapped; they must survive the release too.
         for &offset in &at {
             std::hint::black_box(seg.data(offset, offset + 5));

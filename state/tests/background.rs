@@ -289,3 +289,19 @@ fn garbage_files_are_recycled_as_the_next_segment_and_index_snapshot() {
         assert_eq!(v.get_owned(&restored, Key::new(&k.to_be_bytes(), 16)).unwrap(), Some(14 * 10_000 + k), "key {k}");
     }
 }
+
+/// A full segment's open tail (tens of MiB at the default size) is handed out with the next
+/// checkpoint, to be freed off the store's thread; the checkpoint is the same either way.
+#[test]
+fn memory_the_store_lets_go_of_is_handed_out_with_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = StateStore::create(dir.path(), config()).unwrap();
+    let v: ValueState<u64> = ValueState::register(&mut store, "op/v").unwrap();
+    fill(&mut store, v, 0);
+    assert!(weir_state::store::address_segment(store.tail()) > 1, "the fill spans segments");
+    let mut first = store.checkpoint(1).unwrap();
+    assert!(first.take_released().is_some(), "the full segment's tail");
+    assert!(first.take_released().is_none(), "handed out once");
+    first.task.run().unwrap();
+    assert_restores(dir.path(), &first.handle, v, 0);
+}
