@@ -730,9 +730,8 @@ struct CoordinatorLoop {
     inbox: Receiver<Msg>,
     stats: Arc<Mutex<CheckpointStats>>,
     clock: Arc<dyn crate::clock::Clock>,
-    /// Checkpoints in flight: when each was triggered, and the guard that holds background
-    /// writers (index snapshots) back until it completes or aborts.
-    started: BTreeMap<CheckpointId, (Instant, weir_state::priority::Foreground)>,
+    /// Checkpoints in flight, with when each was triggered.
+    started: BTreeMap<CheckpointId, Instant>,
     /// Stage instances that finished, with their last (durable) snapshot.
     finished: BTreeMap<usize, (CheckpointId, TaskSnapshot)>,
     /// Savepoint requests not triggered yet (a checkpoint is in flight).
@@ -809,7 +808,7 @@ impl CoordinatorLoop {
             for command in commands {
                 match command {
                     Command::Trigger(id) => {
-                        self.started.insert(id, (Instant::now(), weir_state::priority::Foreground::begin()));
+                        self.started.insert(id, Instant::now());
                         self.shared.requested.fetch_max(id, Ordering::AcqRel);
                         for (task, (last, snapshot)) in &self.finished {
                             if *last < id {
@@ -826,7 +825,7 @@ impl CoordinatorLoop {
                         if result.is_ok()
                             && let Ok(mut stats) = self.stats.lock()
                         {
-                            let duration = self.started.get(&id).map(|s| s.0.elapsed()).unwrap_or_default();
+                            let duration = self.started.get(&id).map(|s| s.elapsed()).unwrap_or_default();
                             stats.completed.push(CheckpointStat { id, duration, alignment, sync, manifest });
                         }
                         let now = self.clock.now_ms();

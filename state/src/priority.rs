@@ -4,9 +4,8 @@
 //! disk has queued before them. An index snapshot written in the background (hundreds of MiB
 //! at a time) would keep the queue full, and `checkpoint-scale` measured it: with snapshots
 //! written at 256 MiB/s or more, the job's sync p99 was 30-65 ms; with them off, 1.6-2.7 ms.
-//! So whoever runs a checkpoint holds a [`Foreground`] while it does (the store's durability
-//! task and the manifest commit here, the runtime's coordinator from trigger to completion),
-//! and a background writer waits, between pieces of [`BACKGROUND_PIECE`] bytes, until no one
+//! So a checkpoint's syncs hold a [`Foreground`] while they run (the store's durability task
+//! and the manifest commit), and a background writer waits, between pieces of [`BACKGROUND_PIECE`] bytes, until no one
 //! holds one. The count is process-wide: a snapshot of one shard's store waits for the
 //! checkpoint syncs of every shard.
 
@@ -24,7 +23,9 @@ const MAX_YIELD: Duration = Duration::from_millis(50);
 
 static FOREGROUND: AtomicUsize = AtomicUsize::new(0);
 
-/// Marks checkpoint I/O in flight while it lives. Cheap: an atomic count.
+/// Marks checkpoint I/O in flight while it lives. Cheap: an atomic count. Hold it only while
+/// syncing: a guard held for a whole checkpoint would starve background writers when
+/// checkpoints follow each other closely.
 #[derive(Debug)]
 #[must_use = "background writers only hold back while the guard lives"]
 pub struct Foreground(());
