@@ -397,7 +397,7 @@ pub struct StateStore {
     /// The index snapshot file the index table is mapped from, if it is.
     mapped_index: Option<String>,
     /// Memory let go of since the last checkpoint, for its task to free (see [`Released`]).
-    released: Vec<Box<dyn std::any::Any + Send>>,
+    released: Released,
     /// The first segment that may have an open tail: the last segment sealed whole by a
     /// checkpoint (a failed write can leave tails open across later seals).
     open_from: SegmentId,
@@ -454,7 +454,7 @@ impl StateStore {
             tail_offset: 0,
             seal: log_address(1, SEGMENT_HEADER_BYTES),
             mapped_index: None,
-            released: Vec::new(),
+            released: Released::default(),
             open_from: 1,
             restored_upto: 0,
             next_seq: 1,
@@ -587,7 +587,7 @@ impl StateStore {
             && let Ok(Some(full)) = self.segment_mut(older)
             && let Ok(Some(closed)) = full.close()
         {
-            self.released.push(Box::new(closed));
+            self.released.0.push(Box::new(closed));
         }
         let idx = id as usize;
         if self.segments.len() <= idx {
@@ -890,7 +890,7 @@ impl StateStore {
             let mut spare = if due { ledger.spare_index_buf.take() } else { None };
             // A buffer of an index that has grown since is freed off this thread.
             if let Some(buf) = spare.take_if(|b| b.len() != self.index.table_bytes()) {
-                self.released.push(Box::new(buf));
+                self.released.0.push(Box::new(buf));
             }
             // New segments a write-behind task fsynced already need no fsync now; whatever
             // else the list holds was synced by an earlier checkpoint.
@@ -966,7 +966,7 @@ impl StateStore {
                 if id == tail_segment {
                     segment.seal()?;
                 } else if let Some(closed) = segment.close()? {
-                    self.released.push(Box::new(closed));
+                    self.released.0.push(Box::new(closed));
                 }
             }
             self.open_from = tail_segment;
@@ -980,7 +980,7 @@ impl StateStore {
             self.checkpoints_since_index += 1;
         }
         let task = DurabilityTask {
-            released: Released(std::mem::take(&mut self.released)),
+            released: std::mem::take(&mut self.released),
             write_error,
             checkpoint_id,
             dir: self.dir.clone(),
@@ -1134,7 +1134,7 @@ impl StateStore {
             tail_offset,
             seal: handle.seal,
             mapped_index: handle.index_snapshot.as_ref().map(IndexSnapshotRef::file_name),
-            released: Vec::new(),
+            released: Released::default(),
             open_from: tail_segment,
             restored_upto: handle.seal,
             next_seq: handle.next_seq,
@@ -1735,7 +1735,7 @@ pub struct DurabilityTask {
 /// off the store's thread: giving back tens of MiB of touched pages took 2-6 ms on the shard
 /// (measured with a temporary timer in `checkpoint-scale`). Frees it when dropped.
 #[derive(Default)]
-pub struct Released(Vec<Box<dyn std::any::Any + Send>>);
+pub struct Released(Vec<Box<dyn Send>>);
 
 impl std::fmt::Debug for Released {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

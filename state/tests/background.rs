@@ -21,6 +21,13 @@ fn config() -> StoreConfig {
 
 const KEYS: u64 = 2000;
 
+/// A new store in `dir` with one value state registered.
+fn new_store(dir: &std::path::Path) -> (StateStore, ValueState<u64>) {
+    let mut store = StateStore::create(dir, config()).unwrap();
+    let v = ValueState::register(&mut store, "op/v").unwrap();
+    (store, v)
+}
+
 fn fill(store: &mut StateStore, v: ValueState<u64>, base: u64) {
     for k in 0..KEYS {
         v.put(store, Key::new(&k.to_be_bytes(), 16), &(base + k)).unwrap();
@@ -54,8 +61,7 @@ fn exists(dir: &std::path::Path, name: &str) -> bool {
 #[test]
 fn write_behind_hands_out_each_page_once_and_never_changes_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = StateStore::create(dir.path(), config()).unwrap();
-    let v: ValueState<u64> = ValueState::register(&mut store, "op/v").unwrap();
+    let (mut store, v) = new_store(dir.path());
     assert!(store.write_behind(4096).is_none(), "nothing written yet");
     fill(&mut store, v, 0);
     let task = store.write_behind(4096).expect("whole pages to write back");
@@ -75,8 +81,7 @@ fn write_behind_hands_out_each_page_once_and_never_changes_a_checkpoint() {
 #[test]
 fn a_detached_index_snapshot_is_referred_to_only_once_it_is_durable() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = StateStore::create(dir.path(), config()).unwrap();
-    let v: ValueState<u64> = ValueState::register(&mut store, "op/v").unwrap();
+    let (mut store, v) = new_store(dir.path());
     fill(&mut store, v, 0);
     // Checkpoint 1 starts an index snapshot (copy-on-write); checkpoint 2 finishes it.
     let mut first = store.checkpoint(1).unwrap();
@@ -127,8 +132,7 @@ fn a_detached_index_snapshot_is_referred_to_only_once_it_is_durable() {
 #[test]
 fn a_cancelled_or_dropped_index_snapshot_is_abandoned_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = StateStore::create(dir.path(), config()).unwrap();
-    let v: ValueState<u64> = ValueState::register(&mut store, "op/v").unwrap();
+    let (mut store, v) = new_store(dir.path());
     fill(&mut store, v, 0);
     store.checkpoint(1).unwrap().task.run().unwrap();
     fill(&mut store, v, 1000);
@@ -175,8 +179,7 @@ fn a_cancelled_or_dropped_index_snapshot_is_abandoned_cleanly() {
 #[test]
 fn garbage_is_let_go_by_the_store_and_deleted_by_the_caller() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = StateStore::create(dir.path(), config()).unwrap();
-    let v: ValueState<u64> = ValueState::register(&mut store, "op/v").unwrap();
+    let (mut store, v) = new_store(dir.path());
     let last = fill_and_checkpoint(&mut store, v, 0..8);
     let garbage = store.garbage(&[&last]).unwrap();
     assert!(!garbage.is_empty(), "eight rounds over 2000 keys leave dead segments");
@@ -229,8 +232,7 @@ fn garbage_files_are_recycled_as_the_next_segment_and_index_snapshot() {
     use weir_state::segment::{SPARE_SEGMENT_FILE, segment_file_name};
     use weir_state::store::{SPARE_INDEX_FILE, address_segment};
     let dir = tempfile::tempdir().unwrap();
-    let mut store = StateStore::create(dir.path(), config()).unwrap();
-    let v: ValueState<u64> = ValueState::register(&mut store, "op/v").unwrap();
+    let (mut store, v) = new_store(dir.path());
     let last = fill_and_checkpoint(&mut store, v, 0..8);
     let garbage = store.garbage(&[&last]).unwrap();
     let (spare_segment, spare_index) = (dir.path().join(SPARE_SEGMENT_FILE), dir.path().join(SPARE_INDEX_FILE));
@@ -295,8 +297,7 @@ fn garbage_files_are_recycled_as_the_next_segment_and_index_snapshot() {
 #[test]
 fn memory_the_store_lets_go_of_is_handed_out_with_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = StateStore::create(dir.path(), config()).unwrap();
-    let v: ValueState<u64> = ValueState::register(&mut store, "op/v").unwrap();
+    let (mut store, v) = new_store(dir.path());
     fill(&mut store, v, 0);
     assert!(weir_state::store::address_segment(store.tail()) > 1, "the fill spans segments");
     let mut first = store.checkpoint(1).unwrap();
