@@ -8,7 +8,8 @@
 //!   offset and inject the barrier. Stages snapshot their stores when the (aligned) barrier
 //!   reaches them, forward it, and hand the stores' [`DurabilityTask`]s to the workers; a
 //!   worker runs them (fsync, msync, index snapshot: off the shard's thread) and acknowledges
-//!   to the coordinator, which writes the manifest once every stage instance acknowledged.
+//!   to the coordinator, which commits the manifest once every stage instance acknowledged (to a
+//!   commit slot: one `fdatasync`; it is written under its name right after completion).
 //!   Only then is the checkpoint complete and sinks are told to commit.
 //! - Messages carry the run attempt, so an acknowledgement from before a restart is never
 //!   counted for a checkpoint of the same id after it.
@@ -837,6 +838,10 @@ impl CoordinatorLoop {
                             *r = self.coordinator.retained();
                         }
                         self.shared.completed.fetch_max(id, Ordering::AcqRel);
+                        // Complete once in its commit slot; named now, off the checkpoint's
+                        // path and before the next trigger. A failure here loses nothing: the
+                        // slot keeps it, and the next commit or writer names it first.
+                        let _ = self.directory.materialize(id);
                         if let (Some(request), Some(manifest)) =
                             (self.savepoints.remove(&id), self.manifests.remove(&id))
                         {
@@ -901,7 +906,7 @@ impl CoordinatorLoop {
             shards,
             metadata: metadata.encode(),
         };
-        self.directory.commit(&manifest)?;
+        self.directory.commit_to_slot(&manifest)?;
         if self.savepoints.contains_key(&id) {
             self.manifests.insert(id, manifest);
         }

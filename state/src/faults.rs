@@ -7,7 +7,8 @@
 //! Points: `state::sync_segment` (msync/fsync of segments at a checkpoint),
 //! `state::presync_segment` (the early fsync of new segment files by write-behind),
 //! `state::write_file` (index snapshots and manifests), `state::write_segment` (the `pwrite`
-//! of a segment's open tail into its file).
+//! of a segment's open tail into its file), `state::sync_slot` (the `fdatasync` of a manifest's
+//! commit slot).
 
 use std::path::Path;
 

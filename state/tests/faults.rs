@@ -1,10 +1,12 @@
 //! Storage faults while checkpointing (run with `--features failpoints`): a failed sync fails
 //! the checkpoint and is never retried and then trusted; a full disk while writing the index
 //! snapshot fails that checkpoint, not the store; a failed write of the log into its files
-//! fails the checkpoint, and the next one writes it again.
+//! fails the checkpoint, and the next one writes it again; a failed sync of a manifest's
+//! commit slot fails that commit and leaves the slot empty.
 #![cfg(feature = "failpoints")]
 
 use weir_state::keygroup::KeyGroupRange;
+use weir_state::manifest::{CheckpointDirectory, Manifest, SnapshotKind};
 use weir_state::states::ValueState;
 use weir_state::store::{Key, RestoreOptions, address_segment};
 use weir_state::{ErrorClass, StateStore, StoreConfig};
@@ -129,5 +131,30 @@ fn storage_faults_fail_the_checkpoint_not_the_data() {
     let restored =
         StateStore::restore(dir.path(), &third.handle, config(), RestoreOptions { verify_all: true }).unwrap();
     assert_values(&restored, v, 200);
+
+    // A failed sync of a manifest's commit slot fails that commit, and the slot is cleared:
+    // no reader takes the unsynced copy for a complete checkpoint.
+    let root = tempfile::tempdir().unwrap();
+    let checkpoints = CheckpointDirectory::open_for_writing(root.path()).unwrap();
+    checkpoints.commit_to_slot(&manifest(1)).unwrap();
+    fail::cfg("state::sync_slot", "return(eio)").unwrap();
+    assert_eq!(checkpoints.commit_to_slot(&manifest(2)).unwrap_err().class(), ErrorClass::Io);
+    fail::remove("state::sync_slot");
+    assert_eq!(checkpoints.list().unwrap(), vec![1]);
+    assert_eq!(checkpoints.latest().unwrap().manifest.map(|m| m.checkpoint_id), Some(1));
+    checkpoints.commit_to_slot(&manifest(3)).unwrap();
+    assert_eq!(CheckpointDirectory::open(root.path()).unwrap().list().unwrap(), vec![1, 3]);
     scenario.teardown();
+}
+
+fn manifest(id: u64) -> Manifest {
+    Manifest {
+        checkpoint_id: id,
+        kind: SnapshotKind::Checkpoint,
+        created_ms: 0,
+        parallelism: 1,
+        max_parallelism: 128,
+        shards: Vec::new(),
+        metadata: Vec::new(),
+    }
 }
