@@ -76,11 +76,21 @@ fn storage_faults_fail_checkpoints_and_recovery_keeps_the_output_exact() {
         eprintln!("fail points are not compiled in (test with --features weir-state/failpoints); skipped");
         return;
     }
-    // A full disk while writing a checkpoint's files (index snapshot or manifest): that
-    // checkpoint is aborted; the job keeps running without a restart.
+    // A full disk while committing a checkpoint's manifest (its commit slot): that checkpoint
+    // is aborted; the job keeps running without a restart.
     let dir = tempfile::tempdir().unwrap();
-    let (stats, output) = run(dir.path(), || fail::cfg("state::write_file", "1*return(enospc)").unwrap());
+    let (stats, output) = run(dir.path(), || fail::cfg("state::write_slot", "1*return(enospc)").unwrap());
     assert!(!stats.aborted.is_empty(), "a checkpoint failed: {stats:?}");
+    assert_eq!(stats.restarts, 0, "the job did not fail: {stats:?}");
+    assert!(!stats.completed.is_empty());
+    assert_exact(output);
+    fail::remove("state::write_slot");
+
+    // A full disk while writing any other file of a checkpoint (an index snapshot, a
+    // manifest under its name after completion) fails that write only: the job keeps running
+    // and its output is exact.
+    let dir = tempfile::tempdir().unwrap();
+    let (stats, output) = run(dir.path(), || fail::cfg("state::write_file", "3*return(enospc)").unwrap());
     assert_eq!(stats.restarts, 0, "the job did not fail: {stats:?}");
     assert!(!stats.completed.is_empty());
     assert_exact(output);

@@ -7,8 +7,9 @@
 //! Points: `state::sync_segment` (msync/fsync of segments at a checkpoint),
 //! `state::presync_segment` (the early fsync of new segment files by write-behind),
 //! `state::write_file` (index snapshots and manifests), `state::write_segment` (the `pwrite`
-//! of a segment's open tail into its file), `state::sync_slot` (the `fdatasync` of a manifest's
-//! commit slot).
+//! of a segment's open tail into its file), `state::write_slot` and `state::sync_slot` (the
+//! write and the `fdatasync` of a manifest's commit slot), `state::background_piece` (each piece of a paced background write; tests
+//! configure `sleep(ms)` there to make it fall behind).
 
 use std::path::Path;
 

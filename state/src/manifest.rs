@@ -279,7 +279,7 @@ impl CheckpointDirectory {
             self.materialize(old)?;
         }
         let path = &slots[slot];
-        crate::faults::check("state::write_file", path)?;
+        crate::faults::check("state::write_slot", path)?;
         let file = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| StateError::io("open", path, e))?;
         let write = || file.write_all_at(&bytes, 0).map_err(|e| StateError::io("write", path, e));
         self.fenced(path, write)??;

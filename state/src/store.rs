@@ -1867,6 +1867,10 @@ pub(crate) fn write_durably(path: &Path, parts: &[&[u8]], dir: &Path) -> Result<
 const BACKGROUND_WRITE_BYTES_PER_S: u64 = 256 << 20;
 /// The fastest pace of a background index snapshot.
 const MAX_BACKGROUND_WRITE_BYTES_PER_S: u64 = 1 << 30;
+/// From this pace on (a replay tail of 128 MiB) a snapshot is urgent: its writer does not
+/// stay in the idle scheduling class (see `crate::priority`). Steady checkpoints keep the tail
+/// under `index_snapshot_tail_bytes` (64 MiB), so their snapshots do.
+const URGENT_BACKGROUND_WRITE_BYTES_PER_S: u64 = 2 * BACKGROUND_WRITE_BYTES_PER_S;
 
 /// The pace of an index snapshot written while a restore would replay `replay_tail` bytes.
 fn snapshot_pace(replay_tail: u64) -> u64 {
@@ -1958,12 +1962,17 @@ fn write_paced(tmp: &Path, parts: &[&[u8]], fence: &crate::fence::Fence, pace: u
     let mut started = Instant::now();
     let mut written = 0usize;
     let mut filled = 0usize;
+    // A writer in the idle scheduling class leaves it until the file is written (see
+    // `crate::priority`) when the snapshot is urgent (a long replay tail: after a bulk load,
+    // when the shards are busiest) or once it falls behind (shards busy on every core).
+    let mut raised = (pace >= URGENT_BACKGROUND_WRITE_BYTES_PER_S).then(crate::priority::raise);
     let mut flush = |buf: &[u8], written: &mut usize| -> Result<()> {
         // Checkpoint I/O goes first; the time waited for it does not count against the pace.
         started += crate::priority::yield_to_foreground(|| fence.is_closed());
         if fence.is_closed() {
             return Err(StateError::Misuse(format!("writing {} was cancelled", tmp.display())));
         }
+        crate::faults::check("state::background_piece", tmp)?;
         file.write_all(buf).map_err(|e| StateError::io("write", tmp, e))?;
         if !direct {
             // Starts writeback of what was just written; only a hint.
@@ -1972,6 +1981,9 @@ fn write_paced(tmp: &Path, parts: &[&[u8]], fence: &crate::fence::Fence, pace: u
         }
         *written += buf.len();
         let due = Duration::from_secs_f64(*written as f64 / pace.max(1) as f64);
+        if raised.is_none() && started.elapsed() > due + crate::priority::STARVED_AFTER {
+            raised = Some(crate::priority::raise());
+        }
         while let Some(wait) = due.checked_sub(started.elapsed()) {
             if fence.is_closed() {
                 break;

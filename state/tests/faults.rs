@@ -144,7 +144,61 @@ fn storage_faults_fail_the_checkpoint_not_the_data() {
     assert_eq!(checkpoints.latest().unwrap().manifest.map(|m| m.checkpoint_id), Some(1));
     checkpoints.commit_to_slot(&manifest(3)).unwrap();
     assert_eq!(CheckpointDirectory::open(root.path()).unwrap().list().unwrap(), vec![1, 3]);
+
+    // A paced background write that falls behind (here: its first piece stalls 700 ms) leaves
+    // the idle scheduling class for the rest of the file, then returns to it.
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig { segment_bytes: 16 << 20, ..config() };
+    let mut store = StateStore::create(dir.path(), config).unwrap();
+    let v: ValueState<u64> = ValueState::register(&mut store, "op/v").unwrap();
+    let many = |store: &mut StateStore| {
+        for k in 0..60_000u64 {
+            v.put(store, Key::new(&k.to_be_bytes(), 16), &k).unwrap();
+        }
+    };
+    many(&mut store);
+    store.checkpoint(1).unwrap().task.run().unwrap();
+    many(&mut store);
+    let mut second = store.checkpoint(2).unwrap();
+    let index = second.detach_index().expect("the snapshot begun at checkpoint 1");
+    assert!(index.bytes() > 2 * (512 << 10), "several pieces: {}", index.bytes());
+    second.task.run().unwrap();
+    let policies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::clone(&policies);
+    fail::cfg_callback("state::background_piece", move || {
+        let mut seen = seen.lock().unwrap();
+        if seen.is_empty() {
+            std::thread::sleep(std::time::Duration::from_millis(700));
+        }
+        seen.push(sched_policy());
+    })
+    .unwrap();
+    let before = weir_state::priority::raised_writes();
+    let (written, idle, after) = std::thread::spawn(move || {
+        let idle = weir_state::priority::enter_idle_class();
+        let written = index.run(&weir_state::fence::Fence::new());
+        (written, idle, sched_policy())
+    })
+    .join()
+    .unwrap();
+    fail::remove("state::background_piece");
+    assert!(written.unwrap() > 0);
+    if idle {
+        const IDLE: u32 = 5;
+        let policies = policies.lock().unwrap();
+        assert_eq!(policies[0], IDLE, "in the idle class until it fell behind");
+        assert!(policies[1..].iter().all(|&p| p == 0), "normal for the rest of the file: {policies:?}");
+        assert_eq!(weir_state::priority::raised_writes(), before + 1);
+        assert_eq!(after, IDLE, "back in the idle class once written");
+    }
     scenario.teardown();
+}
+
+/// The calling thread's scheduling policy (`SCHED_OTHER` 0, `SCHED_IDLE` 5).
+fn sched_policy() -> u32 {
+    let sched = std::fs::read_to_string("/proc/thread-self/sched").unwrap();
+    let line = sched.lines().find(|l| l.starts_with("policy")).unwrap();
+    line.rsplit(' ').next().unwrap().trim().parse().unwrap()
 }
 
 fn manifest(id: u64) -> Manifest {
