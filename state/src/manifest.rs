@@ -300,7 +300,10 @@ impl CheckpointDirectory {
         if self.manifest_path(id).exists() {
             return Ok(());
         }
-        match (0..COMMIT_SLOTS).find_map(|s| self.read_slot(s).filter(|m| m.checkpoint_id == id)) {
+        // Not synced first (on ext4 without a journal every fsync flushes the disk's cache):
+        // what a slot holds here was synced by the commit that wrote it, or by the reader that
+        // found it (`open_for_writing`); a slot whose sync failed was cleared.
+        match (0..COMMIT_SLOTS).find_map(|s| self.slot_manifest(s, false).filter(|m| m.checkpoint_id == id)) {
             Some(manifest) => self.commit(&manifest),
             None => Ok(()),
         }
