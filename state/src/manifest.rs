@@ -542,13 +542,19 @@ mod tests {
         assert_eq!(dir.list().unwrap(), vec![1, 2]);
     }
 
-    #[test]
-    fn a_slot_is_overwritten_only_once_what_it_holds_is_named() {
+    /// A directory opened for writing with checkpoints `1..=last` committed to slots.
+    fn slot_commits(last: u64) -> (tempfile::TempDir, CheckpointDirectory) {
         let root = tempfile::tempdir().unwrap();
         let dir = CheckpointDirectory::open_for_writing(root.path()).unwrap();
-        for id in 1..=5 {
+        for id in 1..=last {
             dir.commit_to_slot(&manifest(id)).unwrap();
         }
+        (root, dir)
+    }
+
+    #[test]
+    fn a_slot_is_overwritten_only_once_what_it_holds_is_named() {
+        let (_root, dir) = slot_commits(5);
         assert_eq!((1..=5).map(|id| named(&dir, id)).collect::<Vec<_>>(), [true, true, true, false, false]);
         assert_eq!(dir.list().unwrap(), vec![1, 2, 3, 4, 5]);
         for id in 1..=5 {
@@ -566,11 +572,7 @@ mod tests {
 
     #[test]
     fn a_removed_checkpoint_never_comes_back_from_its_slot() {
-        let root = tempfile::tempdir().unwrap();
-        let dir = CheckpointDirectory::open_for_writing(root.path()).unwrap();
-        for id in 1..=4 {
-            dir.commit_to_slot(&manifest(id)).unwrap();
-        }
+        let (root, dir) = slot_commits(4);
         dir.materialize(4).unwrap();
         dir.remove(4).unwrap();
         assert_eq!(dir.discard_after(2).unwrap(), vec![3]);
