@@ -389,6 +389,29 @@ mod tests {
         assert!(default.locked_io_bytes() <= 8 << 20, "P = 4 must fit an 8 MiB limit");
     }
 
+    /// A consequence reported first (here: every input blocked, as an aligning stage sees a
+    /// failed upstream shard) does not hide the cause another shard reports after it.
+    #[test]
+    fn the_cause_is_reported_not_a_consequence_that_came_first() {
+        let config = ShardConfig::with_parallelism(2);
+        let result = run_shards(&config, Exchanges::new(2), |ctx| async move {
+            if ctx.shard() == 0 {
+                return Err::<(), _>(RuntimeError::AllInputsBlocked);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            Err(RuntimeError::Shard { shard: 1, reason: "the cause".into() })
+        });
+        let cause = matches!(&result, Err(RuntimeError::ShardFailed { source, .. })
+            if matches!(source.as_ref(), RuntimeError::Shard { reason, .. } if reason == "the cause"));
+        assert!(cause, "{result:?}");
+        let alone = run_shards(&config, Exchanges::new(2), |ctx| async move {
+            if ctx.shard() == 0 { Err(RuntimeError::AllInputsBlocked) } else { Ok(()) }
+        });
+        let blocked = matches!(&alone, Err(RuntimeError::ShardFailed { source, .. })
+            if matches!(source.as_ref(), RuntimeError::AllInputsBlocked));
+        assert!(blocked, "alone, it is still reported: {alone:?}");
+    }
+
     #[test]
     fn rejects_zero_and_mismatched_parallelism() {
         let run =
