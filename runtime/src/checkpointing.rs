@@ -561,10 +561,11 @@ impl CheckpointDriver {
                 let stats = Arc::clone(&stats);
                 // The idle scheduling class: a shard waking up takes its core back at once (at
                 // the shards' priority this thread took 690 ms of shard time in 14.7 s of the
-                // 1 GiB `checkpoint-scale` job). A snapshot that falls behind its pace leaves
-                // the class until written (`weir_state::priority`): at nice 19, with no such
-                // escape, snapshots starved behind busy shards (a restored 1 GiB store had none
-                // confirmed within 76 s), and restore replays everything after the last one.
+                // 1 GiB `checkpoint-scale` job). An urgent snapshot (a long replay tail), or one
+                // that falls behind its pace, leaves the class until written
+                // (`weir_state::priority`): at nice 19, with no such escape, snapshots starved
+                // behind busy shards (a restored 1 GiB store had none confirmed within 76 s),
+                // and restore replays everything after the last one.
                 move || {
                     weir_state::priority::enter_idle_class();
                     background_worker(&background_rx, &fence, &stats)

@@ -460,11 +460,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_closed_fence_stops_commits_and_removals_without_touching_a_name() {
+    /// A directory opened for writing inside a fence, with the fence to close.
+    fn fenced() -> (tempfile::TempDir, std::sync::Arc<crate::fence::Fence>, CheckpointDirectory) {
         let root = tempfile::tempdir().unwrap();
         let fence = std::sync::Arc::new(crate::fence::Fence::new());
         let dir = CheckpointDirectory::open_for_writing(root.path()).unwrap().with_fence(std::sync::Arc::clone(&fence));
+        (root, fence, dir)
+    }
+
+    #[test]
+    fn a_closed_fence_stops_commits_and_removals_without_touching_a_name() {
+        let (root, fence, dir) = fenced();
         dir.commit(&manifest(1)).unwrap();
         fence.close();
         assert!(dir.commit(&manifest(2)).is_err(), "no commit after the fence closed");
@@ -586,9 +592,7 @@ mod tests {
 
     #[test]
     fn a_closed_fence_stops_slot_commits_and_a_corrupt_named_file_is_not_replaced() {
-        let root = tempfile::tempdir().unwrap();
-        let fence = std::sync::Arc::new(crate::fence::Fence::new());
-        let dir = CheckpointDirectory::open_for_writing(root.path()).unwrap().with_fence(std::sync::Arc::clone(&fence));
+        let (root, fence, dir) = fenced();
         dir.commit_to_slot(&manifest(1)).unwrap();
         dir.materialize(1).unwrap();
         let path = dir.manifest_path(1);

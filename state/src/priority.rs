@@ -18,9 +18,9 @@
 //! waking up takes the core back at once. A paced write that is urgent (a long replay tail,
 //! after a bulk load) or falls [`STARVED_AFTER`] behind its pace (shards busy on every core)
 //! leaves the idle class until it is done ([`Raised`]), so snapshots, which bound recovery,
-//! are never starved. Where the process may not
-//! leave the idle class again (no `CAP_SYS_NICE`, `RLIMIT_NICE` too low), it is not entered:
-//! [`idle_class_available`] tries the round trip on a throwaway thread first.
+//! are never starved. Where the process may not leave the idle class again (no
+//! `CAP_SYS_NICE`, `RLIMIT_NICE` too low), it is not entered: [`idle_class_available`] tries
+//! the round trip on a throwaway thread first.
 
 use std::path::Path;
 use std::sync::OnceLock;
