@@ -626,6 +626,7 @@ pub fn at_scale(
     interval_ms: i64,
     parallelism: usize,
     seconds: f64,
+    helpers: weir::checkpointing::HelperScheduling,
     base: &Path,
 ) -> weir::Result<ScaleRun> {
     let dir = run_dir(base, "checkpoint-scale")?;
@@ -648,7 +649,7 @@ pub fn at_scale(
         .sink("first-output", FirstOutputSink { probe: Arc::clone(&probe) });
     let config = JobConfig { data_dir: dir.path().to_owned(), ..JobConfig::default() }
         .with_parallelism(parallelism)
-        .with_checkpointing(CheckpointSettings::new(dir.path(), interval_ms));
+        .with_checkpointing(CheckpointSettings { helpers, ..CheckpointSettings::new(dir.path(), interval_ms) });
     let started = Instant::now();
     let handle = job.run(config)?;
     let limit = Duration::from_secs(60) + Duration::from_secs(state_bytes >> 26);

@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use weir::checkpointing::HelperScheduling;
 use weir_bench::nexmark_queries::{self, Query};
 use weir_bench::{checkpoint_bench, pipeline_bench, state_bench};
 
@@ -15,6 +16,15 @@ struct Cli {
     data_dir: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// How the threads a checkpoint waits for are scheduled (see `HelperScheduling`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Helpers {
+    /// `SCHED_FIFO` 1 where allowed, else nice -10 (the runtime's default).
+    Realtime,
+    /// Nice -10.
+    Nice,
 }
 
 #[derive(Subcommand, Debug)]
@@ -111,6 +121,10 @@ enum Command {
         /// p99 is not simply the slowest one; the baselines run as many rounds).
         #[arg(long, default_value_t = 30.0)]
         seconds: f64,
+        /// How the threads a checkpoint waits for are scheduled (`nice`: the runtime's fallback
+        /// where the real-time class is not allowed, for comparison).
+        #[arg(long, value_enum, default_value_t = Helpers::Realtime)]
+        helpers: Helpers,
     },
     /// Recovery time (panic to first output after the in-process restart) across state sizes.
     Recovery {
@@ -277,13 +291,19 @@ fn checkpoint_scale(
     interval_ms: i64,
     parallelism: usize,
     seconds: f64,
+    helpers: HelperScheduling,
 ) -> Result<(), String> {
-    let r = checkpoint_bench::at_scale(mib << 20, pct, interval_ms, parallelism, seconds, base)
+    let r = checkpoint_bench::at_scale(mib << 20, pct, interval_ms, parallelism, seconds, helpers, base)
         .map_err(|e| e.to_string())?;
+    let helpers = match helpers {
+        HelperScheduling::Realtime if weir_state::priority::realtime_class_available() => "realtime (SCHED_FIFO 1)",
+        HelperScheduling::Realtime => "nice -10 (the real-time class is not allowed here)",
+        HelperScheduling::Nice => "nice -10",
+    };
     let asked = r.keys as f64 * pct / 100.0 * 1000.0 / interval_ms as f64;
     let c = r.checkpoints;
     println!(
-        "checkpoint-scale state={}MiB keys={} changed={pct}%/interval every {interval_ms}ms P={parallelism}: duration {} max={:.2}ms (p99 / 5ms target = {:.2}) alignment {} sync {} | baselines, the same {:.1} MB a store per interval synced without the runtime: pwrite+fdatasync into a file {} (sync p99 = x{:.2} of it), through a weir segment (open tail, pwrite, msync) {} (x{:.2}) | checkpoints={} aborted={} updates={:.0}/s ({:.2} of asked) index-snapshots={} fill={:.1}s",
+        "checkpoint-scale state={}MiB keys={} changed={pct}%/interval every {interval_ms}ms P={parallelism}: duration {} max={:.2}ms (p99 / 5ms target = {:.2}) alignment {} sync {} | baselines, the same {:.1} MB a store per interval synced without the runtime: pwrite+fdatasync into a file {} (sync p99 = x{:.2} of it), through a weir segment (open tail, pwrite, msync) {} (x{:.2}) | checkpoints={} aborted={} updates={:.0}/s ({:.2} of asked) index-snapshots={} fill={:.1}s helpers={helpers}",
         r.state_bytes >> 20,
         r.keys,
         c.duration,
@@ -349,7 +369,7 @@ fn main() {
             .and_then(|_| state_checkpoint(&base, 100, 1.0, 20))
             .and_then(|_| state_restore(&base, &[100]))
             .and_then(|_| checkpoint_overhead(&base, 3_000_000, 2, 100_000, false))
-            .and_then(|_| checkpoint_scale(&base, 128, 1.0, 100, 2, 2.0))
+            .and_then(|_| checkpoint_scale(&base, 128, 1.0, 100, 2, 2.0, HelperScheduling::default()))
             .and_then(|_| recovery(&base, &[64], 2)),
         Command::Chain { records } => chain(&base, records),
         Command::Nexmark { events } => nexmark(&base, events),
@@ -363,8 +383,12 @@ fn main() {
         Command::CheckpointOverhead { records, parallelism, keys, durable_sink } => {
             checkpoint_overhead(&base, records, parallelism, keys, durable_sink)
         }
-        Command::CheckpointScale { state_mib, changed_percent, interval_ms, parallelism, seconds } => {
-            checkpoint_scale(&base, state_mib, changed_percent, interval_ms, parallelism, seconds)
+        Command::CheckpointScale { state_mib, changed_percent, interval_ms, parallelism, seconds, helpers } => {
+            let helpers = match helpers {
+                Helpers::Realtime => HelperScheduling::Realtime,
+                Helpers::Nice => HelperScheduling::Nice,
+            };
+            checkpoint_scale(&base, state_mib, changed_percent, interval_ms, parallelism, seconds, helpers)
         }
         Command::Recovery { state_mib, parallelism } => recovery(&base, &state_mib, parallelism),
     };

@@ -21,6 +21,18 @@
 //! are never starved. Where the process may not leave the idle class again (no
 //! `CAP_SYS_NICE`, `RLIMIT_NICE` too low), it is not entered: [`idle_class_available`] tries
 //! the round trip on a throwaway thread first.
+//!
+//! The threads a checkpoint waits for (the runtime's durability workers and coordinator) are
+//! the opposite case: they sleep nearly all the time, and when one wakes up, the checkpoint
+//! waits until it runs. At a higher nice value than the shards (nice -10) that was not soon:
+//! the fair scheduler (EEVDF) does not preempt a running shard for a waking thread until the
+//! shard's slice is used up, and checks again at the next tick (4 ms at 250 Hz). A temporary
+//! trace of the 1 GiB `checkpoint-scale` job showed a durability worker woken and runnable for
+//! 5.1 ms before it ran, and the coordinator delayed by as much. So these threads enter the
+//! lowest real-time priority ([`enter_realtime_class`], `SCHED_FIFO` 1), which preempts a
+//! shard at once; they do milliseconds of work at most per checkpoint (syscalls that wait on
+//! the disk), and the kernel's real-time throttling caps them in any case. Longer work on such
+//! a thread (writing a savepoint) runs in the normal class ([`lower`]).
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -29,8 +41,8 @@ use std::time::{Duration, Instant};
 
 use thread_priority::ThreadPriority;
 use thread_priority::unix::{
-    NormalThreadSchedulePolicy, ThreadSchedulePolicy, set_thread_priority_and_policy, thread_native_id,
-    thread_schedule_policy,
+    NormalThreadSchedulePolicy, RealtimeThreadSchedulePolicy, ThreadSchedulePolicy, set_thread_priority_and_policy,
+    thread_native_id, thread_schedule_policy,
 };
 
 /// The most a background writer writes at once: a checkpoint that starts meanwhile waits for
@@ -144,6 +156,58 @@ impl Drop for Raised {
     }
 }
 
+/// Puts the calling thread in the real-time class at its lowest priority (`SCHED_FIFO`, 1):
+/// it preempts any thread of the normal classes as soon as it wakes up. For threads that
+/// mostly sleep and that a checkpoint waits for (see the module docs). Needs `CAP_SYS_NICE`
+/// or an `RLIMIT_RTPRIO` of at least 1; returns whether it was allowed (the thread is
+/// unchanged otherwise).
+pub fn enter_realtime_class() -> bool {
+    set_thread_priority_and_policy(
+        thread_native_id(),
+        ThreadPriority::Min,
+        ThreadSchedulePolicy::Realtime(RealtimeThreadSchedulePolicy::Fifo),
+    )
+    .is_ok()
+}
+
+/// Whether a thread of this process may enter the real-time class (tried once, on a throwaway
+/// thread): what [`enter_realtime_class`] will do, for reports.
+pub fn realtime_class_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("weir-sched-probe".into())
+            .spawn(enter_realtime_class)
+            .ok()
+            .and_then(|probe| probe.join().ok())
+            .unwrap_or(false)
+    })
+}
+
+fn in_realtime_class() -> bool {
+    matches!(thread_schedule_policy(), Ok(ThreadSchedulePolicy::Realtime(RealtimeThreadSchedulePolicy::Fifo)))
+}
+
+/// The calling thread in the normal class while this lives (see [`lower`]).
+#[derive(Debug)]
+#[must_use = "the thread returns to the real-time class when the guard is dropped"]
+pub struct Lowered(bool);
+
+/// Moves the calling thread from the real-time class to the normal one until the returned
+/// guard is dropped, for work long enough that it should share the cores with the shards
+/// instead of preempting them (writing a savepoint). A thread in another class is left alone.
+pub fn lower() -> Lowered {
+    Lowered(in_realtime_class() && set_policy(NormalThreadSchedulePolicy::Other))
+}
+
+impl Drop for Lowered {
+    fn drop(&mut self) {
+        if self.0 {
+            enter_realtime_class();
+        }
+    }
+}
+
 /// Bytes a deletion frees per step (see [`delete_in_steps`]).
 const DELETE_STEP: u64 = 4 << 20;
 
@@ -190,6 +254,32 @@ mod tests {
         .join()
         .unwrap();
         assert!(!in_idle_class(), "other threads keep their class");
+    }
+
+    #[test]
+    fn a_realtime_thread_is_lowered_while_the_guard_lives_and_others_are_left_alone() {
+        std::thread::spawn(|| {
+            let normal = lower();
+            assert!(!normal.0, "a thread in the normal class is left alone");
+            drop(normal);
+            assert!(!in_realtime_class());
+            if !enter_realtime_class() {
+                // Not allowed here (no CAP_SYS_NICE, RLIMIT_RTPRIO 0): the thread is unchanged.
+                assert!(!in_realtime_class());
+                return;
+            }
+            assert!(in_realtime_class());
+            let lowered = lower();
+            assert!(matches!(
+                thread_schedule_policy(),
+                Ok(ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other))
+            ));
+            drop(lowered);
+            assert!(in_realtime_class(), "back in the real-time class once the guard is gone");
+        })
+        .join()
+        .unwrap();
+        assert!(!in_realtime_class(), "other threads keep their class");
     }
 
     #[test]
