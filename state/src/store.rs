@@ -1203,6 +1203,9 @@ impl StateStore {
             let start = if id == address_segment(from) { address_offset(from) } else { SEGMENT_HEADER_BYTES };
             ranges.push(TailRange { id, segment, start, end: self.stats[id as usize].data_end });
         }
+        for range in &ranges {
+            range.segment.prefetch(range.start, range.end);
+        }
         let tail = self.log_distance(Some(from), to);
         index.reserve_replay(usize::try_from(tail / 128).unwrap_or(usize::MAX))?;
         let same_key = |a, b| self.same_key(a, b);
