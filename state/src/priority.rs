@@ -39,11 +39,11 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use thread_priority::ThreadPriority;
 use thread_priority::unix::{
     NormalThreadSchedulePolicy, RealtimeThreadSchedulePolicy, ThreadSchedulePolicy, set_thread_priority_and_policy,
     thread_native_id, thread_schedule_policy,
 };
+use thread_priority::{ThreadPriority, ThreadPriorityValue};
 
 /// The most a background writer writes at once: a checkpoint that starts meanwhile waits for
 /// at most this much to reach the disk before its own syncs.
@@ -96,9 +96,20 @@ pub(crate) fn yield_to_foreground(stop: impl Fn() -> bool) -> Duration {
 /// scheduling class (see the module docs).
 pub(crate) const STARVED_AFTER: Duration = Duration::from_millis(500);
 
+/// `thread-priority`'s cross-platform value that maps to nice 0 for the normal policies (it
+/// maps 0-99 onto nice 19 to -20, rounding toward nice 0): the shards' priority.
+/// `ThreadPriority::Min` would be nice 19, the level at which background snapshots starved.
+const NICE_ZERO: u8 = 48;
+
+/// Moves the calling thread to `policy` at nice 0 (the idle class ignores nice).
 fn set_policy(policy: NormalThreadSchedulePolicy) -> bool {
-    set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, ThreadSchedulePolicy::Normal(policy))
-        .is_ok()
+    let Ok(nice_zero) = ThreadPriorityValue::try_from(NICE_ZERO) else { return false };
+    set_thread_priority_and_policy(
+        thread_native_id(),
+        ThreadPriority::Crossplatform(nice_zero),
+        ThreadSchedulePolicy::Normal(policy),
+    )
+    .is_ok()
 }
 
 fn in_idle_class() -> bool {
@@ -233,6 +244,12 @@ pub fn delete_in_steps(path: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    /// The calling thread's nice value (`/proc/thread-self/stat` field 19).
+    fn nice() -> i32 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        stat[stat.rfind(')').unwrap() + 2..].split(' ').nth(19 - 3).unwrap().parse().unwrap()
+    }
+
     #[test]
     fn an_idle_thread_is_raised_while_the_guard_lives_and_a_normal_one_is_left_alone() {
         std::thread::spawn(|| {
@@ -244,6 +261,7 @@ mod tests {
             assert!(in_idle_class());
             let raised = raise();
             assert!(!in_idle_class());
+            assert_eq!(nice(), 0, "raised to the shards' priority, not nice 19");
             let nested = raise();
             assert!(!nested.0, "a thread not in the idle class is left alone");
             drop(nested);
@@ -274,6 +292,7 @@ mod tests {
                 thread_schedule_policy(),
                 Ok(ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other))
             ));
+            assert_eq!(nice(), 0, "lowered to the shards' priority, not nice 19");
             drop(lowered);
             assert!(in_realtime_class(), "back in the real-time class once the guard is gone");
         })
