@@ -1967,8 +1967,10 @@ fn write_paced(tmp: &Path, parts: &[&[u8]], fence: &crate::fence::Fence, pace: u
     let mut filled = 0usize;
     // A writer in the idle scheduling class leaves it until the file is written (see
     // `crate::priority`) when the snapshot is urgent (a long replay tail: after a bulk load,
-    // when the shards are busiest) or once it falls behind (shards busy on every core).
-    let mut raised = (pace >= URGENT_BACKGROUND_WRITE_BYTES_PER_S).then(crate::priority::raise);
+    // when the shards are busiest), at the shards' priority, or once it falls behind (shards
+    // busy on every core), at the lowest normal priority.
+    let urgent = pace >= URGENT_BACKGROUND_WRITE_BYTES_PER_S;
+    let mut raised = urgent.then(|| crate::priority::raise(crate::priority::Level::Shards));
     let mut flush = |buf: &[u8], written: &mut usize| -> Result<()> {
         // Checkpoint I/O goes first; the time waited for it does not count against the pace.
         started += crate::priority::yield_to_foreground(|| fence.is_closed());
@@ -1985,7 +1987,7 @@ fn write_paced(tmp: &Path, parts: &[&[u8]], fence: &crate::fence::Fence, pace: u
         *written += buf.len();
         let due = Duration::from_secs_f64(*written as f64 / pace.max(1) as f64);
         if raised.is_none() && started.elapsed() > due + crate::priority::STARVED_AFTER {
-            raised = Some(crate::priority::raise());
+            raised = Some(crate::priority::raise(crate::priority::Level::Trickle));
         }
         while let Some(wait) = due.checked_sub(started.elapsed()) {
             if fence.is_closed() {
