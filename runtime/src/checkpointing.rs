@@ -255,9 +255,11 @@ pub struct CheckpointShared {
     stop_after: AtomicU64,
     /// Whether that stop drains event time first.
     drain: AtomicBool,
-    /// The background workers' queues (see [`Background`]): write-behind has a thread of its
-    /// own, so that it never waits behind an index snapshot being written (the next
-    /// checkpoint would then sync everything the write-behind was meant to start).
+    /// The background workers' queues (see [`Background`]): write-behind (and deletion, a
+    /// rename each) has a thread of its own, so that it never waits behind an index snapshot
+    /// being written (the next checkpoint would then sync everything the write-behind was meant
+    /// to start), and runs at nice 19, not in the idle class, where deletions starved while the
+    /// shards kept every core busy (the compaction test then found the log unbounded).
     background: Mutex<Sender<Background>>,
     write_behind: Mutex<Sender<Background>>,
     /// Closed when the attempt stops: the background workers drop what is queued, a running
@@ -267,8 +269,8 @@ pub struct CheckpointShared {
 }
 
 /// Work a stage hands off its shard's thread that no checkpoint waits for. It runs on two
-/// background threads per run attempt (one for write-behind, one for the rest), so it never
-/// delays a checkpoint's durability tasks.
+/// background threads per run attempt (one at nice 19 for write-behind and deletions, one in
+/// the idle class for index snapshots), so it never delays a checkpoint's durability tasks.
 pub enum Background {
     /// Write back full pages of a store's mutable region, so that the next checkpoint has
     /// little left to sync; `busy` is cleared when done (one task per store at a time).
@@ -309,6 +311,8 @@ fn background_worker(rx: &Receiver<Background>, fence: &Fence, stats: &Mutex<Che
             s.background_errors.push(what);
         }
     };
+    // Trash files handed to the reaper and not unlinked yet.
+    let mut handed = std::collections::HashSet::new();
     while let Ok(job) = rx.recv() {
         if fence.is_closed() {
             // Dropping the job abandons it: an index snapshot unwritten, garbage left for the
@@ -336,14 +340,30 @@ fn background_worker(rx: &Receiver<Background>, fence: &Fence, stats: &Mutex<Che
             Background::Delete(paths) => {
                 // Renamed to a name no store uses (fast, and inside the fence, as the next
                 // attempt may create a file of the same name), then unlinked by the reaper
-                // (which nobody waits for; an unlink can block for tens of ms).
+                // (which nobody waits for; an unlink can block for tens of ms). A store hands
+                // out files with a trash name too (left by a stopped attempt, or handed to the
+                // reaper and not unlinked yet, which the store's next collection finds again):
+                // those go to the reaper as they are, once. Renaming them again raced the
+                // reaper, which then found nothing to unlink, and the names grew at every
+                // collection until too long (found under load by the compaction test).
+                handed.retain(|p: &PathBuf| p.exists());
                 let mut trash = Vec::with_capacity(paths.len());
                 for path in paths {
+                    if path.as_os_str().to_string_lossy().ends_with(weir_state::store::TRASH_SUFFIX) {
+                        if handed.insert(path.clone()) {
+                            trash.push(path);
+                        }
+                        continue;
+                    }
                     let mut name = path.clone().into_os_string();
                     name.push(weir_state::store::TRASH_SUFFIX);
                     match fence.pass(|| std::fs::rename(&path, &name)) {
                         None => break,
-                        Some(Ok(())) => trash.push(PathBuf::from(name)),
+                        Some(Ok(())) => {
+                            let name = PathBuf::from(name);
+                            handed.insert(name.clone());
+                            trash.push(name);
+                        }
                         Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
                         Some(Err(e)) => failed(format!("cannot delete {}: {e}", path.display())),
                     }
@@ -358,8 +378,8 @@ impl CheckpointShared {
     /// Queues `job` for the background worker.
     pub fn background(&self, job: Background) {
         let queue = match job {
-            Background::WriteBehind(..) => &self.write_behind,
-            _ => &self.background,
+            Background::WriteBehind(..) | Background::Delete(..) => &self.write_behind,
+            Background::IndexSnapshot(..) => &self.background,
         };
         if let Ok(tx) = queue.lock() {
             let _ = tx.send(job);

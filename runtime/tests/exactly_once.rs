@@ -121,7 +121,12 @@ fn keyed_count_with_a_panic(parallelism: usize) {
 
 /// [`keyed_count_with_a_panic`] of the records of `keys` with `base` settings and its
 /// checkpoint directory in `dir`.
-fn keyed_count_in(parallelism: usize, keys: KeysBy, base: JobConfig, dir: &tempfile::TempDir) {
+fn keyed_count_in(
+    parallelism: usize,
+    keys: KeysBy,
+    base: JobConfig,
+    dir: &tempfile::TempDir,
+) -> weir::checkpointing::CheckpointStats {
     let (n, key) = (keys.n, keys.key);
     let panic_at = n * 4 / 10 + mix(seed()) % (n * 3 / 10);
     let seen = Arc::new(AtomicU64::new(0));
@@ -138,6 +143,7 @@ fn keyed_count_in(parallelism: usize, keys: KeysBy, base: JobConfig, dir: &tempf
     let stats = handle.wait().unwrap().checkpoints;
     assert_one_restart_from_a_checkpoint(&fired, &stats);
     assert_every_count_once(out.take().into_iter().map(|(kc, _)| kc), &expected_counts_by(n, key));
+    stats
 }
 
 /// Bytes of the segment files under `dir`, and their number.
@@ -165,7 +171,7 @@ fn compaction_keeps_a_long_jobs_log_bounded_and_its_counts_exact() {
     let dir = tempfile::tempdir().unwrap();
     let config = JobConfig { segment_bytes: 64 << 10, ..JobConfig::default() };
     let key = |i: u64| if i.is_multiple_of(512) { 1_000 + i } else { mix(i) % 1_000 };
-    keyed_count_in(2, KeysBy { n: 6_000_000, key }, config, &dir);
+    let stats = keyed_count_in(2, KeysBy { n: 6_000_000, key }, config, &dir);
     // Garbage is deleted asynchronously (on the reaper thread, 250 ms after the store let it
     // go): what the last checkpoints freed may still be on its way out when the job returns.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
@@ -174,7 +180,13 @@ fn compaction_keeps_a_long_jobs_log_bounded_and_its_counts_exact() {
         std::thread::sleep(std::time::Duration::from_millis(50));
         (bytes, files) = segment_files(dir.path());
     }
-    assert!(bytes < 6 << 20, "{files} segment files of {bytes} bytes remain");
+    assert!(
+        bytes < 6 << 20,
+        "{files} segment files of {bytes} bytes remain; {} checkpoints, {} index snapshots, background errors {:?}",
+        stats.completed.len(),
+        stats.index_snapshots,
+        stats.background_errors
+    );
 }
 
 #[test]
