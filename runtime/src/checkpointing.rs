@@ -101,7 +101,8 @@ pub enum HelperScheduling {
     /// the process may use it (`CAP_SYS_NICE`, or `RLIMIT_RTPRIO` of at least 1); otherwise
     /// as [`HelperScheduling::Nice`]. Measured on the 1 GiB `checkpoint-scale` job: at nice
     /// -10 a woken durability worker waited up to 5.1 ms for a core, and the checkpoint p99 was
-    /// 7-11 ms; in the real-time class, 2.9-4.5 ms.
+    /// 7.1 and 11.6 ms in two runs; in the real-time class 3.6 and 4.2 ms in the runs
+    /// alternating with them (2.96-6.54 ms over all of session 9's runs of it).
     #[default]
     Realtime,
     /// Nice -10 (needs `CAP_SYS_NICE` or `RLIMIT_NICE`; the normal priority otherwise): no
