@@ -27,7 +27,6 @@ use weir::source::{DeadLetter, ReadStatus};
 use weir_state::manifest::CheckpointDirectory;
 use weir_state::record::slot_bytes;
 use weir_state::segment::SEGMENT_HEADER_BYTES;
-use weir_state::store::{CheckpointHandle, address_offset, address_segment, log_address};
 
 use crate::pipeline_bench::{Numbers, SumSink};
 
@@ -81,6 +80,8 @@ pub struct CheckpointSummary {
     pub alignment: Percentiles,
     /// The longest durability task (fsync, msync, index snapshot), per checkpoint.
     pub sync: Percentiles,
+    /// Checkpoints that wrote an index snapshot themselves, being past the replay bound.
+    pub bounded: usize,
 }
 
 impl CheckpointSummary {
@@ -93,6 +94,7 @@ impl CheckpointSummary {
             duration: Percentiles::of(completed.iter().map(|c| c.duration)),
             alignment: Percentiles::of(completed.iter().map(|c| c.alignment)),
             sync: Percentiles::of(completed.iter().map(|c| c.sync)),
+            bounded: completed.iter().filter(|c| c.index_bytes > 0).count(),
         }
     }
 }
@@ -500,25 +502,7 @@ fn fail_and_recover(handle: &JobHandle, probe: &RecoveryProbe, dir: &Path, limit
 /// restored, if the checkpoint's manifest is still there.
 fn replayed_bytes(dir: &Path, id: u64) -> Option<u64> {
     let manifest = CheckpointDirectory::open(dir).ok()?.read(id).ok()?;
-    manifest.shards.iter().filter_map(|s| replay_of(&s.handle)).max()
-}
-
-/// Log bytes between a store's index snapshot (or its first record) and its seal.
-fn replay_of(handle: &CheckpointHandle) -> Option<u64> {
-    let from = match &handle.index_snapshot {
-        Some(index) => index.seal,
-        None => log_address(handle.segments.first()?.id, SEGMENT_HEADER_BYTES),
-    };
-    let bytes = handle
-        .segments
-        .iter()
-        .filter(|s| s.id >= address_segment(from))
-        .map(|s| {
-            let start = if s.id == address_segment(from) { address_offset(from) } else { SEGMENT_HEADER_BYTES };
-            u64::from(s.data_end.saturating_sub(start))
-        })
-        .sum();
-    Some(bytes)
+    manifest.shards.iter().map(|s| s.handle.replay_bytes()).max()
 }
 
 /// Recovery time of a job holding `state_bytes` of keyed state at `parallelism`, checkpointed
@@ -677,8 +661,8 @@ pub fn at_scale(
     if std::env::var_os("WEIR_BENCH_VERBOSE").is_some() {
         for c in &in_window.completed {
             eprintln!(
-                "checkpoint {} duration={:?} alignment={:?} sync={:?} manifest={:?}",
-                c.id, c.duration, c.alignment, c.sync, c.manifest
+                "checkpoint {} duration={:?} alignment={:?} sync={:?} manifest={:?} index-bytes={}",
+                c.id, c.duration, c.alignment, c.sync, c.manifest, c.index_bytes
             );
         }
     }

@@ -303,7 +303,7 @@ fn checkpoint_scale(
     let asked = r.keys as f64 * pct / 100.0 * 1000.0 / interval_ms as f64;
     let c = r.checkpoints;
     println!(
-        "checkpoint-scale state={}MiB keys={} changed={pct}%/interval every {interval_ms}ms P={parallelism}: duration {} max={:.2}ms (p99 / 5ms target = {:.2}) alignment {} sync {} | baselines, the same {:.1} MB a store per interval synced without the runtime: pwrite+fdatasync into a file {} (sync p99 = x{:.2} of it), through a weir segment (open tail, pwrite, msync) {} (x{:.2}) | checkpoints={} aborted={} updates={:.0}/s ({:.2} of asked) index-snapshots={} fill={:.1}s helpers={helpers}",
+        "checkpoint-scale state={}MiB keys={} changed={pct}%/interval every {interval_ms}ms P={parallelism}: duration {} max={:.2}ms (p99 / 5ms target = {:.2}) alignment {} sync {} | baselines, the same {:.1} MB a store per interval synced without the runtime: pwrite+fdatasync into a file {} (sync p99 = x{:.2} of it), through a weir segment (open tail, pwrite, msync) {} (x{:.2}) | checkpoints={} aborted={} updates={:.0}/s ({:.2} of asked) index-snapshots={} (past the replay bound: {}) fill={:.1}s helpers={helpers}",
         r.state_bytes >> 20,
         r.keys,
         c.duration,
@@ -321,6 +321,7 @@ fn checkpoint_scale(
         r.updates_per_s,
         r.updates_per_s / asked,
         r.index_snapshots,
+        c.bounded,
         r.fill.as_secs_f64(),
     );
     Ok(())
@@ -351,7 +352,10 @@ fn recovery(base: &std::path::Path, sizes: &[u64], parallelism: usize) -> Result
             );
         }
         let c = r.checkpoints;
-        println!("  checkpoints={} aborted={} duration {} sync {}", c.completed, c.aborted, c.duration, c.sync);
+        println!(
+            "  checkpoints={} aborted={} past the replay bound={} duration {} sync {}",
+            c.completed, c.aborted, c.bounded, c.duration, c.sync
+        );
         pipeline_bench::settle();
     }
     Ok(())

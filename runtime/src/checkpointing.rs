@@ -90,6 +90,11 @@ pub struct CheckpointSettings {
     pub allow_unmatched_state: bool,
     /// How the threads a checkpoint waits for (durability workers, coordinator) are scheduled.
     pub helpers: HelperScheduling,
+    /// The most log bytes a restore replays per state store on top of its index snapshot,
+    /// which bounds recovery time (see [`weir_state::store::StoreConfig::max_replay_bytes`]):
+    /// a checkpoint that would need more writes an index snapshot as part of it, and takes
+    /// longer. Default [`weir_state::store::DEFAULT_MAX_REPLAY_BYTES`]; `u64::MAX`: no bound.
+    pub max_replay_bytes: u64,
 }
 
 /// How the threads a checkpoint waits for (the durability workers and the coordinator) are
@@ -122,6 +127,7 @@ impl CheckpointSettings {
             savepoint: None,
             allow_unmatched_state: false,
             helpers: HelperScheduling::default(),
+            max_replay_bytes: weir_state::store::DEFAULT_MAX_REPLAY_BYTES,
         }
     }
 
@@ -211,6 +217,9 @@ pub struct CheckpointStat {
     pub sync: Duration,
     /// Writing the manifest (the last step).
     pub manifest: Duration,
+    /// Bytes of index snapshots the checkpoint's own durability tasks wrote (0 unless a store
+    /// was past its replay bound, [`CheckpointSettings::max_replay_bytes`]).
+    pub index_bytes: u64,
 }
 
 /// Counters of a job's checkpoints, over all its run attempts.
@@ -518,7 +527,7 @@ struct SavepointRequest {
 
 enum Msg {
     Savepoint(SavepointRequest),
-    Acked { attempt: u32, task: usize, id: CheckpointId, snapshot: TaskSnapshot, sync: Duration },
+    Acked { attempt: u32, task: usize, id: CheckpointId, ack: Ack },
     Finished { attempt: u32, task: usize, id: CheckpointId, snapshot: TaskSnapshot },
     Declined { attempt: u32, task: usize, id: CheckpointId, reason: String },
     Stop,
@@ -628,12 +637,12 @@ impl CheckpointDriver {
             .enumerate()
             .map(|(i, rx)| {
                 let tx = to_coordinator.clone();
-                let how = settings.helpers;
+                let (how, fence) = (settings.helpers, Arc::clone(&shared.fence));
                 std::thread::Builder::new()
                     .name(format!("weir-durability-{i}"))
                     .spawn(move || {
                         hurry(how);
-                        durability_worker(&rx, &tx)
+                        durability_worker(&rx, &tx, &fence)
                     })
                     .map_err(|e| RuntimeError::Checkpoint(format!("cannot start a durability worker: {e}")))
             })
@@ -728,7 +737,7 @@ pub(crate) fn hurry(how: HelperScheduling) {
     let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), -10);
 }
 
-fn durability_worker(rx: &Receiver<Work>, tx: &Sender<Msg>) {
+fn durability_worker(rx: &Receiver<Work>, tx: &Sender<Msg>, fence: &Fence) {
     // Tasks whose files a failed sync made suspect: their finish never stands in for them.
     let mut failed = std::collections::HashSet::new();
     while let Ok(item) = rx.recv() {
@@ -744,10 +753,16 @@ fn durability_worker(rx: &Receiver<Work>, tx: &Sender<Msg>) {
         }
         let started = Instant::now();
         let mut failure = None;
+        let mut index_bytes = 0;
         for task in item.work {
-            if let Err(e) = task.run() {
-                failure = Some(e.to_string());
-                break;
+            // An index snapshot a task writes (a store past its replay bound) is named after
+            // the checkpoint, whose id a later attempt may reuse: it is fenced.
+            match task.run_fenced(Some(fence)) {
+                Ok(durable) => index_bytes += durable.index_bytes,
+                Err(e) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
             }
         }
         if failure.is_none() {
@@ -763,8 +778,7 @@ fn durability_worker(rx: &Receiver<Work>, tx: &Sender<Msg>) {
                 attempt: item.attempt,
                 task: item.task,
                 id: item.id,
-                snapshot: item.snapshot,
-                sync: started.elapsed(),
+                ack: Ack { snapshot: item.snapshot, sync: started.elapsed(), index_bytes },
             },
             Some(reason) => {
                 failed.insert(item.task);
@@ -777,9 +791,28 @@ fn durability_worker(rx: &Receiver<Work>, tx: &Sender<Msg>) {
     }
 }
 
+/// A stage instance's acknowledgement of a checkpoint: its snapshot, and what making it
+/// durable took.
+#[derive(Debug, Clone)]
+struct Ack {
+    snapshot: TaskSnapshot,
+    /// The durability tasks' time.
+    sync: Duration,
+    /// Index snapshot bytes the tasks wrote.
+    index_bytes: u64,
+}
+
+impl Ack {
+    /// The acknowledgement a finished stage instance gives every later checkpoint: its last
+    /// snapshot, with nothing left to sync.
+    fn finished(snapshot: &TaskSnapshot) -> Ack {
+        Ack { snapshot: snapshot.clone(), sync: Duration::ZERO, index_bytes: 0 }
+    }
+}
+
 struct CoordinatorLoop {
     shared: Arc<CheckpointShared>,
-    coordinator: Coordinator<(TaskSnapshot, Duration)>,
+    coordinator: Coordinator<Ack>,
     directory: CheckpointDirectory,
     layout: JobLayout,
     inbox: Receiver<Msg>,
@@ -836,14 +869,14 @@ impl CoordinatorLoop {
                     return;
                 }
                 Ok(Msg::Savepoint(request)) => self.waiting_savepoints.push_back(request),
-                Ok(Msg::Acked { attempt, task, id, snapshot, sync }) if attempt == self.shared.attempt => {
-                    let commands = self.coordinator.on_ack(task, id, (snapshot, sync));
+                Ok(Msg::Acked { attempt, task, id, ack }) if attempt == self.shared.attempt => {
+                    let commands = self.coordinator.on_ack(task, id, ack);
                     self.execute(commands);
                 }
                 Ok(Msg::Finished { attempt, task, id, snapshot }) if attempt == self.shared.attempt => {
                     let mut commands = Vec::new();
                     for later in self.coordinator.in_flight().into_iter().filter(|c| *c > id) {
-                        commands.extend(self.coordinator.on_ack(task, later, (snapshot.clone(), Duration::ZERO)));
+                        commands.extend(self.coordinator.on_ack(task, later, Ack::finished(&snapshot)));
                     }
                     self.finished.insert(task, (id, snapshot));
                     self.execute(commands);
@@ -857,7 +890,7 @@ impl CoordinatorLoop {
         }
     }
 
-    fn execute(&mut self, mut commands: Vec<Command<(TaskSnapshot, Duration)>>) {
+    fn execute(&mut self, mut commands: Vec<Command<Ack>>) {
         while !commands.is_empty() {
             let mut next = Vec::new();
             for command in commands {
@@ -867,21 +900,29 @@ impl CoordinatorLoop {
                         self.shared.requested.fetch_max(id, Ordering::AcqRel);
                         for (task, (last, snapshot)) in &self.finished {
                             if *last < id {
-                                next.extend(self.coordinator.on_ack(*task, id, (snapshot.clone(), Duration::ZERO)));
+                                next.extend(self.coordinator.on_ack(*task, id, Ack::finished(snapshot)));
                             }
                         }
                     }
                     Command::WriteManifest(id, acks) => {
-                        let alignment = acks.iter().map(|(_, (s, _))| s.alignment).max().unwrap_or_default();
-                        let sync = acks.iter().map(|(_, (_, d))| *d).max().unwrap_or_default();
+                        let alignment = acks.iter().map(|(_, a)| a.snapshot.alignment).max().unwrap_or_default();
+                        let sync = acks.iter().map(|(_, a)| a.sync).max().unwrap_or_default();
+                        let index_bytes = acks.iter().map(|(_, a)| a.index_bytes).sum();
                         let writing = Instant::now();
-                        let result = self.write_manifest(id, acks.into_iter().map(|(_, (s, _))| s).collect());
+                        let result = self.write_manifest(id, acks.into_iter().map(|(_, a)| a.snapshot).collect());
                         let manifest = writing.elapsed();
                         if result.is_ok()
                             && let Ok(mut stats) = self.stats.lock()
                         {
                             let duration = self.started.get(&id).map(|s| s.elapsed()).unwrap_or_default();
-                            stats.completed.push(CheckpointStat { id, duration, alignment, sync, manifest });
+                            stats.completed.push(CheckpointStat {
+                                id,
+                                duration,
+                                alignment,
+                                sync,
+                                manifest,
+                                index_bytes,
+                            });
                         }
                         let now = self.clock.now_ms();
                         next.extend(self.coordinator.on_manifest(id, result.map_err(|e| e.to_string()), now));

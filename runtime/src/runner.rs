@@ -111,6 +111,11 @@ impl ShardRuntime {
             segment_bytes: self.config.segment_bytes,
             max_parallelism: self.config.max_parallelism,
             key_groups: KeyGroupRange::for_shard(self.shard, self.parallelism, self.config.max_parallelism),
+            max_replay_bytes: self
+                .config
+                .checkpointing
+                .as_ref()
+                .map_or(weir_state::store::DEFAULT_MAX_REPLAY_BYTES, |c| c.max_replay_bytes),
             ..StoreConfig::default()
         };
         let dir = self.state_dir.join(stage);

@@ -116,15 +116,17 @@ fn count_with_one_panic(
 /// nothing twice) and n is the key's true count.
 fn keyed_count_with_a_panic(parallelism: usize) {
     let dir = tempfile::tempdir().unwrap();
-    keyed_count_in(parallelism, KeysBy { n: records(), key: |i| mix(i) % 10_000 }, JobConfig::default(), &dir);
+    let keys = KeysBy { n: records(), key: |i| mix(i) % 10_000 };
+    keyed_count_in(parallelism, keys, JobConfig::default(), |s| s, &dir);
 }
 
-/// [`keyed_count_with_a_panic`] of the records of `keys` with `base` settings and its
-/// checkpoint directory in `dir`.
+/// [`keyed_count_with_a_panic`] of the records of `keys` with `base` settings, checkpoint
+/// settings as `tune` makes them, and its checkpoint directory in `dir`.
 fn keyed_count_in(
     parallelism: usize,
     keys: KeysBy,
     base: JobConfig,
+    tune: impl FnOnce(CheckpointSettings) -> CheckpointSettings,
     dir: &tempfile::TempDir,
 ) -> weir::checkpointing::CheckpointStats {
     let (n, key) = (keys.n, keys.key);
@@ -138,7 +140,7 @@ fn keyed_count_in(
         .key_by("by-key", |k: &u64| *k)
         .reduce("count", |k: &u64| (*k, 0u64), count_with_one_panic(seen2, fired2, panic_at))
         .sink("out", out.clone());
-    let config = base.with_parallelism(parallelism).with_checkpointing(settings(dir.path(), 5));
+    let config = base.with_parallelism(parallelism).with_checkpointing(tune(settings(dir.path(), 5)));
     let handle = job.run(config).unwrap();
     let stats = handle.wait().unwrap().checkpoints;
     assert_one_restart_from_a_checkpoint(&fired, &stats);
@@ -171,7 +173,7 @@ fn compaction_keeps_a_long_jobs_log_bounded_and_its_counts_exact() {
     let dir = tempfile::tempdir().unwrap();
     let config = JobConfig { segment_bytes: 64 << 10, ..JobConfig::default() };
     let key = |i: u64| if i.is_multiple_of(512) { 1_000 + i } else { mix(i) % 1_000 };
-    let stats = keyed_count_in(2, KeysBy { n: 6_000_000, key }, config, &dir);
+    let stats = keyed_count_in(2, KeysBy { n: 6_000_000, key }, config, |s| s, &dir);
     // Garbage is deleted asynchronously (on the reaper thread, 250 ms after the store let it
     // go): what the last checkpoints freed may still be on its way out when the job returns.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
@@ -187,6 +189,29 @@ fn compaction_keeps_a_long_jobs_log_bounded_and_its_counts_exact() {
         stats.index_snapshots,
         stats.background_errors
     );
+}
+
+#[test]
+fn a_replay_bound_holds_for_every_checkpoint_and_counts_stay_exact() {
+    // 200,000 keys (about 5 MB of state a shard): with a bound of 1 MiB, checkpoints past it
+    // write an index snapshot themselves (48 of 122 in a local run), and the restart after the
+    // panic restores a checkpoint within the bound like any other.
+    const BOUND: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = KeysBy { n: records(), key: |i| mix(i) % 200_000 };
+    let tune = |s| CheckpointSettings { max_replay_bytes: BOUND, ..s };
+    let stats = keyed_count_in(2, keys, JobConfig::default(), tune, &dir);
+    let bounded = stats.completed.iter().filter(|c| c.index_bytes > 0).count();
+    assert!(bounded > 0, "no checkpoint was past the bound: {stats:?}");
+    let directory = weir::state::manifest::CheckpointDirectory::open(dir.path()).unwrap();
+    let ids = directory.list().unwrap();
+    assert!(!ids.is_empty());
+    for id in ids {
+        for shard in directory.read(id).unwrap().shards {
+            let replay = shard.handle.replay_bytes();
+            assert!(replay <= BOUND, "checkpoint {id} replays {replay} bytes of {}", shard.store_dir);
+        }
+    }
 }
 
 #[test]

@@ -865,6 +865,12 @@ impl Index {
         copy.remaining -= 1;
     }
 
+    /// Gives up a copy-on-write snapshot in progress without copying what is left, and returns
+    /// its buffer for the next one.
+    pub fn abandon_copy(&mut self) -> Option<Vec<u8>> {
+        self.copy.take().map(|c| c.buf)
+    }
+
     fn copy_remaining(&mut self) {
         let Some(copy) = &self.copy else { return };
         let chunks = copy.capacity.div_ceil(CHUNK_SLOTS);

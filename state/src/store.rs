@@ -111,6 +111,14 @@ pub struct StoreConfig {
     /// Write an index snapshot when this many log bytes were appended since the last one, so
     /// that restore replays a bounded tail.
     pub index_snapshot_tail_bytes: u64,
+    /// The most log bytes a restore of any checkpoint replays on top of its index snapshot
+    /// (what bounds recovery time). Index snapshots are normally written apart from the
+    /// checkpoints ([`PendingCheckpoint::detach_index`]), so a checkpoint names the newest one
+    /// already durable; a checkpoint whose replay from there would be longer than this (after
+    /// a bulk load, or with snapshots held up by a slow disk) names an index snapshot of its own
+    /// seal (or of a recent one) instead, which its task writes: that checkpoint takes longer,
+    /// and its snapshot is copied on the caller's thread. `u64::MAX` switches the bound off.
+    pub max_replay_bytes: u64,
     /// Incremental compaction ([`StateStore::compact_step`]) runs while the log holds more
     /// than this percentage of the live bytes (space amplification). 0 switches it off.
     pub compact_above_percent: u32,
@@ -126,10 +134,14 @@ impl Default for StoreConfig {
             key_groups: KeyGroupRange::all(max),
             index_snapshot_every: 16,
             index_snapshot_tail_bytes: 64 << 20,
+            max_replay_bytes: DEFAULT_MAX_REPLAY_BYTES,
             compact_above_percent: 200,
         }
     }
 }
+
+/// The default [`StoreConfig::max_replay_bytes`].
+pub const DEFAULT_MAX_REPLAY_BYTES: u64 = 96 << 20;
 
 /// How much to check when restoring.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -280,6 +292,27 @@ impl CheckpointHandle {
     /// Live bytes of state at the seal.
     pub fn live_bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.live_bytes).sum()
+    }
+
+    /// Log bytes a restore of this checkpoint replays on top of its index snapshot (from the
+    /// start of its first segment without one): what its restore time follows. The store
+    /// keeps it within [`StoreConfig::max_replay_bytes`].
+    pub fn replay_bytes(&self) -> u64 {
+        let from = match (&self.index_snapshot, self.segments.first()) {
+            (Some(index), _) => index.seal,
+            (None, Some(first)) => log_address(first.id, SEGMENT_HEADER_BYTES),
+            (None, None) => return 0,
+        };
+        let (first, last) = (address_segment(from), address_segment(self.seal));
+        self.segments
+            .iter()
+            .filter(|s| (first..=last).contains(&s.id))
+            .map(|s| {
+                let start = if s.id == first { address_offset(from) } else { SEGMENT_HEADER_BYTES };
+                let end = if s.id == last { address_offset(self.seal) } else { s.data_end };
+                u64::from(end.saturating_sub(start))
+            })
+            .sum()
     }
 
     /// Encodes the handle (rkyv; the manifest adds the CRC).
@@ -873,7 +906,8 @@ impl StateStore {
         // tails). Should that fail, the open tails keep every byte: this checkpoint's task
         // fails (and the store is not suspect), and the next checkpoint writes them again.
         let write_error = self.write_out_open_tails().err();
-        let (synced_upto, confirmed_index, spare, take_index) = {
+        let seal = self.tail();
+        let (synced_upto, confirmed_index, mut spare, take_index, bounded) = {
             let mut ledger = self.ledger.lock().map_err(|_| StateError::Misuse("ledger poisoned".into()))?;
             if let Some(failure) = &ledger.failed_sync {
                 return Err(StateError::Misuse(format!(
@@ -887,7 +921,11 @@ impl StateStore {
                 || self.bytes_since_index >= self.config.index_snapshot_tail_bytes)
                 && ledger.detached_index.is_empty()
                 && !self.index.has_delta();
-            let mut spare = if due { ledger.spare_index_buf.take() } else { None };
+            // What a restore of this checkpoint would replay on top of the newest durable
+            // snapshot; past the bound, this checkpoint writes a snapshot of its own.
+            let replay_tail = self.log_distance(ledger.confirmed_index.as_ref().map(|r| r.seal), seal);
+            let bounded = replay_tail > self.config.max_replay_bytes;
+            let mut spare = if due || bounded { ledger.spare_index_buf.take() } else { None };
             // A buffer of an index that has grown since is freed off this thread.
             if let Some(buf) = spare.take_if(|b| b.len() != self.index.table_bytes()) {
                 self.released.0.push(Box::new(buf));
@@ -896,18 +934,39 @@ impl StateStore {
             // else the list holds was synced by an earlier checkpoint.
             self.new_segments.retain(|id| !ledger.presynced.contains(id));
             ledger.presynced.clear();
-            (ledger.synced_upto, ledger.confirmed_index.clone(), spare, due)
+            (ledger.synced_upto, ledger.confirmed_index.clone(), spare, due, bounded)
         };
-        let seal = self.tail();
         // An index snapshot started at an earlier checkpoint (copy-on-write since) is finished
         // now and written by this checkpoint's task; one is started now if due, and finished
         // and written by the next checkpoint. So no checkpoint copies the whole table on the
-        // caller's thread.
+        // caller's thread, unless it is past the replay bound (see below).
         // What a restore of this checkpoint replays until a newer index snapshot is confirmed:
         // the further behind snapshots are (a bulk load), the faster the next one is written.
         let replay_tail = self.log_distance(confirmed_index.as_ref().map(|r| r.seal), seal);
         let pace = snapshot_pace(replay_tail);
-        let index_write = match self.pending_index.take() {
+        let max_replay = self.config.max_replay_bytes;
+        let pending = match self.pending_index.take() {
+            // Past the bound, a snapshot copying since an earlier checkpoint serves only if a
+            // replay from its seal is within the bound.
+            Some(snapshot) if bounded && self.log_distance(Some(snapshot.seal), seal) > max_replay => {
+                spare = spare.or(self.index.abandon_copy());
+                None
+            }
+            pending => pending,
+        };
+        let pending = match pending {
+            None if bounded => {
+                // A snapshot of this seal, copied whole now: the restore replays nothing. The
+                // delta of a restore is folded first (the snapshot is of one table).
+                if self.index.has_delta() {
+                    self.fold_index()?;
+                }
+                self.index.begin_copy(spare.take().unwrap_or_default())?;
+                Some(IndexSnapshotRef { checkpoint_id, seal, segments: self.live_segments() })
+            }
+            pending => pending,
+        };
+        let index_write = match pending {
             Some(snapshot) => self.index.finish_copy().map(|(slots, capacity, len)| IndexWrite {
                 path: self.dir.join(index_file_name(snapshot.checkpoint_id)),
                 slots,
@@ -918,12 +977,17 @@ impl StateStore {
             }),
             None => None,
         };
+        // A checkpoint past the bound just took its snapshot: none starts now.
+        let take_index = take_index && !bounded;
         if take_index {
-            let segments = (self.first_segment..=self.tail_segment)
-                .filter(|&id| self.has_segment(id) && self.stats[id as usize].live_bytes > 0)
-                .collect();
-            self.index.begin_copy(spare.unwrap_or_default())?;
+            let segments = self.live_segments();
+            self.index.begin_copy(spare.take().unwrap_or_default())?;
             self.pending_index = Some(IndexSnapshotRef { checkpoint_id, seal, segments });
+        }
+        if let Some(buf) = spare
+            && let Ok(mut ledger) = self.ledger.lock()
+        {
+            ledger.spare_index_buf.get_or_insert(buf);
         }
         let segments_for = |index: Option<&IndexSnapshotRef>| -> Vec<SegmentRef> {
             (self.first_segment..=self.tail_segment)
@@ -935,8 +999,12 @@ impl StateStore {
                 .collect()
         };
         // Should the caller write the index snapshot apart from the checkpoint, the handle
-        // falls back to the confirmed snapshot (and the segments a replay from it needs).
-        let fallback = index_write.as_ref().map(|_| (confirmed_index.clone(), segments_for(confirmed_index.as_ref())));
+        // falls back to the confirmed snapshot (and the segments a replay from it needs); not
+        // past the bound, where the snapshot belongs to the checkpoint.
+        let fallback = index_write
+            .as_ref()
+            .filter(|_| !bounded)
+            .map(|_| (confirmed_index.clone(), segments_for(confirmed_index.as_ref())));
         let index_ref = index_write.as_ref().map(|w| w.snapshot.clone()).or(confirmed_index);
         let segments = segments_for(index_ref.as_ref());
         let handle = CheckpointHandle {
@@ -973,7 +1041,7 @@ impl StateStore {
         }
         self.seal = seal;
         self.last_checkpoint = Some(checkpoint_id);
-        if take_index {
+        if take_index || bounded {
             self.checkpoints_since_index = 0;
             self.bytes_since_index = 0;
         } else {
@@ -991,6 +1059,13 @@ impl StateStore {
             ledger: Arc::clone(&self.ledger),
         };
         Ok(PendingCheckpoint { handle, task, fallback })
+    }
+
+    /// The segments holding live records: those an index snapshot taken now needs.
+    fn live_segments(&self) -> Vec<SegmentId> {
+        (self.first_segment..=self.tail_segment)
+            .filter(|&id| self.has_segment(id) && self.stats[id as usize].live_bytes > 0)
+            .collect()
     }
 
     /// Writes the open tails of the segments after the seal into their files (`pwrite`).
@@ -1633,7 +1708,8 @@ pub struct PendingCheckpoint {
     /// is durable when it returns `Ok`.
     pub task: DurabilityTask,
     /// The confirmed index snapshot and the segments the handle lists when the index snapshot
-    /// this checkpoint writes is detached from it.
+    /// this checkpoint writes is detached from it; `None` when it may not be (the checkpoint
+    /// is past the replay bound, [`StoreConfig::max_replay_bytes`]).
     fallback: Option<(Option<IndexSnapshotRef>, Vec<SegmentRef>)>,
 }
 
@@ -1652,9 +1728,12 @@ impl PendingCheckpoint {
     /// restore replays a longer log tail); the detached snapshot is confirmed, and referred to
     /// by later checkpoints, once its task succeeded and the log up to its seal is durable.
     /// Until then the store starts no other snapshot and keeps its file and segments.
+    ///
+    /// `None` when no snapshot is due, and when the checkpoint is past the replay bound
+    /// ([`StoreConfig::max_replay_bytes`]): its snapshot stays in its task.
     pub fn detach_index(&mut self) -> Option<IndexSnapshotTask> {
+        let (index, segments) = self.fallback.take()?;
         let write = self.task.index_write.take()?;
-        let (index, segments) = self.fallback.take().unwrap_or_default();
         self.handle.index_snapshot = index;
         self.handle.segments = segments;
         let ledger = Arc::clone(&self.task.ledger);
@@ -1773,7 +1852,15 @@ impl DurabilityTask {
     }
 
     /// Performs the syncs, blocking the calling thread.
-    pub fn run(mut self) -> Result<Durable> {
+    pub fn run(self) -> Result<Durable> {
+        self.run_fenced(None)
+    }
+
+    /// [`DurabilityTask::run`] for a helper of a run attempt (see [`crate::fence`]): the index
+    /// snapshot the task writes, if any, is given up once `fence` closes and renamed into
+    /// place only inside it. (A later attempt may reuse the checkpoint id, and so the file's
+    /// name.) The log's syncs run regardless: they make durable what any attempt reads.
+    pub fn run_fenced(mut self, fence: Option<&crate::fence::Fence>) -> Result<Durable> {
         let _foreground = crate::priority::Foreground::begin();
         let started = Instant::now();
         let bytes_synced = self.bytes_to_sync();
@@ -1790,9 +1877,12 @@ impl DurabilityTask {
         let mut index_bytes = 0;
         let mut written_index = None;
         if let Some(w) = self.index_write.take() {
+            // Writing (and checksumming) a file the size of the index is long work: the
+            // runtime's durability workers, in the real-time class, share the cores for it.
+            let _normal = crate::priority::lower();
             // CRCs and header are computed here, off the caller's thread.
             let header = crate::index::snapshot_header(w.capacity, w.len, w.snapshot.seal, &w.slots);
-            let written = write_durably(&w.path, &[&header, &w.slots], &self.dir);
+            let written = write_durably_fenced(&w.path, &[&header, &w.slots], &self.dir, fence, None);
             if let Ok(mut ledger) = self.ledger.lock() {
                 ledger.spare_index_buf = Some(w.slots);
             }
@@ -1854,14 +1944,6 @@ impl Completion {
     }
 }
 
-/// Writes `bytes` to `path` durably and atomically: a temp file is written and fsynced, renamed
-/// over `path`, and `dir` fsynced. Readers see the old file or the whole new one, never a
-/// partial one, and an existing file at `path` is replaced (new inode), never truncated, so an
-/// older index snapshot that is still mapped copy-on-write is never cut short under its mapping.
-pub(crate) fn write_durably(path: &Path, parts: &[&[u8]], dir: &Path) -> Result<()> {
-    write_durably_fenced(path, parts, dir, None, None)
-}
-
 /// How fast a background index snapshot is written at least: slow enough that its CPU (the
 /// copy into the bounce buffer) and disk bandwidth leave room for the shards and for
 /// checkpoints' syncs. It is written faster, up to [`MAX_BACKGROUND_WRITE_BYTES_PER_S`], when
@@ -1880,14 +1962,22 @@ fn snapshot_pace(replay_tail: u64) -> u64 {
     replay_tail.saturating_mul(4).clamp(BACKGROUND_WRITE_BYTES_PER_S, MAX_BACKGROUND_WRITE_BYTES_PER_S)
 }
 
+/// The most a fenced write writes between two looks at its fence.
+const FENCED_PIECE: usize = 4 << 20;
+
 /// Temp files get names of their own (process and counter), so that a helper of a stopped run
 /// attempt still writing one never shares it with the next attempt writing the same target.
 static TEMP_FILES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// [`write_durably`], with the rename that makes the file visible run inside `fence` (so it
-/// never happens once the fence is closed; see [`crate::fence`]). With a `pace` (a background
-/// write) the file is written at that many bytes per second with direct I/O (see
-/// [`write_paced`]) and given up as soon as the fence closes.
+/// Writes `parts` to `path` durably and atomically: a temp file is written and fsynced, renamed
+/// over `path`, and `dir` fsynced. Readers see the old file or the whole new one, never a
+/// partial one, and an existing file at `path` is replaced (new inode), never truncated, so an
+/// older index snapshot that is still mapped copy-on-write is never cut short under its mapping.
+///
+/// With a `fence`, the rename that makes the file visible runs inside it (so it never happens
+/// once the fence is closed; see [`crate::fence`]) and the write is given up soon after it
+/// closes. With a `pace` (a background write) the file is written at that many bytes per
+/// second with direct I/O (see [`write_paced`]).
 pub(crate) fn write_durably_fenced(
     path: &Path,
     parts: &[&[u8]],
@@ -1911,8 +2001,12 @@ pub(crate) fn write_durably_fenced(
             }
             _ => {
                 let mut file = std::fs::File::create(&tmp).map_err(|e| StateError::io("create", &tmp, e))?;
-                for bytes in parts {
-                    file.write_all(bytes).map_err(|e| StateError::io("write", &tmp, e))?;
+                // In pieces, so that a closed fence stops a long write soon.
+                for piece in parts.iter().flat_map(|bytes| bytes.chunks(FENCED_PIECE)) {
+                    if fence.is_some_and(|f| f.is_closed()) {
+                        return Err(fenced());
+                    }
+                    file.write_all(piece).map_err(|e| StateError::io("write", &tmp, e))?;
                 }
                 file
             }
@@ -1942,7 +2036,7 @@ pub(crate) fn write_durably_fenced(
 }
 
 /// Writes `parts` to a new file `tmp` in the background manner of
-/// [`write_durably_cancellable`]: paced, cancellable, and with direct I/O (`O_DIRECT`, through
+/// [`write_durably_fenced`]: paced, cancellable, and with direct I/O (`O_DIRECT`, through
 /// a page-aligned bounce buffer) where the file system has it, so that the file's pages never
 /// sit dirty in the page cache, where a checkpoint's `msync` (whose journal commit flushes
 /// ordered data) would wait for them. Falls back to buffered writes. Returns the open file.
@@ -2276,6 +2370,83 @@ mod tests {
         assert_eq!(snapshot_pace(100 << 20), 400 << 20);
         assert_eq!(snapshot_pace(300 << 20), MAX_BACKGROUND_WRITE_BYTES_PER_S);
         assert_eq!(snapshot_pace(u64::MAX), MAX_BACKGROUND_WRITE_BYTES_PER_S);
+    }
+
+    /// Past the replay bound a checkpoint names an index snapshot its own task writes: the
+    /// one copying since an earlier checkpoint when a replay from its seal is within the
+    /// bound, else one of its own seal. Either way it cannot be detached, and it restores.
+    #[test]
+    fn a_checkpoint_past_the_replay_bound_writes_an_index_snapshot_within_it() {
+        let record = u64::from(record::slot_bytes(8, 8));
+        let config = StoreConfig {
+            index_snapshot_every: 1000,
+            index_snapshot_tail_bytes: 40 * record,
+            max_replay_bytes: 100 * record,
+            ..config()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = StateStore::create(dir.path(), config.clone()).unwrap();
+        let state = store.register("op/v", None).unwrap();
+        let mut next = 0;
+        // Each step: records appended, then (snapshot named, records replayed, whether the
+        // checkpoint is past the bound).
+        let steps = [
+            (150, 1, 0, true),  // no snapshot yet: one of its own seal
+            (50, 1, 50, false), // one is due: copied from here on (for checkpoint 2)
+            (60, 2, 60, true),  // 110 past snapshot 1: snapshot 2 (60 back) will do
+            (50, 4, 0, true),   // 110 past snapshot 2, none copying: one of its own seal
+            (50, 4, 50, false), // one is due (for checkpoint 5)
+            (120, 6, 0, true),  // 170 past snapshot 4, and 120 past snapshot 5: its own
+        ];
+        let mut handles = Vec::new();
+        for (i, (records, index, replayed, bounded)) in steps.into_iter().enumerate() {
+            for _ in 0..records {
+                put(&mut store, state, next, next);
+                next += 1;
+            }
+            let id = i as u64 + 1;
+            let mut pending = store.checkpoint(id).unwrap();
+            // Every snapshot finished here is by a checkpoint past the bound: none detaches.
+            assert!(pending.detach_index().is_none(), "checkpoint {id}");
+            let handle = pending.handle.clone();
+            assert_eq!(handle.index_snapshot.as_ref().map(|r| r.checkpoint_id), Some(index), "checkpoint {id}");
+            assert_eq!(handle.replay_bytes(), replayed * record, "checkpoint {id}");
+            let durable = pending.task.run().unwrap();
+            assert_eq!(durable.index_bytes > 0, bounded, "checkpoint {id}");
+            handles.push(handle);
+        }
+        drop(store);
+        for handle in [&handles[2], &handles[5]] {
+            let store = StateStore::restore(dir.path(), handle, config.clone(), RestoreOptions::default()).unwrap();
+            let upto = handle.key_count;
+            for k in (0..upto).step_by(7).chain([upto - 1]) {
+                assert_eq!(get(&store, state, k).unwrap(), Some(k), "key {k} of checkpoint {}", handle.checkpoint_id);
+            }
+            assert_eq!(get(&store, state, upto).unwrap(), None);
+        }
+    }
+
+    /// The index snapshot of a checkpoint past the replay bound is named after the checkpoint,
+    /// whose id a later run attempt may reuse: once the attempt's fence is closed the task
+    /// writes and renames nothing, and its store is not made suspect.
+    #[test]
+    fn a_closed_fence_stops_the_index_snapshot_a_checkpoint_writes() {
+        let config = StoreConfig { max_replay_bytes: 0, ..config() };
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = StateStore::create(dir.path(), config).unwrap();
+        let state = store.register("op/v", None).unwrap();
+        put(&mut store, state, 1, 1);
+        let pending = store.checkpoint(1).unwrap();
+        assert!(pending.handle.index_snapshot.is_some());
+        let fence = crate::fence::Fence::new();
+        fence.close();
+        let err = pending.task.run_fenced(Some(&fence)).unwrap_err();
+        assert!(err.to_string().contains("cancelled"), "{err}");
+        assert!(!dir.path().join(index_file_name(1)).exists());
+        put(&mut store, state, 2, 2);
+        let pending = store.checkpoint(2).unwrap();
+        assert!(pending.task.run_fenced(Some(&crate::fence::Fence::new())).unwrap().index_bytes > 0);
+        assert!(dir.path().join(index_file_name(2)).exists());
     }
 
     #[test]

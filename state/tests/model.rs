@@ -4,7 +4,9 @@
 //! incremental steps with any budget), garbage collection and
 //! steps of background upkeep (folding a restore's index delta, with any budget), checked
 //! against a `BTreeMap` model. After every restore the store equals the model as it was
-//! at that checkpoint.
+//! at that checkpoint. Checkpoints write their index snapshot themselves, or detach it (as the
+//! runtime does) and write or abandon it; whichever, no checkpoint's restore replays more
+//! than the store's replay bound.
 
 use std::collections::BTreeMap;
 use std::io::{Seek, SeekFrom, Write};
@@ -14,6 +16,17 @@ use weir_state::states::{ListState, ValueState};
 use weir_state::store::{CheckpointHandle, Key, RestoreOptions, address_offset, address_segment};
 use weir_state::{StateStore, StoreConfig, segment::segment_file_name};
 
+/// What a checkpoint does with an index snapshot it may detach.
+#[derive(Debug, Clone, Copy)]
+enum Detach {
+    /// Leaves it in the checkpoint's task.
+    No,
+    /// Detaches it and writes it once the checkpoint's task ran.
+    AndWrite,
+    /// Detaches it and drops it unwritten.
+    AndAbandon,
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     PutText(u8, String),
@@ -22,7 +35,7 @@ enum Op {
     ListAdd(u8, u32),
     ListClear(u8),
     Get(u8),
-    Checkpoint,
+    Checkpoint(Detach),
     Restore(usize),
     Crash(Vec<u8>),
     Compact,
@@ -40,7 +53,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0u8..8, any::<u32>()).prop_map(|(k, v)| Op::ListAdd(k, v)),
         1 => (0u8..8).prop_map(Op::ListClear),
         3 => (0u8..40).prop_map(Op::Get),
-        2 => Just(Op::Checkpoint),
+        2 => prop_oneof![Just(Detach::No), Just(Detach::AndWrite), Just(Detach::AndAbandon)].prop_map(Op::Checkpoint),
         1 => (0usize..4).prop_map(Op::Restore),
         1 => proptest::collection::vec(any::<u8>(), 1..60).prop_map(Op::Crash),
         1 => Just(Op::Compact),
@@ -74,16 +87,21 @@ fn states(store: &mut StateStore) -> States {
 
 fn config() -> StoreConfig {
     StoreConfig {
-        segment_bytes: 8192,
+        segment_bytes: SEGMENT_BYTES as u32,
         index_snapshot_every: 3,
         index_snapshot_tail_bytes: 6000,
         max_parallelism: 128,
         key_groups: weir_state::keygroup::KeyGroupRange::all(128),
         // Compaction is due at the least garbage, so the steps run often.
         compact_above_percent: 110,
+        // Under the snapshots' own cadence (`index_snapshot_tail_bytes`), so often reached.
+        max_replay_bytes: MAX_REPLAY,
         ..StoreConfig::default()
     }
 }
+
+const SEGMENT_BYTES: u64 = 8192;
+const MAX_REPLAY: u64 = 3_000;
 
 fn key(k: u8) -> Vec<u8> {
     vec![b'k', k]
@@ -142,10 +160,19 @@ fn run(ops: Vec<Op>) {
                 let got = s.text.get(&store, Key::new(&kb, 128)).unwrap().map(|v| v.as_str().to_owned());
                 assert_eq!(got.as_ref(), model.text.get(&k));
             }
-            Op::Checkpoint => {
-                let pending = store.checkpoint(next_id).unwrap();
+            Op::Checkpoint(detach) => {
+                let mut pending = store.checkpoint(next_id).unwrap();
                 next_id += 1;
+                let index = match detach {
+                    Detach::No => None,
+                    Detach::AndWrite | Detach::AndAbandon => pending.detach_index(),
+                };
+                let replay = pending.handle.replay_bytes();
+                assert!(replay <= MAX_REPLAY, "checkpoint {} replays {replay} bytes", pending.handle.checkpoint_id);
                 pending.task.run().unwrap();
+                if let (Detach::AndWrite, Some(index)) = (detach, index) {
+                    index.run(&weir_state::fence::Fence::new()).unwrap();
+                }
                 retained.push((pending.handle, model.clone()));
                 if retained.len() > 4 {
                     retained.remove(0);

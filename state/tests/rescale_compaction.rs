@@ -20,6 +20,7 @@ fn config(shard: usize, parallelism: usize) -> StoreConfig {
         index_snapshot_every: 2,
         index_snapshot_tail_bytes: 8 * 1024,
         compact_above_percent: 200,
+        ..StoreConfig::default()
     }
 }
 
