@@ -185,6 +185,8 @@ struct FailureMarks {
     restarted_at: Option<Instant>,
     /// The first operator opened after it (its stage's stores were restored).
     reopened_at: Option<Instant>,
+    /// The last operator opened after it (every shard's stores were restored).
+    all_reopened_at: Option<Instant>,
     /// The first record a sink wrote after it.
     first_output_at: Option<Instant>,
 }
@@ -218,6 +220,15 @@ impl RecoveryProbe {
         let mut failures = lock(&self.failures);
         if let Some(marks) = attempt.checked_sub(1).and_then(|i| failures.get_mut(i)) {
             mark(marks).get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Notes `now` in the field `mark` selects of the failure before `attempt`, over any
+    /// earlier event.
+    fn note_again(&self, attempt: usize, mark: impl FnOnce(&mut FailureMarks) -> &mut Option<Instant>) {
+        let mut failures = lock(&self.failures);
+        if let Some(marks) = attempt.checked_sub(1).and_then(|i| failures.get_mut(i)) {
+            *mark(marks) = Some(Instant::now());
         }
     }
 
@@ -322,7 +333,9 @@ impl KeyedProcessFunction for Fill {
     type In = (u64, bool);
     type Out = u64;
     fn open(&mut self, states: &mut StateRegistry<'_>) -> weir::operators::Result<()> {
-        self.probe.note(self.probe.attempt(), |m| &mut m.reopened_at);
+        let attempt = self.probe.attempt();
+        self.probe.note(attempt, |m| &mut m.reopened_at);
+        self.probe.note_again(attempt, |m| &mut m.all_reopened_at);
         self.payload = Some(states.value("payload")?);
         Ok(())
     }
@@ -337,6 +350,7 @@ impl KeyedProcessFunction for Fill {
                 failed_at,
                 restarted_at: None,
                 reopened_at: None,
+                all_reopened_at: None,
                 first_output_at: None,
             });
             panic!("{INJECTED}");
@@ -428,6 +442,9 @@ pub struct Recovery {
     /// From the panic until the first operator of the new attempt opened (its stage's stores
     /// were restored).
     pub until_reopened: Duration,
+    /// From the panic until the last operator of the new attempt opened (every shard's stores
+    /// were restored).
+    pub until_all_reopened: Duration,
     /// The checkpoint restored.
     pub restored: u64,
     /// The most log bytes a restored store replayed on top of its index snapshot (`None`: the
@@ -493,6 +510,7 @@ fn fail_and_recover(handle: &JobHandle, probe: &RecoveryProbe, dir: &Path, limit
         until_output: since(marks.first_output_at),
         until_restarted: since(marks.restarted_at),
         until_reopened: since(marks.reopened_at),
+        until_all_reopened: since(marks.all_reopened_at),
         restored,
         replayed_bytes: replayed_bytes(dir, restored),
     })

@@ -344,10 +344,11 @@ fn recovery(base: &std::path::Path, sizes: &[u64], parallelism: usize) -> Result
         for (what, f) in [("after-fill", r.after_fill), ("after-index-snapshot", r.after_index_snapshot)] {
             let replayed = f.replayed_bytes.map_or("?".to_owned(), |b| format!("{:.1}MiB", b as f64 / 1048576.0));
             println!(
-                "  {what:<20} restored checkpoint {} (replayed {replayed}): restarted +{:.2}ms operators open +{:.2}ms first output +{:.2}ms",
+                "  {what:<20} restored checkpoint {} (replayed {replayed}): restarted +{:.2}ms operators open +{:.2}ms (all +{:.2}ms) first output +{:.2}ms",
                 f.restored,
                 ms(f.until_restarted),
                 ms(f.until_reopened),
+                ms(f.until_all_reopened),
                 ms(f.until_output)
             );
         }

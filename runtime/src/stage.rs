@@ -1050,8 +1050,9 @@ const FOLD_PER_PASS: usize = 512;
 const IDLE_COMPACTION_BYTES: u32 = 256 << 10;
 
 impl StageStores {
-    /// A slice of the stores' upkeep: the index fold after a restore, then incremental
-    /// compaction. Returns whether more remains (an idle stage comes back for it).
+    /// A slice of the stores' upkeep: the index fold after a restore, or the copy of an index
+    /// snapshot a checkpoint past its replay bound waits for; then incremental compaction.
+    /// Returns whether more remains (an idle stage comes back for it).
     fn maintain(&mut self, idle: bool) -> Result<bool> {
         let min_bytes = if idle { IDLE_COMPACTION_BYTES } else { 0 };
         let mut more = false;
@@ -1357,6 +1358,10 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
         // (and so waits for that very barrier) would deadlock the two.
         io.send(&rt, done || pumped == Pumped::Drained || barrier.is_some()).await?;
         if done {
+            // A durability task of the last checkpoint may wait for an index snapshot the
+            // stores copy between batches (a store past its replay bound): there are no more.
+            stores.state.finish_copies();
+            stores.timers.finish_copies();
             if let (Some(checkpoints), Some((id, snapshot))) = (rt.checkpoints(), stores.last.take()) {
                 checkpoints.task_finished(task, id, snapshot);
             }

@@ -139,6 +139,8 @@ struct SnapshotCopy {
     buf: Vec<u8>,
     copied: Vec<u64>,
     remaining: usize,
+    /// The first chunk [`Index::copy_step`] has not looked at yet.
+    cursor: usize,
     capacity: usize,
     len: usize,
 }
@@ -823,6 +825,7 @@ impl Index {
             buf,
             copied: vec![0; chunks.div_ceil(64)],
             remaining: chunks,
+            cursor: 0,
             capacity: self.capacity,
             len: self.len,
         });
@@ -863,6 +866,22 @@ impl Index {
         copy.buf[start..end].copy_from_slice(&self.mem.bytes()[start..end]);
         copy.copied[word] |= bit;
         copy.remaining -= 1;
+    }
+
+    /// Copies up to `chunks` chunks the snapshot in progress has not copied yet, in table
+    /// order, so that a caller can spread the copy over many short steps. Returns whether the
+    /// copy is complete (or none is in progress): [`Index::finish_copy`] then copies nothing.
+    pub fn copy_step(&mut self, chunks: usize) -> bool {
+        let Some(copy) = &self.copy else { return true };
+        let (total, mut cursor) = (copy.capacity.div_ceil(CHUNK_SLOTS), copy.cursor);
+        let end = cursor.saturating_add(chunks).min(total);
+        while cursor < end {
+            self.copy_chunk(cursor);
+            cursor += 1;
+        }
+        let Some(copy) = self.copy.as_mut() else { return true };
+        copy.cursor = cursor;
+        copy.remaining == 0
     }
 
     /// Gives up a copy-on-write snapshot in progress without copying what is left, and returns
@@ -1016,6 +1035,33 @@ mod tests {
         let (slots, _, len) = index.finish_copy().unwrap();
         assert_eq!(len, 20_000);
         assert!(slots == expected, "the snapshot is the table as of begin_copy, with no stale byte");
+    }
+
+    #[test]
+    fn a_snapshot_copied_in_steps_between_writes_is_the_table_at_its_start() {
+        let mut index = Index::new().unwrap();
+        for k in 0..20_000u64 {
+            apply(&mut index, key_of(k), Ok(k * 8 + 8));
+        }
+        let mut expected = Vec::new();
+        index.copy_slots(&mut expected).unwrap();
+        index.begin_copy(vec![0xA5; expected.len()]).unwrap();
+        let mut steps = 0;
+        let mut k = 0u64;
+        // Writes land in chunks not copied yet and in chunks copied already, in any order.
+        while !index.copy_step(1) {
+            steps += 1;
+            for _ in 0..50 {
+                k = (k + 7919) % 20_000;
+                apply(&mut index, key_of(k), Ok(k * 8 + 16));
+            }
+        }
+        assert!(steps > 1, "{steps} steps");
+        assert!(index.copy_step(1), "a complete copy stays complete");
+        let (slots, _, len) = index.finish_copy().unwrap();
+        assert_eq!(len, 20_000);
+        assert!(slots == expected, "the snapshot is the table as of begin_copy");
+        assert!(index.copy_step(1), "no copy in progress");
     }
 
     fn get(index: &Index, key: u64) -> Option<u64> {

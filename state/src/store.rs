@@ -141,7 +141,7 @@ impl Default for StoreConfig {
 }
 
 /// The default [`StoreConfig::max_replay_bytes`].
-pub const DEFAULT_MAX_REPLAY_BYTES: u64 = 96 << 20;
+pub const DEFAULT_MAX_REPLAY_BYTES: u64 = 128 << 20;
 
 /// How much to check when restoring.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -450,6 +450,8 @@ pub struct StateStore {
     counters: StoreStats,
     /// The index snapshot being copied (copy-on-write) since the checkpoint it reflects.
     pending_index: Option<IndexSnapshotRef>,
+    /// The index snapshot a checkpoint past the replay bound named, being copied for its task.
+    owed_index: Option<OwedIndex>,
     /// The log up to here was handed to a write-behind task.
     behind_upto: LogAddress,
     /// Bytes appended since the store was created or restored, and their count when a
@@ -459,6 +461,20 @@ pub struct StateStore {
     behind_mark: u64,
     compaction: Compaction,
 }
+
+/// An index snapshot a checkpoint past the replay bound named and its durability task waits
+/// for: copied copy-on-write, and a slice at a time by [`StateStore::maintain`], then handed
+/// to the task.
+#[derive(Debug)]
+struct OwedIndex {
+    snapshot: IndexSnapshotRef,
+    pace: u64,
+    to_task: std::sync::mpsc::SyncSender<IndexWrite>,
+}
+
+/// Bytes of an owed index snapshot [`StateStore::maintain`] copies per entry of its budget (in
+/// chunks of 64 KiB): the runtime's budget of 512 copies 1 MiB a call, tens of microseconds.
+const COPY_BYTES_PER_BUDGET: usize = 2 << 10;
 
 /// Where incremental compaction ([`StateStore::compact_step`]) stands.
 #[derive(Debug, Default)]
@@ -505,6 +521,7 @@ impl StateStore {
             last_checkpoint: None,
             counters: StoreStats::default(),
             pending_index: None,
+            owed_index: None,
             behind_upto: 0,
             appended_bytes: 0,
             behind_mark: 0,
@@ -905,6 +922,9 @@ impl StateStore {
         // What the log holds up to the seal goes into the files first (`pwrite` from the open
         // tails). Should that fail, the open tails keep every byte: this checkpoint's task
         // fails (and the store is not suspect), and the next checkpoint writes them again.
+        // A copy an earlier checkpoint's task still waits for is finished first (one copy at a
+        // time; the runtime's stages finish it in slices long before).
+        self.finish_copies();
         let write_error = self.write_out_open_tails().err();
         let seal = self.tail();
         let (synced_upto, confirmed_index, mut spare, take_index, bounded) = {
@@ -917,14 +937,18 @@ impl StateStore {
             // A detached snapshot still being written postpones the next one (snapshots never
             // queue up behind a slow disk), and so does the index delta of a restore that is
             // not folded yet (the handle references the restored snapshot meanwhile).
-            let due = (self.checkpoints_since_index + 1 >= self.config.index_snapshot_every
-                || self.bytes_since_index >= self.config.index_snapshot_tail_bytes)
-                && ledger.detached_index.is_empty()
-                && !self.index.has_delta();
             // What a restore of this checkpoint would replay on top of the newest durable
-            // snapshot; past the bound, this checkpoint writes a snapshot of its own.
+            // snapshot; past the bound, this checkpoint writes a snapshot of its own. So that
+            // steady checkpoints never do, a snapshot is due once that is half the bound (the
+            // log may grow by the other half while the snapshot is copied and written), unless
+            // one is being copied (and is about to be detached, so the tail stays long).
             let replay_tail = self.log_distance(ledger.confirmed_index.as_ref().map(|r| r.seal), seal);
             let bounded = replay_tail > self.config.max_replay_bytes;
+            let due = (self.checkpoints_since_index + 1 >= self.config.index_snapshot_every
+                || self.bytes_since_index >= self.config.index_snapshot_tail_bytes
+                || replay_tail >= self.config.max_replay_bytes / 2 && self.pending_index.is_none())
+                && ledger.detached_index.is_empty()
+                && !self.index.has_delta();
             let mut spare = if due || bounded { ledger.spare_index_buf.take() } else { None };
             // A buffer of an index that has grown since is freed off this thread.
             if let Some(buf) = spare.take_if(|b| b.len() != self.index.table_bytes()) {
@@ -954,28 +978,32 @@ impl StateStore {
             }
             pending => pending,
         };
-        let pending = match pending {
-            None if bounded => {
-                // A snapshot of this seal, copied whole now: the restore replays nothing. The
-                // delta of a restore is folded first (the snapshot is of one table).
-                if self.index.has_delta() {
-                    self.fold_index()?;
+        let (index_write, index_copying, own_index) = if bounded {
+            let snapshot = match pending {
+                Some(snapshot) => snapshot,
+                None => {
+                    // A snapshot of this seal: the restore replays nothing. The delta of a
+                    // restore is folded first (the snapshot is of one table).
+                    if self.index.has_delta() {
+                        self.fold_index()?;
+                    }
+                    self.index.begin_copy(spare.take().unwrap_or_default())?;
+                    IndexSnapshotRef { checkpoint_id, seal, segments: self.live_segments() }
                 }
-                self.index.begin_copy(spare.take().unwrap_or_default())?;
-                Some(IndexSnapshotRef { checkpoint_id, seal, segments: self.live_segments() })
-            }
-            pending => pending,
-        };
-        let index_write = match pending {
-            Some(snapshot) => self.index.finish_copy().map(|(slots, capacity, len)| IndexWrite {
-                path: self.dir.join(index_file_name(snapshot.checkpoint_id)),
-                slots,
-                capacity,
-                len,
-                snapshot,
-                pace,
-            }),
-            None => None,
+            };
+            // Its copy is finished by the next calls of `maintain`, a slice at a time, not
+            // here: at 1 GiB a table of 128 MiB took the shard tens of milliseconds to copy.
+            let (to_task, copying) = std::sync::mpsc::sync_channel(1);
+            self.owed_index = Some(OwedIndex { snapshot: snapshot.clone(), pace, to_task });
+            (None, Some((copying, std::thread::current().id())), Some(snapshot))
+        } else {
+            let write = pending.and_then(|snapshot| {
+                let (slots, capacity, len) = self.index.finish_copy()?;
+                let path = self.dir.join(index_file_name(snapshot.checkpoint_id));
+                Some(IndexWrite { path, slots, capacity, len, snapshot, pace })
+            });
+            let own = write.as_ref().map(|w| w.snapshot.clone());
+            (write, None, own)
         };
         // A checkpoint past the bound just took its snapshot: none starts now.
         let take_index = take_index && !bounded;
@@ -1005,7 +1033,7 @@ impl StateStore {
             .as_ref()
             .filter(|_| !bounded)
             .map(|_| (confirmed_index.clone(), segments_for(confirmed_index.as_ref())));
-        let index_ref = index_write.as_ref().map(|w| w.snapshot.clone()).or(confirmed_index);
+        let index_ref = own_index.or(confirmed_index);
         let segments = segments_for(index_ref.as_ref());
         let handle = CheckpointHandle {
             checkpoint_id,
@@ -1056,6 +1084,7 @@ impl StateStore {
             new_files,
             flushes,
             index_write,
+            index_copying,
             ledger: Arc::clone(&self.ledger),
         };
         Ok(PendingCheckpoint { handle, task, fallback })
@@ -1232,6 +1261,7 @@ impl StateStore {
             last_checkpoint: Some(handle.checkpoint_id),
             counters: StoreStats::default(),
             pending_index: None,
+            owed_index: None,
             behind_upto: 0,
             appended_bytes: 0,
             behind_mark: 0,
@@ -1316,8 +1346,9 @@ impl StateStore {
     /// a corruption error when an index chunk or record it reads fails its check, or when the
     /// folded index does not hold the key count of the restored checkpoint.
     pub fn maintain(&mut self, budget: usize) -> Result<bool> {
+        let owed = self.copy_owed_index(budget.saturating_mul(COPY_BYTES_PER_BUDGET));
         if !self.index.has_delta() {
-            return Ok(false);
+            return Ok(owed);
         }
         for _ in 0..budget {
             let Some(entry) = self.index.next_fold_entry()? else { break };
@@ -1333,6 +1364,39 @@ impl StateStore {
                 format!("the restored index holds {counted} keys, the checkpoint says {expected}"),
             )),
         }
+    }
+
+    /// Copies up to `bytes` of the index snapshot a checkpoint past the replay bound waits for
+    /// (at least a chunk unless `bytes` is 0), and hands it to the checkpoint's task once it is
+    /// complete. Returns whether one is still owed.
+    fn copy_owed_index(&mut self, bytes: usize) -> bool {
+        if self.owed_index.is_none() {
+            return false;
+        }
+        let chunks = bytes.div_ceil(crate::index::CHUNK_SLOTS * 16);
+        if !self.index.copy_step(chunks) {
+            return true;
+        }
+        let Some(owed) = self.owed_index.take() else { return false };
+        if let Some((slots, capacity, len)) = self.index.finish_copy() {
+            let path = self.dir.join(index_file_name(owed.snapshot.checkpoint_id));
+            let write = IndexWrite { path, slots, capacity, len, snapshot: owed.snapshot, pace: owed.pace };
+            // A task that is gone (its checkpoint dropped) leaves the buffer to the next one.
+            if let Err(std::sync::mpsc::TrySendError::Full(w) | std::sync::mpsc::TrySendError::Disconnected(w)) =
+                owed.to_task.try_send(write)
+                && let Ok(mut ledger) = self.ledger.lock()
+            {
+                ledger.spare_index_buf.get_or_insert(w.slots);
+            }
+        }
+        false
+    }
+
+    /// Finishes what a checkpoint's durability task may be waiting for from this store (the
+    /// copy of an index snapshot, see [`StoreConfig::max_replay_bytes`]), at once. A caller
+    /// that stops calling [`StateStore::maintain`] (a stage at its end) calls this first.
+    pub fn finish_copies(&mut self) {
+        self.copy_owed_index(usize::MAX);
     }
 
     /// Finishes the upkeep of [`StateStore::maintain`] at once.
@@ -1809,6 +1873,9 @@ pub struct DurabilityTask {
     new_files: Vec<SegmentFlusher>,
     flushes: Vec<(SegmentFlusher, u32, u32)>,
     index_write: Option<IndexWrite>,
+    /// The index snapshot of a checkpoint past the replay bound, which the store hands over
+    /// once copied (see [`StateStore::maintain`]), and the store's thread.
+    index_copying: Option<(std::sync::mpsc::Receiver<IndexWrite>, std::thread::ThreadId)>,
     ledger: Arc<Mutex<Ledger>>,
 }
 
@@ -1861,7 +1928,7 @@ impl DurabilityTask {
     /// place only inside it. (A later attempt may reuse the checkpoint id, and so the file's
     /// name.) The log's syncs run regardless: they make durable what any attempt reads.
     pub fn run_fenced(mut self, fence: Option<&crate::fence::Fence>) -> Result<Durable> {
-        let _foreground = crate::priority::Foreground::begin();
+        let foreground = crate::priority::Foreground::begin();
         let started = Instant::now();
         let bytes_synced = self.bytes_to_sync();
         if let Some(e) = self.write_error.take() {
@@ -1874,9 +1941,16 @@ impl DurabilityTask {
             }
             return Err(e);
         }
+        // An index snapshot is bulk: background writers need not hold back for it.
+        drop(foreground);
         let mut index_bytes = 0;
         let mut written_index = None;
-        if let Some(w) = self.index_write.take() {
+        let index_write = match (self.index_write.take(), self.index_copying.take()) {
+            (Some(write), _) => Some(write),
+            (None, Some((copying, store_thread))) => Some(self.wait_for_copy(&copying, store_thread, fence)?),
+            (None, None) => None,
+        };
+        if let Some(w) = index_write {
             // Writing (and checksumming) a file the size of the index is long work: the
             // runtime's durability workers, in the real-time class, share the cores for it.
             let _normal = crate::priority::lower();
@@ -1900,6 +1974,47 @@ impl DurabilityTask {
             }
         }
         Ok(Durable { checkpoint_id: self.checkpoint_id, bytes_synced, index_bytes, duration: started.elapsed() })
+    }
+
+    /// Waits until the store has copied this checkpoint's index snapshot (a slice per call of
+    /// [`StateStore::maintain`]); gives up once `fence` closes. On the store's own thread it
+    /// does not wait (nothing would copy meanwhile): the caller finishes the copy first.
+    fn wait_for_copy(
+        &self,
+        copying: &std::sync::mpsc::Receiver<IndexWrite>,
+        store_thread: std::thread::ThreadId,
+        fence: Option<&crate::fence::Fence>,
+    ) -> Result<IndexWrite> {
+        use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
+        match copying.try_recv() {
+            Ok(write) => return Ok(write),
+            Err(TryRecvError::Empty) if std::thread::current().id() == store_thread => {
+                return Err(StateError::Misuse(format!(
+                    "checkpoint {}'s task waits for its index snapshot to be copied: call StateStore::finish_copies (or maintain) before running it on the store's thread",
+                    self.checkpoint_id
+                )));
+            }
+            Err(_) => {}
+        }
+        loop {
+            match copying.recv_timeout(Duration::from_millis(10)) {
+                Ok(write) => return Ok(write),
+                Err(RecvTimeoutError::Timeout) if fence.is_some_and(|f| f.is_closed()) => {
+                    return Err(StateError::Misuse(format!(
+                        "the index snapshot of checkpoint {} was cancelled",
+                        self.checkpoint_id
+                    )));
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(StateError::Misuse(format!(
+                        "the store in {} stopped before it copied the index snapshot of checkpoint {}",
+                        self.dir.display(),
+                        self.checkpoint_id
+                    )));
+                }
+            }
+        }
     }
 
     fn sync_log(&self) -> Result<()> {
@@ -2411,6 +2526,8 @@ mod tests {
             let handle = pending.handle.clone();
             assert_eq!(handle.index_snapshot.as_ref().map(|r| r.checkpoint_id), Some(index), "checkpoint {id}");
             assert_eq!(handle.replay_bytes(), replayed * record, "checkpoint {id}");
+            // Its own snapshot is copied for the task between batches (here: at once).
+            store.finish_copies();
             let durable = pending.task.run().unwrap();
             assert_eq!(durable.index_bytes > 0, bounded, "checkpoint {id}");
             handles.push(handle);
@@ -2428,7 +2545,8 @@ mod tests {
 
     /// The index snapshot of a checkpoint past the replay bound is named after the checkpoint,
     /// whose id a later run attempt may reuse: once the attempt's fence is closed the task
-    /// writes and renames nothing, and its store is not made suspect.
+    /// writes and renames nothing, and its store is not made suspect. The task waits for the
+    /// store to copy the snapshot, except on the store's own thread, where it fails at once.
     #[test]
     fn a_closed_fence_stops_the_index_snapshot_a_checkpoint_writes() {
         let config = StoreConfig { max_replay_bytes: 0, ..config() };
@@ -2438,15 +2556,26 @@ mod tests {
         put(&mut store, state, 1, 1);
         let pending = store.checkpoint(1).unwrap();
         assert!(pending.handle.index_snapshot.is_some());
+        store.finish_copies();
         let fence = crate::fence::Fence::new();
         fence.close();
         let err = pending.task.run_fenced(Some(&fence)).unwrap_err();
         assert!(err.to_string().contains("cancelled"), "{err}");
         assert!(!dir.path().join(index_file_name(1)).exists());
+        // On the store's thread, a task whose snapshot is not copied yet fails instead of
+        // waiting for ever; the store goes on.
         put(&mut store, state, 2, 2);
-        let pending = store.checkpoint(2).unwrap();
-        assert!(pending.task.run_fenced(Some(&crate::fence::Fence::new())).unwrap().index_bytes > 0);
-        assert!(dir.path().join(index_file_name(2)).exists());
+        let err = store.checkpoint(2).unwrap().task.run().unwrap_err();
+        assert!(err.to_string().contains("finish_copies"), "{err}");
+        put(&mut store, state, 3, 3);
+        let pending = store.checkpoint(3).unwrap();
+        // Waited for on another thread, it is handed over once copied.
+        let task = std::thread::spawn(move || pending.task.run_fenced(Some(&crate::fence::Fence::new())));
+        std::thread::sleep(Duration::from_millis(20));
+        while store.maintain(1).unwrap() {}
+        assert!(task.join().unwrap().unwrap().index_bytes > 0);
+        assert!(dir.path().join(index_file_name(3)).exists());
+        assert!(!dir.path().join(index_file_name(2)).exists());
     }
 
     #[test]

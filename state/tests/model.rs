@@ -6,7 +6,9 @@
 //! against a `BTreeMap` model. After every restore the store equals the model as it was
 //! at that checkpoint. Checkpoints write their index snapshot themselves, or detach it (as the
 //! runtime does) and write or abandon it; whichever, no checkpoint's restore replays more
-//! than the store's replay bound.
+//! than the store's replay bound. A checkpoint's task runs later, as the runtime's does: before
+//! the next checkpoint, restore, crash or collection, with any operations in between (a store
+//! past the bound copies its snapshot for the task in `maintain` steps meanwhile).
 
 use std::collections::BTreeMap;
 use std::io::{Seek, SeekFrom, Write};
@@ -130,7 +132,27 @@ fn run(ops: Vec<Op>) {
     // Retained checkpoints: (handle, model at that checkpoint), oldest first.
     let mut retained: Vec<(CheckpointHandle, Model)> = Vec::new();
     let mut next_id = 1u64;
+    // The checkpoint taken and not run yet, with its detached snapshot and the model as of it.
+    type InFlight = (weir_state::store::PendingCheckpoint, Option<weir_state::store::IndexSnapshotTask>, Model);
+    let mut in_flight: Option<InFlight> = None;
+    // Runs the checkpoint in flight (and writes its detached snapshot, if kept) and retains it.
+    let complete =
+        |store: &mut StateStore, in_flight: &mut Option<InFlight>, retained: &mut Vec<(CheckpointHandle, Model)>| {
+            let Some((pending, index, at)) = in_flight.take() else { return };
+            store.finish_copies();
+            pending.task.run().unwrap();
+            if let Some(index) = index {
+                index.run(&weir_state::fence::Fence::new()).unwrap();
+            }
+            retained.push((pending.handle, at));
+            if retained.len() > 4 {
+                retained.remove(0);
+            }
+        };
     for op in ops {
+        if matches!(op, Op::Checkpoint(_) | Op::Restore(_) | Op::Crash(_) | Op::CollectGarbage) {
+            complete(&mut store, &mut in_flight, &mut retained);
+        }
         match op {
             Op::PutText(k, v) => {
                 s.text.put(&mut store, Key::new(&key(k), 128), &v).unwrap();
@@ -165,18 +187,15 @@ fn run(ops: Vec<Op>) {
                 next_id += 1;
                 let index = match detach {
                     Detach::No => None,
-                    Detach::AndWrite | Detach::AndAbandon => pending.detach_index(),
+                    Detach::AndWrite => pending.detach_index(),
+                    Detach::AndAbandon => {
+                        drop(pending.detach_index());
+                        None
+                    }
                 };
                 let replay = pending.handle.replay_bytes();
                 assert!(replay <= MAX_REPLAY, "checkpoint {} replays {replay} bytes", pending.handle.checkpoint_id);
-                pending.task.run().unwrap();
-                if let (Detach::AndWrite, Some(index)) = (detach, index) {
-                    index.run(&weir_state::fence::Fence::new()).unwrap();
-                }
-                retained.push((pending.handle, model.clone()));
-                if retained.len() > 4 {
-                    retained.remove(0);
-                }
+                in_flight = Some((pending, index, model.clone()));
             }
             Op::Restore(i) => {
                 if retained.is_empty() {
@@ -239,6 +258,7 @@ fn run(ops: Vec<Op>) {
         }
     }
     check(&store, &s, &model);
+    complete(&mut store, &mut in_flight, &mut retained);
     // Every retained checkpoint still restores to its model, newest first, each fully verified.
     drop(store);
     for (handle, at) in retained.iter().rev().take(1) {
