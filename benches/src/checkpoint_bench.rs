@@ -602,7 +602,8 @@ pub struct ScaleRun {
     /// Updates per second the job took while measured (the source asks for `keys * share /
     /// interval`).
     pub updates_per_s: f64,
-    /// Checkpoints triggered after the state was complete (every one in the window).
+    /// Checkpoints in the measured window: from when index snapshots caught up with the fill
+    /// (its replay tail under half the bound) until the end.
     pub checkpoints: CheckpointSummary,
     /// The longest checkpoint in the window.
     pub max: Duration,
@@ -658,8 +659,14 @@ pub fn at_scale(
     let measured = (|| -> weir::Result<(Duration, u64, u64, f64)> {
         wait_for(limit, "complete state", || (probe.inserted.load(Ordering::Relaxed) >= keys).then_some(()))?;
         let fill = started.elapsed();
-        // The checkpoint covering the fill, and one more, are not part of the steady state.
+        // The checkpoint covering the fill, and one more, are not part of the steady state;
+        // nor are those that still catch up with the fill's index snapshots (a checkpoint past
+        // the replay bound writes one itself, see `CheckpointSettings::max_replay_bytes`).
         wait_for_checkpoints(&handle, 2, limit)?;
+        let caught_up = weir_state::store::DEFAULT_MAX_REPLAY_BYTES / 2;
+        wait_for(limit, "index snapshots caught up with the fill", || {
+            replayed_bytes(dir.path(), newest_checkpoint(&handle)).is_some_and(|b| b < caught_up).then_some(())
+        })?;
         let first = newest_checkpoint(&handle);
         let (window, outputs) = (Instant::now(), probe.outputs.load(Ordering::Relaxed));
         std::thread::sleep(Duration::from_secs_f64(seconds));
