@@ -13,7 +13,9 @@
 //! 1. [`StateStore::checkpoint`] seals the tail: the seal becomes the start of the new mutable
 //!    region, so nothing before it changes again. Nothing is re-serialised: the log is the
 //!    snapshot. Every few checkpoints it also copies the index table (memcpy speed) for an
-//!    index snapshot.
+//!    index snapshot. A checkpoint whose restore would replay more of the log than
+//!    [`StoreConfig::max_replay_bytes`] names a snapshot its own task writes (copied by
+//!    [`StateStore::maintain`] meanwhile): that bounds recovery time.
 //! 2. It returns a [`PendingCheckpoint`]: the [`CheckpointHandle`] (what a manifest records)
 //!    and a [`DurabilityTask`] to run off the caller's thread. The task fsyncs new segment
 //!    files and their directory (those a [`WriteBehindTask`] has not fsynced already),
@@ -919,12 +921,12 @@ impl StateStore {
         {
             return Err(StateError::Misuse(format!("checkpoint {checkpoint_id} is not after {prev}")));
         }
-        // What the log holds up to the seal goes into the files first (`pwrite` from the open
-        // tails). Should that fail, the open tails keep every byte: this checkpoint's task
-        // fails (and the store is not suspect), and the next checkpoint writes them again.
         // A copy an earlier checkpoint's task still waits for is finished first (one copy at a
         // time; the runtime's stages finish it in slices long before).
         self.finish_copies();
+        // What the log holds up to the seal goes into the files first (`pwrite` from the open
+        // tails). Should that fail, the open tails keep every byte: this checkpoint's task
+        // fails (and the store is not suspect), and the next checkpoint writes them again.
         let write_error = self.write_out_open_tails().err();
         let seal = self.tail();
         let (synced_upto, confirmed_index, mut spare, take_index, bounded) = {
@@ -934,9 +936,6 @@ impl StateStore {
                     "an earlier sync failed ({failure}); the files are suspect: restore from the last complete checkpoint"
                 )));
             }
-            // A detached snapshot still being written postpones the next one (snapshots never
-            // queue up behind a slow disk), and so does the index delta of a restore that is
-            // not folded yet (the handle references the restored snapshot meanwhile).
             // What a restore of this checkpoint would replay on top of the newest durable
             // snapshot; past the bound, this checkpoint writes a snapshot of its own. So that
             // steady checkpoints never do, a snapshot is due once that is half the bound (the
@@ -944,6 +943,9 @@ impl StateStore {
             // one is being copied (and is about to be detached, so the tail stays long).
             let replay_tail = self.log_distance(ledger.confirmed_index.as_ref().map(|r| r.seal), seal);
             let bounded = replay_tail > self.config.max_replay_bytes;
+            // A detached snapshot still being written postpones the next one (snapshots never
+            // queue up behind a slow disk), and so does the index delta of a restore that is
+            // not folded yet (the handle references the restored snapshot meanwhile).
             let due = (self.checkpoints_since_index + 1 >= self.config.index_snapshot_every
                 || self.bytes_since_index >= self.config.index_snapshot_tail_bytes
                 || replay_tail >= self.config.max_replay_bytes / 2 && self.pending_index.is_none())
