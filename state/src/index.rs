@@ -1018,16 +1018,22 @@ mod tests {
         Ok(true)
     }
 
-    #[test]
-    fn a_copy_on_write_snapshot_into_a_reused_dirty_buffer_is_the_table_at_its_start() {
+    /// An index of 20,000 keys with a copy-on-write snapshot begun into a buffer of the right
+    /// size full of garbage (a spare from an earlier snapshot), and the table's bytes as of then.
+    fn index_with_a_copy_begun() -> (Index, Vec<u8>) {
         let mut index = Index::new().unwrap();
         for k in 0..20_000u64 {
             apply(&mut index, key_of(k), Ok(k * 8 + 8));
         }
         let mut expected = Vec::new();
         index.copy_slots(&mut expected).unwrap();
-        // A buffer of the right size full of garbage (a spare from an earlier snapshot).
         index.begin_copy(vec![0xA5; expected.len()]).unwrap();
+        (index, expected)
+    }
+
+    #[test]
+    fn a_copy_on_write_snapshot_into_a_reused_dirty_buffer_is_the_table_at_its_start() {
+        let (mut index, expected) = index_with_a_copy_begun();
         for k in (0..20_000u64).step_by(7) {
             apply(&mut index, key_of(k), Ok(k * 8 + 16));
         }
@@ -1039,13 +1045,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_copied_in_steps_between_writes_is_the_table_at_its_start() {
-        let mut index = Index::new().unwrap();
-        for k in 0..20_000u64 {
-            apply(&mut index, key_of(k), Ok(k * 8 + 8));
-        }
-        let mut expected = Vec::new();
-        index.copy_slots(&mut expected).unwrap();
-        index.begin_copy(vec![0xA5; expected.len()]).unwrap();
+        let (mut index, expected) = index_with_a_copy_begun();
         let mut steps = 0;
         let mut k = 0u64;
         // Writes land in chunks not copied yet and in chunks copied already, in any order.
