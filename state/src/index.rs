@@ -64,6 +64,9 @@ pub const INDEX_MAGIC: [u8; 8] = *b"WEIRIDX\0";
 pub const INDEX_FORMAT_VERSION: u32 = 1;
 /// Slots per CRC chunk (64 KiB of slots).
 pub const CHUNK_SLOTS: usize = 4096;
+
+/// Bytes of a chunk of slots.
+pub const CHUNK_BYTES: usize = CHUNK_SLOTS * size_of::<Slot>();
 const PAGE: usize = 4096;
 const MIN_CAPACITY: usize = 1024;
 const MIN_DELTA_CAPACITY: usize = 1024;
@@ -860,9 +863,8 @@ impl Index {
         if copy.copied[word] & bit != 0 {
             return;
         }
-        let chunk_bytes = CHUNK_SLOTS * size_of::<Slot>();
-        let start = chunk * chunk_bytes;
-        let end = (start + chunk_bytes).min(copy.buf.len());
+        let start = chunk * CHUNK_BYTES;
+        let end = (start + CHUNK_BYTES).min(copy.buf.len());
         copy.buf[start..end].copy_from_slice(&self.mem.bytes()[start..end]);
         copy.copied[word] |= bit;
         copy.remaining -= 1;

@@ -118,8 +118,8 @@ pub struct StoreConfig {
     /// checkpoints ([`PendingCheckpoint::detach_index`]), so a checkpoint names the newest one
     /// already durable; a checkpoint whose replay from there would be longer than this (after
     /// a bulk load, or with snapshots held up by a slow disk) names an index snapshot of its own
-    /// seal (or of a recent one) instead, which its task writes: that checkpoint takes longer,
-    /// and its snapshot is copied on the caller's thread. `u64::MAX` switches the bound off.
+    /// seal (or of a recent one) instead, which its task writes once [`StateStore::maintain`]
+    /// has copied it: that checkpoint takes longer. `u64::MAX` switches the bound off.
     pub max_replay_bytes: u64,
     /// Incremental compaction ([`StateStore::compact_step`]) runs while the log holds more
     /// than this percentage of the live bytes (space amplification). 0 switches it off.
@@ -470,12 +470,11 @@ pub struct StateStore {
 #[derive(Debug)]
 struct OwedIndex {
     snapshot: IndexSnapshotRef,
-    pace: u64,
     to_task: std::sync::mpsc::SyncSender<IndexWrite>,
 }
 
 /// Bytes of an owed index snapshot [`StateStore::maintain`] copies per entry of its budget (in
-/// chunks of 64 KiB): the runtime's budget of 512 copies 1 MiB a call, tens of microseconds.
+/// chunks of 64 KiB): the runtime's budget of 512 copies 1 MiB a call.
 const COPY_BYTES_PER_BUDGET: usize = 2 << 10;
 
 /// Where incremental compaction ([`StateStore::compact_step`]) stands.
@@ -929,7 +928,7 @@ impl StateStore {
         // fails (and the store is not suspect), and the next checkpoint writes them again.
         let write_error = self.write_out_open_tails().err();
         let seal = self.tail();
-        let (synced_upto, confirmed_index, mut spare, take_index, bounded) = {
+        let (synced_upto, confirmed_index, mut spare, take_index, replay_tail, bounded) = {
             let mut ledger = self.ledger.lock().map_err(|_| StateError::Misuse("ledger poisoned".into()))?;
             if let Some(failure) = &ledger.failed_sync {
                 return Err(StateError::Misuse(format!(
@@ -960,17 +959,15 @@ impl StateStore {
             // else the list holds was synced by an earlier checkpoint.
             self.new_segments.retain(|id| !ledger.presynced.contains(id));
             ledger.presynced.clear();
-            (ledger.synced_upto, ledger.confirmed_index.clone(), spare, due, bounded)
+            (ledger.synced_upto, ledger.confirmed_index.clone(), spare, due, replay_tail, bounded)
         };
+        let max_replay = self.config.max_replay_bytes;
         // An index snapshot started at an earlier checkpoint (copy-on-write since) is finished
         // now and written by this checkpoint's task; one is started now if due, and finished
         // and written by the next checkpoint. So no checkpoint copies the whole table on the
         // caller's thread, unless it is past the replay bound (see below).
-        // What a restore of this checkpoint replays until a newer index snapshot is confirmed:
-        // the further behind snapshots are (a bulk load), the faster the next one is written.
-        let replay_tail = self.log_distance(confirmed_index.as_ref().map(|r| r.seal), seal);
+        // The further behind snapshots are (a bulk load), the faster the next one is written.
         let pace = snapshot_pace(replay_tail);
-        let max_replay = self.config.max_replay_bytes;
         let pending = match self.pending_index.take() {
             // Past the bound, a snapshot copying since an earlier checkpoint serves only if a
             // replay from its seal is within the bound.
@@ -994,9 +991,9 @@ impl StateStore {
                 }
             };
             // Its copy is finished by the next calls of `maintain`, a slice at a time, not
-            // here: at 1 GiB a table of 128 MiB took the shard tens of milliseconds to copy.
+            // here: at 1 GiB that is a 128 MiB memcpy a store, which a restart would wait for.
             let (to_task, copying) = std::sync::mpsc::sync_channel(1);
-            self.owed_index = Some(OwedIndex { snapshot: snapshot.clone(), pace, to_task });
+            self.owed_index = Some(OwedIndex { snapshot: snapshot.clone(), to_task });
             (None, Some((copying, std::thread::current().id())), Some(snapshot))
         } else {
             let write = pending.and_then(|snapshot| {
@@ -1375,14 +1372,15 @@ impl StateStore {
         if self.owed_index.is_none() {
             return false;
         }
-        let chunks = bytes.div_ceil(crate::index::CHUNK_SLOTS * 16);
+        let chunks = bytes.div_ceil(crate::index::CHUNK_BYTES);
         if !self.index.copy_step(chunks) {
             return true;
         }
         let Some(owed) = self.owed_index.take() else { return false };
         if let Some((slots, capacity, len)) = self.index.finish_copy() {
             let path = self.dir.join(index_file_name(owed.snapshot.checkpoint_id));
-            let write = IndexWrite { path, slots, capacity, len, snapshot: owed.snapshot, pace: owed.pace };
+            // Written by the checkpoint's task, never detached: no pace.
+            let write = IndexWrite { path, slots, capacity, len, snapshot: owed.snapshot, pace: 0 };
             // A task that is gone (its checkpoint dropped) leaves the buffer to the next one.
             if let Err(std::sync::mpsc::TrySendError::Full(w) | std::sync::mpsc::TrySendError::Disconnected(w)) =
                 owed.to_task.try_send(write)
