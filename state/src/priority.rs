@@ -18,7 +18,9 @@
 //! waking up takes the core back at once. A paced write that is urgent (a long replay tail,
 //! after a bulk load) or falls [`STARVED_AFTER`] behind its pace (shards busy on every core)
 //! leaves the idle class until it is done ([`Raised`]), so snapshots, which bound recovery,
-//! are never starved. Where the process may not leave the idle class again (no
+//! are never starved. While some store's snapshot is needed soon ([`Urgent`]: its replay tail
+//! nears the bound, or a checkpoint waits for it), every paced write also drops its pace and
+//! stops holding back for checkpoint I/O. Where the process may not leave the idle class again (no
 //! `CAP_SYS_NICE`, `RLIMIT_NICE` too low), it is not entered: [`idle_class_available`] tries
 //! the round trip on a throwaway thread first.
 //!
@@ -90,6 +92,35 @@ pub(crate) fn yield_to_foreground(stop: impl Fn() -> bool) -> Duration {
         std::thread::sleep(Duration::from_micros(100));
     }
     started.elapsed()
+}
+
+static URGENT: AtomicUsize = AtomicUsize::new(0);
+
+/// Marks, while it lives, an index snapshot that a store's replay bound needs soon: its
+/// store's replay tail is near the bound, or a checkpoint past the bound waits for it. Every
+/// paced background write of the process then writes at full speed, at the shards' priority
+/// and without holding back for checkpoint I/O, as the snapshot that matters may be queued
+/// behind another one on the same writer.
+#[derive(Debug)]
+pub(crate) struct Urgent(());
+
+impl Urgent {
+    /// Background writes hurry from now until the guard is dropped.
+    pub(crate) fn begin() -> Urgent {
+        URGENT.fetch_add(1, Ordering::SeqCst);
+        Urgent(())
+    }
+
+    /// Whether any index snapshot of this process is urgent.
+    pub(crate) fn active() -> bool {
+        URGENT.load(Ordering::SeqCst) > 0
+    }
+}
+
+impl Drop for Urgent {
+    fn drop(&mut self) {
+        URGENT.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// How far behind its pace a paced background write may fall before it leaves the idle

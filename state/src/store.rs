@@ -117,9 +117,13 @@ pub struct StoreConfig {
     /// (what bounds recovery time). Index snapshots are normally written apart from the
     /// checkpoints ([`PendingCheckpoint::detach_index`]), so a checkpoint names the newest one
     /// already durable; a checkpoint whose replay from there would be longer than this (after
-    /// a bulk load, or with snapshots held up by a slow disk) names an index snapshot of its own
-    /// seal (or of a recent one) instead, which its task writes once [`StateStore::maintain`]
-    /// has copied it: that checkpoint takes longer. `u64::MAX` switches the bound off.
+    /// a bulk load, or with snapshots held up by a slow disk) names a newer one instead, and
+    /// its durability task waits for it (that checkpoint takes longer): a detached snapshot
+    /// not yet written, if a replay from its seal is within the bound (the task writes it if
+    /// its own task has not started); otherwise one of its own seal (or of a recent one),
+    /// which its task writes once [`StateStore::maintain`] has copied it. Detached snapshots
+    /// still unwritten when the replay nears the bound hurry (see `crate::priority::Urgent`).
+    /// `u64::MAX` switches the bound off.
     pub max_replay_bytes: u64,
     /// Incremental compaction ([`StateStore::compact_step`]) runs while the log holds more
     /// than this percentage of the live bytes (space amplification). 0 switches it off.
@@ -349,11 +353,11 @@ struct Ledger {
     /// The buffer of the last index snapshot, handed back for the next one.
     spare_index_buf: Option<Vec<u8>>,
     /// Index snapshots written apart from their checkpoint ([`PendingCheckpoint::detach_index`])
-    /// and not confirmed yet, with whether each one's file is durable. One becomes
-    /// `confirmed_index` once its file is durable and the log up to its seal is synced. Their
-    /// files and segments are kept meanwhile, and no further snapshot starts. (At most two: one
-    /// copy may have started before the previous one was detached.)
-    detached_index: Vec<(IndexSnapshotRef, bool)>,
+    /// and not confirmed yet. One becomes `confirmed_index` once its file is durable and the
+    /// log up to its seal is synced. Their files and segments are kept meanwhile, and no
+    /// further snapshot starts. (At most two: one copy may have started before the previous
+    /// one was detached.)
+    detached_index: Vec<Detached>,
     /// New segments whose file (allocation) and name a write-behind task already made durable:
     /// the next checkpoint need not fsync them.
     presynced: Vec<SegmentId>,
@@ -365,9 +369,9 @@ impl Ledger {
         let synced_upto = self.synced_upto;
         let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.detached_index)
             .into_iter()
-            .partition(|(snapshot, durable)| *durable && snapshot.seal <= synced_upto);
+            .partition(|d| d.durable && d.snapshot.seal <= synced_upto);
         self.detached_index = waiting;
-        for (snapshot, _) in ready {
+        for Detached { snapshot, .. } in ready {
             if self.confirmed_index.as_ref().is_none_or(|c| c.checkpoint_id < snapshot.checkpoint_id) {
                 self.confirmed_index = Some(snapshot);
             }
@@ -376,7 +380,146 @@ impl Ledger {
 
     /// Forgets the detached snapshot of checkpoint `id` (abandoned or failed).
     fn drop_detached(&mut self, id: u64) {
-        self.detached_index.retain(|(s, _)| s.checkpoint_id != id);
+        self.detached_index.retain(|d| d.snapshot.checkpoint_id != id);
+    }
+}
+
+/// A detached index snapshot the ledger waits for.
+#[derive(Debug)]
+struct Detached {
+    snapshot: IndexSnapshotRef,
+    /// Whether its file is durable.
+    durable: bool,
+    write: Arc<DetachedWrite>,
+}
+
+/// An index snapshot detached from its checkpoint ([`PendingCheckpoint::detach_index`]),
+/// shared by its [`IndexSnapshotTask`], the store's ledger, and a later checkpoint past the
+/// replay bound that names it instead of copying and writing a snapshot of its own (see
+/// [`StoreConfig::max_replay_bytes`]). Whoever comes first writes it: the task (paced, in the
+/// background), or that checkpoint's durability task if it finds the write still queued (at
+/// full speed: the checkpoint waits for it); the other one then waits for it or does nothing.
+#[derive(Debug)]
+struct DetachedWrite {
+    state: Mutex<DetachedState>,
+    written: std::sync::Condvar,
+}
+
+#[derive(Debug)]
+struct DetachedState {
+    stage: DetachedStage,
+    /// Held while the snapshot is urgent (see [`crate::priority::Urgent`]) and not written.
+    urgent: Option<crate::priority::Urgent>,
+}
+
+#[derive(Debug)]
+enum DetachedStage {
+    Queued(IndexWrite),
+    Writing,
+    /// Whether the file was written durably.
+    Written(bool),
+}
+
+impl DetachedWrite {
+    fn new(write: IndexWrite) -> Arc<DetachedWrite> {
+        let state = DetachedState { stage: DetachedStage::Queued(write), urgent: None };
+        Arc::new(DetachedWrite { state: Mutex::new(state), written: std::sync::Condvar::new() })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, DetachedState> {
+        // Nothing panics while holding it; a poisoned state is still consistent.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Marks the snapshot urgent until it is written.
+    fn hurry(&self) {
+        let mut state = self.lock();
+        if !matches!(state.stage, DetachedStage::Written(_)) {
+            state.urgent.get_or_insert_with(crate::priority::Urgent::begin);
+        }
+    }
+
+    /// Bytes of slots still queued to be written.
+    fn queued_bytes(&self) -> u64 {
+        match &self.lock().stage {
+            DetachedStage::Queued(w) => w.slots.len() as u64,
+            _ => 0,
+        }
+    }
+
+    /// Takes the write for the caller to do, if nobody has started it.
+    fn take(&self) -> Option<IndexWrite> {
+        let mut state = self.lock();
+        match std::mem::replace(&mut state.stage, DetachedStage::Writing) {
+            DetachedStage::Queued(w) => Some(w),
+            other => {
+                state.stage = other;
+                None
+            }
+        }
+    }
+
+    /// Writes `w` (taken with [`DetachedWrite::take`]) durably, paced when `pace` is given,
+    /// and records the outcome in `ledger` and for whoever waits. Returns the bytes written.
+    fn write(
+        &self,
+        w: IndexWrite,
+        dir: &Path,
+        ledger: &Mutex<Ledger>,
+        fence: Option<&crate::fence::Fence>,
+        pace: Option<u64>,
+    ) -> Result<u64> {
+        let header = crate::index::snapshot_header(w.capacity, w.len, w.snapshot.seal, &w.slots);
+        let written = write_durably_fenced(&w.path, &[&header, &w.slots], dir, fence, pace);
+        let bytes = (header.len() + w.slots.len()) as u64;
+        if let Ok(mut ledger) = ledger.lock() {
+            ledger.spare_index_buf = Some(w.slots);
+            let id = w.snapshot.checkpoint_id;
+            match ledger.detached_index.iter_mut().find(|d| d.snapshot.checkpoint_id == id) {
+                Some(d) if written.is_ok() => {
+                    d.durable = true;
+                    ledger.promote_detached();
+                }
+                _ => ledger.drop_detached(id),
+            }
+        }
+        self.finish(written.is_ok());
+        written.map(|()| bytes)
+    }
+
+    fn finish(&self, durable: bool) {
+        let mut state = self.lock();
+        state.stage = DetachedStage::Written(durable);
+        state.urgent = None;
+        self.written.notify_all();
+    }
+
+    /// Waits until the snapshot is written by another thread; fails if it was not (written
+    /// badly or abandoned), or once `fence` closes.
+    fn wait(&self, fence: Option<&crate::fence::Fence>, checkpoint_id: u64) -> Result<()> {
+        let mut state = self.lock();
+        loop {
+            match state.stage {
+                DetachedStage::Written(true) => return Ok(()),
+                DetachedStage::Written(false) => {
+                    return Err(StateError::Misuse(format!(
+                        "checkpoint {checkpoint_id} names an index snapshot that was not written"
+                    )));
+                }
+                _ if fence.is_some_and(|f| f.is_closed()) => {
+                    return Err(StateError::Misuse(format!(
+                        "checkpoint {checkpoint_id} was cancelled waiting for its index snapshot"
+                    )));
+                }
+                _ => {
+                    state = self
+                        .written
+                        .wait_timeout(state, Duration::from_millis(10))
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0;
+                }
+            }
+        }
     }
 }
 
@@ -928,7 +1071,8 @@ impl StateStore {
         // fails (and the store is not suspect), and the next checkpoint writes them again.
         let write_error = self.write_out_open_tails().err();
         let seal = self.tail();
-        let (synced_upto, confirmed_index, mut spare, take_index, replay_tail, bounded) = {
+        let max_replay = self.config.max_replay_bytes;
+        let (synced_upto, confirmed_index, mut spare, take_index, replay_tail, bounded, named) = {
             let mut ledger = self.ledger.lock().map_err(|_| StateError::Misuse("ledger poisoned".into()))?;
             if let Some(failure) = &ledger.failed_sync {
                 return Err(StateError::Misuse(format!(
@@ -941,13 +1085,26 @@ impl StateStore {
             // log may grow by the other half while the snapshot is copied and written), unless
             // one is being copied (and is about to be detached, so the tail stays long).
             let replay_tail = self.log_distance(ledger.confirmed_index.as_ref().map(|r| r.seal), seal);
-            let bounded = replay_tail > self.config.max_replay_bytes;
+            let bounded = replay_tail > max_replay;
+            // A detached snapshot still being written when the tail nears the bound hurries;
+            // past the bound, the newest one within it is named by this checkpoint, whose task
+            // waits for it (or writes it, if not started): on a slow disk, a snapshot of its
+            // own would be a second one to write behind it, and a table to copy first.
+            if replay_tail >= max_replay - max_replay / 8 {
+                ledger.detached_index.iter().for_each(|d| d.write.hurry());
+            }
+            let named = ledger
+                .detached_index
+                .iter()
+                .filter(|d| bounded && self.log_distance(Some(d.snapshot.seal), seal) <= max_replay)
+                .max_by_key(|d| d.snapshot.checkpoint_id)
+                .map(|d| (d.snapshot.clone(), Arc::clone(&d.write)));
             // A detached snapshot still being written postpones the next one (snapshots never
             // queue up behind a slow disk), and so does the index delta of a restore that is
             // not folded yet (the handle references the restored snapshot meanwhile).
             let due = (self.checkpoints_since_index + 1 >= self.config.index_snapshot_every
                 || self.bytes_since_index >= self.config.index_snapshot_tail_bytes
-                || replay_tail >= self.config.max_replay_bytes / 2 && self.pending_index.is_none())
+                || replay_tail >= max_replay / 2 && self.pending_index.is_none())
                 && ledger.detached_index.is_empty()
                 && !self.index.has_delta();
             let mut spare = if due || bounded { ledger.spare_index_buf.take() } else { None };
@@ -959,9 +1116,8 @@ impl StateStore {
             // else the list holds was synced by an earlier checkpoint.
             self.new_segments.retain(|id| !ledger.presynced.contains(id));
             ledger.presynced.clear();
-            (ledger.synced_upto, ledger.confirmed_index.clone(), spare, due, replay_tail, bounded)
+            (ledger.synced_upto, ledger.confirmed_index.clone(), spare, due, replay_tail, bounded, named)
         };
-        let max_replay = self.config.max_replay_bytes;
         // An index snapshot started at an earlier checkpoint (copy-on-write since) is finished
         // now and written by this checkpoint's task; one is started now if due, and finished
         // and written by the next checkpoint. So no checkpoint copies the whole table on the
@@ -969,6 +1125,12 @@ impl StateStore {
         // The further behind snapshots are (a bulk load), the faster the next one is written.
         let pace = snapshot_pace(replay_tail);
         let pending = match self.pending_index.take() {
+            // Past the bound and naming a detached snapshot, a snapshot copying since an
+            // earlier checkpoint goes on copying (the next checkpoint writes it).
+            pending if named.is_some() => {
+                self.pending_index = pending;
+                None
+            }
             // Past the bound, a snapshot copying since an earlier checkpoint serves only if a
             // replay from its seal is within the bound.
             Some(snapshot) if bounded && self.log_distance(Some(snapshot.seal), seal) > max_replay => {
@@ -977,7 +1139,9 @@ impl StateStore {
             }
             pending => pending,
         };
-        let (index_write, index_copying, own_index) = if bounded {
+        let (index_write, index_copying, own_index, index_named) = if let Some((snapshot, write)) = named {
+            (None, None, Some(snapshot), Some(write))
+        } else if bounded {
             let snapshot = match pending {
                 Some(snapshot) => snapshot,
                 None => {
@@ -994,7 +1158,7 @@ impl StateStore {
             // here: at 1 GiB that is a 128 MiB memcpy a store, which a restart would wait for.
             let (to_task, copying) = std::sync::mpsc::sync_channel(1);
             self.owed_index = Some(OwedIndex { snapshot: snapshot.clone(), to_task });
-            (None, Some((copying, std::thread::current().id())), Some(snapshot))
+            (None, Some((copying, std::thread::current().id())), Some(snapshot), None)
         } else {
             let write = pending.and_then(|snapshot| {
                 let (slots, capacity, len) = self.index.finish_copy()?;
@@ -1002,7 +1166,7 @@ impl StateStore {
                 Some(IndexWrite { path, slots, capacity, len, snapshot, pace })
             });
             let own = write.as_ref().map(|w| w.snapshot.clone());
-            (write, None, own)
+            (write, None, own, None)
         };
         // A checkpoint past the bound just took its snapshot: none starts now.
         let take_index = take_index && !bounded;
@@ -1084,6 +1248,7 @@ impl StateStore {
             flushes,
             index_write,
             index_copying,
+            index_named,
             ledger: Arc::clone(&self.ledger),
         };
         Ok(PendingCheckpoint { handle, task, fallback })
@@ -1680,7 +1845,7 @@ impl StateStore {
     /// Some become the store's spare files instead (see [`SPARE_SEGMENT_FILE`]).
     pub fn garbage(&mut self, retained: &[&CheckpointHandle]) -> Result<Vec<PathBuf>> {
         let (confirmed, detached) = match self.ledger.lock() {
-            Ok(l) => (l.confirmed_index.clone(), l.detached_index.iter().map(|d| d.0.clone()).collect()),
+            Ok(l) => (l.confirmed_index.clone(), l.detached_index.iter().map(|d| d.snapshot.clone()).collect()),
             Err(_) => (None, Vec::new()),
         };
         let mut garbage = Vec::new();
@@ -1801,59 +1966,52 @@ impl PendingCheckpoint {
         self.handle.index_snapshot = index;
         self.handle.segments = segments;
         let ledger = Arc::clone(&self.task.ledger);
+        let snapshot = write.snapshot.clone();
+        let write = DetachedWrite::new(write);
         if let Ok(mut l) = ledger.lock() {
-            l.detached_index.push((write.snapshot.clone(), false));
+            l.detached_index.push(Detached { snapshot, durable: false, write: Arc::clone(&write) });
         }
-        Some(IndexSnapshotTask { write: Some(write), dir: self.task.dir.clone(), ledger })
+        Some(IndexSnapshotTask { write, dir: self.task.dir.clone(), ledger })
     }
 }
 
 /// An index snapshot written apart from its checkpoint (see [`PendingCheckpoint::detach_index`]).
 /// Dropping it unrun abandons the snapshot; the store then starts another when one is due.
+/// A later checkpoint past the replay bound may name it, and then writes it itself if this
+/// task has not started by the time that checkpoint's durability task runs.
 #[derive(Debug)]
 pub struct IndexSnapshotTask {
-    write: Option<IndexWrite>,
+    write: Arc<DetachedWrite>,
     dir: PathBuf,
     ledger: Arc<Mutex<Ledger>>,
 }
 
 impl IndexSnapshotTask {
-    /// Bytes of slots the snapshot holds.
+    /// Bytes of slots the snapshot holds (0 once its write has started).
     pub fn bytes(&self) -> u64 {
-        self.write.as_ref().map_or(0, |w| w.slots.len() as u64)
+        self.write.queued_bytes()
     }
 
     /// Writes the snapshot file durably, blocking the calling thread; stops early (and names
     /// nothing) once `fence` is closed, and renames the file into place only inside it.
-    /// Returns the bytes written. A failure leaves the store sound: later checkpoints keep
-    /// referring to the older snapshot.
-    pub fn run(mut self, fence: &crate::fence::Fence) -> Result<u64> {
+    /// Returns the bytes written: 0 when a checkpoint's durability task took the write over.
+    /// A failure leaves the store sound: later checkpoints keep referring to the older
+    /// snapshot.
+    pub fn run(self, fence: &crate::fence::Fence) -> Result<u64> {
         let Some(w) = self.write.take() else { return Ok(0) };
-        let header = crate::index::snapshot_header(w.capacity, w.len, w.snapshot.seal, &w.slots);
-        let written = write_durably_fenced(&w.path, &[&header, &w.slots], &self.dir, Some(fence), Some(w.pace));
-        let bytes = (header.len() + w.slots.len()) as u64;
-        if let Ok(mut ledger) = self.ledger.lock() {
-            ledger.spare_index_buf = Some(w.slots);
-            let id = w.snapshot.checkpoint_id;
-            match ledger.detached_index.iter_mut().find(|(s, _)| s.checkpoint_id == id) {
-                Some((_, durable)) if written.is_ok() => {
-                    *durable = true;
-                    ledger.promote_detached();
-                }
-                _ => ledger.drop_detached(id),
-            }
-        }
-        written.map(|()| bytes)
+        let pace = w.pace;
+        self.write.write(w, &self.dir, &self.ledger, Some(fence), Some(pace))
     }
 }
 
 impl Drop for IndexSnapshotTask {
     fn drop(&mut self) {
-        if let Some(w) = self.write.take()
-            && let Ok(mut ledger) = self.ledger.lock()
-        {
-            ledger.drop_detached(w.snapshot.checkpoint_id);
-            ledger.spare_index_buf = Some(w.slots);
+        if let Some(w) = self.write.take() {
+            if let Ok(mut ledger) = self.ledger.lock() {
+                ledger.drop_detached(w.snapshot.checkpoint_id);
+                ledger.spare_index_buf = Some(w.slots);
+            }
+            self.write.finish(false);
         }
     }
 }
@@ -1876,6 +2034,10 @@ pub struct DurabilityTask {
     /// The index snapshot of a checkpoint past the replay bound, which the store hands over
     /// once copied (see [`StateStore::maintain`]), and the store's thread.
     index_copying: Option<(std::sync::mpsc::Receiver<IndexWrite>, std::thread::ThreadId)>,
+    /// The detached index snapshot of an earlier checkpoint that a checkpoint past the replay
+    /// bound names: the task writes it if its own task has not started, and waits for it
+    /// otherwise.
+    index_named: Option<Arc<DetachedWrite>>,
     ledger: Arc<Mutex<Ledger>>,
 }
 
@@ -1950,10 +2112,16 @@ impl DurabilityTask {
             (None, Some((copying, store_thread))) => Some(self.wait_for_copy(&copying, store_thread, fence)?),
             (None, None) => None,
         };
+        // Writing (and checksumming) a file the size of the index is long work: the runtime's
+        // durability workers, in the real-time class, share the cores for it.
+        let _normal = (index_write.is_some() || self.index_named.is_some()).then(crate::priority::lower);
+        if let Some(named) = self.index_named.take() {
+            match named.take() {
+                Some(w) => index_bytes = named.write(w, &self.dir, &self.ledger, fence, None)?,
+                None => named.wait(fence, self.checkpoint_id)?,
+            }
+        }
         if let Some(w) = index_write {
-            // Writing (and checksumming) a file the size of the index is long work: the
-            // runtime's durability workers, in the real-time class, share the cores for it.
-            let _normal = crate::priority::lower();
             // CRCs and header are computed here, off the caller's thread.
             let header = crate::index::snapshot_header(w.capacity, w.len, w.snapshot.seal, &w.slots);
             let written = write_durably_fenced(&w.path, &[&header, &w.slots], &self.dir, fence, None);
@@ -2178,11 +2346,22 @@ fn write_paced(tmp: &Path, parts: &[&[u8]], fence: &crate::fence::Fence, pace: u
     // `crate::priority`) when the snapshot is urgent (a long replay tail: after a bulk load,
     // when the shards are busiest), at the shards' priority, or once it falls behind (shards
     // busy on every core), at the lowest normal priority.
+    use crate::priority::Level;
     let urgent = pace >= URGENT_BACKGROUND_WRITE_BYTES_PER_S;
-    let mut raised = urgent.then(|| crate::priority::raise(crate::priority::Level::Shards));
+    let mut raised = urgent.then(|| (crate::priority::raise(Level::Shards), Level::Shards));
     let mut flush = |buf: &[u8], written: &mut usize| -> Result<()> {
-        // Checkpoint I/O goes first; the time waited for it does not count against the pace.
-        started += crate::priority::yield_to_foreground(|| fence.is_closed());
+        // While a snapshot a store's replay bound needs is waiting (maybe this one, maybe one
+        // queued behind it), this one neither holds back nor keeps its pace.
+        let hurry = crate::priority::Urgent::active();
+        if hurry && !matches!(raised, Some((_, Level::Shards))) {
+            // Back to the idle class first: `raise` leaves a thread outside it alone.
+            raised = None;
+            raised = Some((crate::priority::raise(Level::Shards), Level::Shards));
+        }
+        if !hurry {
+            // Checkpoint I/O goes first; the time waited for it does not count against the pace.
+            started += crate::priority::yield_to_foreground(|| fence.is_closed());
+        }
         if fence.is_closed() {
             return Err(StateError::Misuse(format!("writing {} was cancelled", tmp.display())));
         }
@@ -2195,8 +2374,14 @@ fn write_paced(tmp: &Path, parts: &[&[u8]], fence: &crate::fence::Fence, pace: u
         }
         *written += buf.len();
         let due = Duration::from_secs_f64(*written as f64 / pace.max(1) as f64);
+        if hurry {
+            // On schedule from here: once nothing is urgent, the pace goes on from where the
+            // write is, without a pause to make up for the hurry.
+            started = Instant::now().checked_sub(due).unwrap_or(started);
+            return Ok(());
+        }
         if raised.is_none() && started.elapsed() > due + crate::priority::STARVED_AFTER {
-            raised = Some(crate::priority::raise(crate::priority::Level::Trickle));
+            raised = Some((crate::priority::raise(Level::Trickle), Level::Trickle));
         }
         while let Some(wait) = due.checked_sub(started.elapsed()) {
             if fence.is_closed() {
@@ -2576,6 +2761,91 @@ mod tests {
         assert!(task.join().unwrap().unwrap().index_bytes > 0);
         assert!(dir.path().join(index_file_name(3)).exists());
         assert!(!dir.path().join(index_file_name(2)).exists());
+    }
+
+    /// A checkpoint past the replay bound while a detached index snapshot within the bound is
+    /// still unwritten names that snapshot instead of copying one of its own (which, on a slow
+    /// disk, would be a second file to write behind the first): its task writes it when the
+    /// snapshot's own task has not started (that task then writes nothing), waits for it when
+    /// it has, and fails when it was abandoned. A restore of each replays within the bound.
+    #[test]
+    fn a_checkpoint_past_the_replay_bound_names_a_detached_snapshot_still_unwritten() {
+        let record = u64::from(record::slot_bytes(8, 8));
+        let config = StoreConfig {
+            index_snapshot_every: 1000,
+            index_snapshot_tail_bytes: 40 * record,
+            max_replay_bytes: 100 * record,
+            ..config()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = StateStore::create(dir.path(), config.clone()).unwrap();
+        let state = store.register("op/v", None).unwrap();
+        let mut next = 0;
+        let mut checkpoint = |store: &mut StateStore, id: u64, records: u64| {
+            for _ in 0..records {
+                put(store, state, next, next);
+                next += 1;
+            }
+            store.checkpoint(id).unwrap()
+        };
+        let fence = crate::fence::Fence::new();
+        // A snapshot of 50 records is copied from checkpoint 1 and detached at 2.
+        checkpoint(&mut store, 1, 50).task.run().unwrap();
+        let mut c2 = checkpoint(&mut store, 2, 10);
+        let s1 = c2.detach_index().expect("snapshot 1 is detached");
+        c2.task.run().unwrap();
+        // 110 records and no durable snapshot: past the bound, and snapshot 1 will do.
+        let mut c3 = checkpoint(&mut store, 3, 50);
+        assert!(c3.detach_index().is_none());
+        assert_eq!(c3.handle.index_snapshot.as_ref().map(|r| r.checkpoint_id), Some(1));
+        assert_eq!(c3.handle.replay_bytes(), 60 * record);
+        assert!(crate::priority::Urgent::active(), "a snapshot the bound needs hurries");
+        // Its task writes snapshot 1 itself; the snapshot's own task then has nothing to do.
+        assert!(c3.task.run().unwrap().index_bytes > 0);
+        assert!(dir.path().join(index_file_name(1)).exists());
+        assert_eq!(s1.run(&fence).unwrap(), 0);
+        let mut handles = vec![c3.handle];
+        // Snapshot 4 is detached at 5, and its own task has started when checkpoint 6 names it.
+        checkpoint(&mut store, 4, 20).task.run().unwrap();
+        let mut c5 = checkpoint(&mut store, 5, 5);
+        let s4 = c5.detach_index().expect("snapshot 4 is detached");
+        c5.task.run().unwrap();
+        let c6 = checkpoint(&mut store, 6, 30);
+        assert_eq!(c6.handle.index_snapshot.as_ref().map(|r| r.checkpoint_id), Some(4));
+        assert_eq!(c6.handle.replay_bytes(), 35 * record);
+        handles.push(c6.handle);
+        let started = s4.write.take().expect("not started yet");
+        let c6_task = std::thread::spawn(move || c6.task.run());
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!c6_task.is_finished(), "checkpoint 6 waits for snapshot 4");
+        s4.write.write(started, &s4.dir, &s4.ledger, Some(&fence), Some(BACKGROUND_WRITE_BYTES_PER_S)).unwrap();
+        assert_eq!(c6_task.join().unwrap().unwrap().index_bytes, 0, "written by the snapshot's task");
+        // Snapshot 7, detached at 8, is named by checkpoint 9 and then abandoned: 9 fails, and
+        // 10 writes a snapshot of its own.
+        checkpoint(&mut store, 7, 20).task.run().unwrap();
+        let mut c8 = checkpoint(&mut store, 8, 5);
+        let s7 = c8.detach_index().expect("snapshot 7 is detached");
+        c8.task.run().unwrap();
+        let c9 = checkpoint(&mut store, 9, 60);
+        assert_eq!(c9.handle.index_snapshot.as_ref().map(|r| r.checkpoint_id), Some(7));
+        drop(s7);
+        let err = c9.task.run().unwrap_err();
+        assert!(err.to_string().contains("not written"), "{err}");
+        let c10 = checkpoint(&mut store, 10, 0);
+        assert_eq!(c10.handle.index_snapshot.as_ref().map(|r| r.checkpoint_id), Some(10));
+        store.finish_copies();
+        assert!(c10.task.run().unwrap().index_bytes > 0);
+        handles.push(c10.handle);
+        drop(store);
+        for handle in &handles {
+            assert!(handle.replay_bytes() <= config.max_replay_bytes);
+            let store = StateStore::restore(dir.path(), handle, config.clone(), RestoreOptions::default()).unwrap();
+            let upto = handle.key_count;
+            for k in (0..upto).step_by(7).chain([upto - 1]) {
+                assert_eq!(get(&store, state, k).unwrap(), Some(k), "key {k} of checkpoint {}", handle.checkpoint_id);
+            }
+            assert_eq!(get(&store, state, upto).unwrap(), None);
+        }
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! steps of background upkeep (folding a restore's index delta, with any budget), checked
 //! against a `BTreeMap` model. After every restore the store equals the model as it was
 //! at that checkpoint. Checkpoints write their index snapshot themselves, or detach it (as the
-//! runtime does) and write or abandon it; whichever, no checkpoint's restore replays more
-//! than the store's replay bound. A checkpoint's task runs later, as the runtime's does: before
+//! runtime does) and write or abandon it, or leave it for a later `WriteDetached` step (so that
+//! a checkpoint past the bound may name it unwritten); whichever, no checkpoint's restore
+//! replays more than the store's replay bound. A checkpoint's task runs later, as the runtime's does: before
 //! the next checkpoint, restore, crash or collection, with any operations in between (a store
 //! past the bound copies its snapshot for the task in `maintain` steps meanwhile).
 
@@ -27,6 +28,9 @@ enum Detach {
     AndWrite,
     /// Detaches it and drops it unwritten.
     AndAbandon,
+    /// Detaches it and leaves it for a later [`Op::WriteDetached`] (dropped unwritten at a
+    /// restore or crash, as a restart does).
+    AndDefer,
 }
 
 #[derive(Debug, Clone)]
@@ -45,6 +49,9 @@ enum Op {
     CollectGarbage,
     Maintain(usize),
     WriteBehind(u32),
+    /// Writes the oldest deferred detached snapshot (nothing, if a checkpoint wrote it), if it
+    /// is older than this many operations: so that the log often grows past the bound first.
+    WriteDetached(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -55,7 +62,14 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0u8..8, any::<u32>()).prop_map(|(k, v)| Op::ListAdd(k, v)),
         1 => (0u8..8).prop_map(Op::ListClear),
         3 => (0u8..40).prop_map(Op::Get),
-        2 => prop_oneof![Just(Detach::No), Just(Detach::AndWrite), Just(Detach::AndAbandon)].prop_map(Op::Checkpoint),
+        2 => prop_oneof![
+            1 => Just(Detach::No),
+            1 => Just(Detach::AndWrite),
+            1 => Just(Detach::AndAbandon),
+            3 => Just(Detach::AndDefer)
+        ]
+        .prop_map(Op::Checkpoint),
+        1 => (0usize..200).prop_map(Op::WriteDetached),
         1 => (0usize..4).prop_map(Op::Restore),
         1 => proptest::collection::vec(any::<u8>(), 1..60).prop_map(Op::Crash),
         1 => Just(Op::Compact),
@@ -103,7 +117,7 @@ fn config() -> StoreConfig {
 }
 
 const SEGMENT_BYTES: u64 = 8192;
-const MAX_REPLAY: u64 = 3_000;
+const MAX_REPLAY: u64 = 1_500;
 
 fn key(k: u8) -> Vec<u8> {
     vec![b'k', k]
@@ -135,6 +149,8 @@ fn run(ops: Vec<Op>) {
     // The checkpoint taken and not run yet, with its detached snapshot and the model as of it.
     type InFlight = (weir_state::store::PendingCheckpoint, Option<weir_state::store::IndexSnapshotTask>, Model);
     let mut in_flight: Option<InFlight> = None;
+    // Detached snapshots left for later, oldest first.
+    let mut deferred: Vec<(weir_state::store::IndexSnapshotTask, usize)> = Vec::new();
     // Runs the checkpoint in flight (and writes its detached snapshot, if kept) and retains it.
     let complete =
         |store: &mut StateStore, in_flight: &mut Option<InFlight>, retained: &mut Vec<(CheckpointHandle, Model)>| {
@@ -149,7 +165,7 @@ fn run(ops: Vec<Op>) {
                 retained.remove(0);
             }
         };
-    for op in ops {
+    for (step, op) in ops.into_iter().enumerate() {
         if matches!(op, Op::Checkpoint(_) | Op::Restore(_) | Op::Crash(_) | Op::CollectGarbage) {
             complete(&mut store, &mut in_flight, &mut retained);
         }
@@ -192,6 +208,10 @@ fn run(ops: Vec<Op>) {
                         drop(pending.detach_index());
                         None
                     }
+                    Detach::AndDefer => {
+                        deferred.extend(pending.detach_index().map(|task| (task, step)));
+                        None
+                    }
                 };
                 let replay = pending.handle.replay_bytes();
                 assert!(replay <= MAX_REPLAY, "checkpoint {} replays {replay} bytes", pending.handle.checkpoint_id);
@@ -202,6 +222,7 @@ fn run(ops: Vec<Op>) {
                     continue;
                 }
                 let i = i % retained.len();
+                deferred.clear();
                 drop(store);
                 // As the coordinator does: checkpoints after the restored one are discarded.
                 retained.truncate(i + 1);
@@ -215,6 +236,7 @@ fn run(ops: Vec<Op>) {
             Op::Crash(garbage) => {
                 let Some((handle, at)) = retained.last().cloned() else { continue };
                 let tail = store.tail();
+                deferred.clear();
                 drop(store);
                 // A torn write: a partial record at the tail of the log, after the seal.
                 let path = dir.path().join(segment_file_name(address_segment(tail)));
@@ -249,6 +271,11 @@ fn run(ops: Vec<Op>) {
                     task.run().unwrap();
                 }
                 check(&store, &s, &model);
+            }
+            Op::WriteDetached(age) => {
+                if deferred.first().is_some_and(|(_, at)| step - at >= age) {
+                    deferred.remove(0).0.run(&weir_state::fence::Fence::new()).unwrap();
+                }
             }
             Op::Maintain(budget) => {
                 let more = store.maintain(budget).unwrap();
