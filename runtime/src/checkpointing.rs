@@ -220,6 +220,10 @@ pub struct CheckpointStat {
     /// Bytes of index snapshots the checkpoint's own durability tasks wrote (0 unless a store
     /// was past its replay bound, [`CheckpointSettings::max_replay_bytes`]).
     pub index_bytes: u64,
+    /// Whether a store was past its replay bound: its durability task wrote, or waited for,
+    /// the index snapshot the checkpoint names (see
+    /// [`weir_state::StoreConfig::max_replay_bytes`]).
+    pub past_replay_bound: bool,
 }
 
 /// Counters of a job's checkpoints, over all its run attempts.
@@ -757,11 +761,15 @@ fn durability_worker(rx: &Receiver<Work>, tx: &Sender<Msg>, fence: &Fence) {
         let started = Instant::now();
         let mut failure = None;
         let mut index_bytes = 0;
+        let mut past_replay_bound = false;
         for task in item.work {
             // An index snapshot a task writes (a store past its replay bound) is named after
             // the checkpoint, whose id a later attempt may reuse: it is fenced.
             match task.run_fenced(Some(fence)) {
-                Ok(durable) => index_bytes += durable.index_bytes,
+                Ok(durable) => {
+                    index_bytes += durable.index_bytes;
+                    past_replay_bound |= durable.past_replay_bound;
+                }
                 Err(e) => {
                     failure = Some(e.to_string());
                     break;
@@ -781,7 +789,7 @@ fn durability_worker(rx: &Receiver<Work>, tx: &Sender<Msg>, fence: &Fence) {
                 attempt: item.attempt,
                 task: item.task,
                 id: item.id,
-                ack: Ack { snapshot: item.snapshot, sync: started.elapsed(), index_bytes },
+                ack: Ack { snapshot: item.snapshot, sync: started.elapsed(), index_bytes, past_replay_bound },
             },
             Some(reason) => {
                 failed.insert(item.task);
@@ -803,13 +811,15 @@ struct Ack {
     sync: Duration,
     /// Index snapshot bytes the tasks wrote.
     index_bytes: u64,
+    /// Whether a store was past its replay bound.
+    past_replay_bound: bool,
 }
 
 impl Ack {
     /// The acknowledgement a finished stage instance gives every later checkpoint: its last
     /// snapshot, with nothing left to sync.
     fn finished(snapshot: &TaskSnapshot) -> Ack {
-        Ack { snapshot: snapshot.clone(), sync: Duration::ZERO, index_bytes: 0 }
+        Ack { snapshot: snapshot.clone(), sync: Duration::ZERO, index_bytes: 0, past_replay_bound: false }
     }
 }
 
@@ -911,6 +921,7 @@ impl CoordinatorLoop {
                         let alignment = acks.iter().map(|(_, a)| a.snapshot.alignment).max().unwrap_or_default();
                         let sync = acks.iter().map(|(_, a)| a.sync).max().unwrap_or_default();
                         let index_bytes = acks.iter().map(|(_, a)| a.index_bytes).sum();
+                        let past_replay_bound = acks.iter().any(|(_, a)| a.past_replay_bound);
                         let writing = Instant::now();
                         let result = self.write_manifest(id, acks.into_iter().map(|(_, a)| a.snapshot).collect());
                         let manifest = writing.elapsed();
@@ -925,6 +936,7 @@ impl CoordinatorLoop {
                                 sync,
                                 manifest,
                                 index_bytes,
+                                past_replay_bound,
                             });
                         }
                         let now = self.clock.now_ms();

@@ -1249,6 +1249,7 @@ impl StateStore {
             index_write,
             index_copying,
             index_named,
+            past_replay_bound: bounded,
             ledger: Arc::clone(&self.ledger),
         };
         Ok(PendingCheckpoint { handle, task, fallback })
@@ -2038,6 +2039,8 @@ pub struct DurabilityTask {
     /// bound names: the task writes it if its own task has not started, and waits for it
     /// otherwise.
     index_named: Option<Arc<DetachedWrite>>,
+    /// Whether the checkpoint is past the replay bound.
+    past_replay_bound: bool,
     ledger: Arc<Mutex<Ledger>>,
 }
 
@@ -2063,6 +2066,10 @@ pub struct Durable {
     pub bytes_synced: u64,
     /// Bytes of index snapshot written (0 when none was due).
     pub index_bytes: u64,
+    /// Whether the checkpoint was past the store's replay bound
+    /// ([`StoreConfig::max_replay_bytes`]): the task wrote, or waited for, the index snapshot
+    /// the checkpoint names.
+    pub past_replay_bound: bool,
     /// Wall time the task took.
     pub duration: Duration,
 }
@@ -2141,7 +2148,13 @@ impl DurabilityTask {
                 ledger.confirmed_index = Some(snapshot);
             }
         }
-        Ok(Durable { checkpoint_id: self.checkpoint_id, bytes_synced, index_bytes, duration: started.elapsed() })
+        Ok(Durable {
+            checkpoint_id: self.checkpoint_id,
+            bytes_synced,
+            index_bytes,
+            past_replay_bound: self.past_replay_bound,
+            duration: started.elapsed(),
+        })
     }
 
     /// Waits until the store has copied this checkpoint's index snapshot (a slice per call of
@@ -2793,7 +2806,7 @@ mod tests {
         checkpoint(&mut store, 1, 50).task.run().unwrap();
         let mut c2 = checkpoint(&mut store, 2, 10);
         let s1 = c2.detach_index().expect("snapshot 1 is detached");
-        c2.task.run().unwrap();
+        assert!(!c2.task.run().unwrap().past_replay_bound);
         // 110 records and no durable snapshot: past the bound, and snapshot 1 will do.
         let mut c3 = checkpoint(&mut store, 3, 50);
         assert!(c3.detach_index().is_none());
@@ -2801,7 +2814,8 @@ mod tests {
         assert_eq!(c3.handle.replay_bytes(), 60 * record);
         assert!(crate::priority::Urgent::active(), "a snapshot the bound needs hurries");
         // Its task writes snapshot 1 itself; the snapshot's own task then has nothing to do.
-        assert!(c3.task.run().unwrap().index_bytes > 0);
+        let durable = c3.task.run().unwrap();
+        assert!(durable.index_bytes > 0 && durable.past_replay_bound);
         assert!(dir.path().join(index_file_name(1)).exists());
         assert_eq!(s1.run(&fence).unwrap(), 0);
         let mut handles = vec![c3.handle];
@@ -2819,7 +2833,9 @@ mod tests {
         std::thread::sleep(Duration::from_millis(30));
         assert!(!c6_task.is_finished(), "checkpoint 6 waits for snapshot 4");
         s4.write.write(started, &s4.dir, &s4.ledger, Some(&fence), Some(BACKGROUND_WRITE_BYTES_PER_S)).unwrap();
-        assert_eq!(c6_task.join().unwrap().unwrap().index_bytes, 0, "written by the snapshot's task");
+        let durable = c6_task.join().unwrap().unwrap();
+        assert_eq!(durable.index_bytes, 0, "written by the snapshot's task");
+        assert!(durable.past_replay_bound);
         // Snapshot 7, detached at 8, is named by checkpoint 9 and then abandoned: 9 fails, and
         // 10 writes a snapshot of its own.
         checkpoint(&mut store, 7, 20).task.run().unwrap();
