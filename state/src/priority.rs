@@ -20,9 +20,9 @@
 //! leaves the idle class until it is done ([`Raised`]), so snapshots, which bound recovery,
 //! are never starved. While some store's snapshot is needed soon ([`Urgent`]: its replay tail
 //! nears the bound, or a checkpoint waits for it), every paced write also drops its pace and
-//! stops holding back for checkpoint I/O. Where the process may not leave the idle class again (no
-//! `CAP_SYS_NICE`, `RLIMIT_NICE` too low), it is not entered: [`idle_class_available`] tries
-//! the round trip on a throwaway thread first.
+//! stops holding back for checkpoint I/O. Where the process may not leave the idle class again
+//! (no `CAP_SYS_NICE`, `RLIMIT_NICE` too low), it is not entered: [`idle_class_available`]
+//! tries the round trip on a throwaway thread first.
 //!
 //! The threads a checkpoint waits for (the runtime's durability workers and coordinator) are
 //! the opposite case: they sleep nearly all the time, and when one wakes up, the checkpoint

@@ -369,7 +369,7 @@ impl Ledger {
         let synced_upto = self.synced_upto;
         let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.detached_index)
             .into_iter()
-            .partition(|d| d.durable && d.snapshot.seal <= synced_upto);
+            .partition(|d| d.write.is_durable() && d.snapshot.seal <= synced_upto);
         self.detached_index = waiting;
         for Detached { snapshot, .. } in ready {
             if self.confirmed_index.as_ref().is_none_or(|c| c.checkpoint_id < snapshot.checkpoint_id) {
@@ -388,8 +388,6 @@ impl Ledger {
 #[derive(Debug)]
 struct Detached {
     snapshot: IndexSnapshotRef,
-    /// Whether its file is durable.
-    durable: bool,
     write: Arc<DetachedWrite>,
 }
 
@@ -472,19 +470,21 @@ impl DetachedWrite {
         let header = crate::index::snapshot_header(w.capacity, w.len, w.snapshot.seal, &w.slots);
         let written = write_durably_fenced(&w.path, &[&header, &w.slots], dir, fence, pace);
         let bytes = (header.len() + w.slots.len()) as u64;
+        // The outcome first: the ledger reads it from here.
+        self.finish(written.is_ok());
         if let Ok(mut ledger) = ledger.lock() {
             ledger.spare_index_buf = Some(w.slots);
-            let id = w.snapshot.checkpoint_id;
-            match ledger.detached_index.iter_mut().find(|d| d.snapshot.checkpoint_id == id) {
-                Some(d) if written.is_ok() => {
-                    d.durable = true;
-                    ledger.promote_detached();
-                }
-                _ => ledger.drop_detached(id),
+            match &written {
+                Ok(()) => ledger.promote_detached(),
+                Err(_) => ledger.drop_detached(w.snapshot.checkpoint_id),
             }
         }
-        self.finish(written.is_ok());
         written.map(|()| bytes)
+    }
+
+    /// Whether the file was written durably.
+    fn is_durable(&self) -> bool {
+        matches!(self.lock().stage, DetachedStage::Written(true))
     }
 
     fn finish(&self, durable: bool) {
@@ -1970,7 +1970,7 @@ impl PendingCheckpoint {
         let snapshot = write.snapshot.clone();
         let write = DetachedWrite::new(write);
         if let Ok(mut l) = ledger.lock() {
-            l.detached_index.push(Detached { snapshot, durable: false, write: Arc::clone(&write) });
+            l.detached_index.push(Detached { snapshot, write: Arc::clone(&write) });
         }
         Some(IndexSnapshotTask { write, dir: self.task.dir.clone(), ledger })
     }
@@ -2690,16 +2690,8 @@ mod tests {
     /// bound, else one of its own seal. Either way it cannot be detached, and it restores.
     #[test]
     fn a_checkpoint_past_the_replay_bound_writes_an_index_snapshot_within_it() {
-        let record = u64::from(record::slot_bytes(8, 8));
-        let config = StoreConfig {
-            index_snapshot_every: 1000,
-            index_snapshot_tail_bytes: 40 * record,
-            max_replay_bytes: 100 * record,
-            ..config()
-        };
         let dir = tempfile::tempdir().unwrap();
-        let mut store = StateStore::create(dir.path(), config.clone()).unwrap();
-        let state = store.register("op/v", None).unwrap();
+        let (mut store, config, state, record) = store_with_a_replay_bound(dir.path());
         let mut next = 0;
         // Each step: records appended, then (snapshot named, records replayed, whether the
         // checkpoint is past the bound).
@@ -2734,6 +2726,21 @@ mod tests {
         each_restores_keys_up_to_its_count(dir.path(), [&handles[2], &handles[5]], &config, state);
     }
 
+    /// A store whose replay bound is 100 records of 8-byte keys and values, with snapshots due
+    /// every 40 records (or half the bound) only, and its config, state and record size.
+    fn store_with_a_replay_bound(dir: &Path) -> (StateStore, StoreConfig, StateId, u64) {
+        let record = u64::from(record::slot_bytes(8, 8));
+        let config = StoreConfig {
+            index_snapshot_every: 1000,
+            index_snapshot_tail_bytes: 40 * record,
+            max_replay_bytes: 100 * record,
+            ..config()
+        };
+        let mut store = StateStore::create(dir, config.clone()).unwrap();
+        let state = store.register("op/v", None).unwrap();
+        (store, config, state, record)
+    }
+
     /// Restores each of `handles` (of a store where key `k` holds `k`, written in key order)
     /// and checks that it holds exactly the keys below its key count.
     fn each_restores_keys_up_to_its_count<'a>(
@@ -2750,6 +2757,22 @@ mod tests {
             }
             assert_eq!(get(&store, state, upto).unwrap(), None);
         }
+    }
+
+    /// While a snapshot is urgent, a paced background write ignores its pace: 2 MiB at 1 MiB/s
+    /// would take two seconds.
+    #[test]
+    fn an_urgent_snapshot_makes_paced_writes_ignore_their_pace() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = vec![7u8; 2 << 20];
+        let fence = crate::fence::Fence::new();
+        let urgent = crate::priority::Urgent::begin();
+        let started = Instant::now();
+        let path = dir.path().join("paced");
+        write_durably_fenced(&path, &[&bytes], dir.path(), Some(&fence), Some(1 << 20)).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        drop(urgent);
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
     }
 
     /// The index snapshot of a checkpoint past the replay bound is named after the checkpoint,
@@ -2794,16 +2817,8 @@ mod tests {
     /// it has, and fails when it was abandoned. A restore of each replays within the bound.
     #[test]
     fn a_checkpoint_past_the_replay_bound_names_a_detached_snapshot_still_unwritten() {
-        let record = u64::from(record::slot_bytes(8, 8));
-        let config = StoreConfig {
-            index_snapshot_every: 1000,
-            index_snapshot_tail_bytes: 40 * record,
-            max_replay_bytes: 100 * record,
-            ..config()
-        };
         let dir = tempfile::tempdir().unwrap();
-        let mut store = StateStore::create(dir.path(), config.clone()).unwrap();
-        let state = store.register("op/v", None).unwrap();
+        let (mut store, config, state, record) = store_with_a_replay_bound(dir.path());
         let mut next = 0;
         let mut checkpoint = |store: &mut StateStore, id: u64, records: u64| {
             for _ in 0..records {
