@@ -229,7 +229,9 @@ pub struct RestoreResult {
 /// Restore time of a store with `state_bytes` of state, until it answers reads.
 pub fn restore(dir: &Path, state_bytes: u64) -> weir_state::Result<RestoreResult> {
     let keys = state_bytes / 128;
-    let config = StoreConfig { index_snapshot_every: 1, ..store_config() };
+    // No replay bound: checkpoint 1 is to name no index snapshot however large the state, for
+    // the replay of the whole log below.
+    let config = StoreConfig { index_snapshot_every: 1, max_replay_bytes: u64::MAX, ..store_config() };
     let handle = {
         let mut store = StateStore::create(dir, config.clone())?;
         let v: ValueState<Payload> = ValueState::register(&mut store, "bench/payload")?;

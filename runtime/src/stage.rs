@@ -1349,7 +1349,6 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
         let barrier = pass.snapshots.last().map(|s| s.id);
         last_barrier = barrier.unwrap_or(last_barrier);
         hand_over_snapshots(&mut pass, &mut stores, pump.as_ref(), &rt, name, task)?;
-        let upkeep = stores.maintain(pumped == Pumped::Drained)?;
         let done = pass.done;
         rt.count_batch(name, pass.records);
         // Partial batches go out when the input is drained (records never wait for a batch
@@ -1357,6 +1356,9 @@ async fn run_stage<In: 'static, N: Node<In>, Out: 'static>(
         // a partial batch while this stage waits on a full channel whose reader is aligning
         // (and so waits for that very barrier) would deadlock the two.
         io.send(&rt, done || pumped == Pumped::Drained || barrier.is_some()).await?;
+        // After the send: a slice of upkeep may wait for the disk (the fold after a restore
+        // reads the mapped index snapshot), and the batch's output need not wait with it.
+        let upkeep = stores.maintain(pumped == Pumped::Drained)?;
         if done {
             // A durability task of the last checkpoint may wait for an index snapshot the
             // stores copy between batches (a store past its replay bound): there are no more.

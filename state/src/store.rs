@@ -192,9 +192,16 @@ impl IndexSnapshotRef {
 /// [`StateStore::garbage`] renamed it so before deleting it).
 pub const TRASH_SUFFIX: &str = ".trash";
 
-/// Records a restore decodes before it replays them into the index together (1 MiB of
-/// decoded records, about 9 MiB of a log of 144-byte records).
-const REPLAY_PIECE: usize = 1 << 16;
+/// Records a restore decodes before it replays them into the index together (256 KiB of
+/// decoded records, about 2.3 MiB of a log of 144-byte records). Small, as the memory of every
+/// piece is touched anew at each restore (a handful of them circulate between the threads),
+/// and memory the process has not touched before faulted in at 0.5-0.7 GB/s on the test
+/// machine (a virtual machine).
+const REPLAY_PIECE: usize = 1 << 14;
+
+/// The size of a record a restore sizes its index delta by when the checkpoint holds no key
+/// to estimate it from.
+const DEFAULT_RECORD_BYTES: u64 = 128;
 
 /// A replayed tail at least this long is decoded on a helper thread (see `StateStore::replay`).
 const PARALLEL_REPLAY_BYTES: u64 = 16 << 20;
@@ -210,9 +217,13 @@ struct TailRange<'a> {
 /// Decodes the records of `ranges` in order, checking each CRC, and hands them to `emit`
 /// [`REPLAY_PIECE`] at a time; stops early when `emit` returns false. Returns the bytes
 /// decoded, or the first bad record as a corruption error naming its file and offset.
-fn decode_tail(ranges: &[TailRange<'_>], mut emit: impl FnMut(Vec<Replayed>) -> bool) -> Result<u64> {
+fn decode_tail(
+    ranges: &[TailRange<'_>],
+    mut emit: impl FnMut(Vec<Replayed>) -> bool,
+    mut empty_piece: impl FnMut() -> Vec<Replayed>,
+) -> Result<u64> {
     let mut decoded = 0;
-    let mut piece = Vec::with_capacity(REPLAY_PIECE);
+    let mut piece = empty_piece();
     for range in ranges {
         let mut off = range.start;
         while off < range.end {
@@ -226,7 +237,7 @@ fn decode_tail(ranges: &[TailRange<'_>], mut emit: impl FnMut(Vec<Replayed>) -> 
                 RecordKind::Put => Replayed::put(hash, addr),
                 RecordKind::Delete => Replayed::delete(hash, addr),
             });
-            if piece.len() == REPLAY_PIECE && !emit(std::mem::replace(&mut piece, Vec::with_capacity(REPLAY_PIECE))) {
+            if piece.len() == REPLAY_PIECE && !emit(std::mem::replace(&mut piece, empty_piece())) {
                 return Ok(decoded);
             }
             off += h.slot_bytes();
@@ -1440,7 +1451,12 @@ impl StateStore {
         }
         // The log a restore of the next checkpoint replays starts as long as this one was: a
         // store restored with a long tail takes its next index snapshot as soon as one is due.
-        store.bytes_since_index = store.replay(replay_from, handle.seal, &mut index)?;
+        // The delta is sized for the records the tail holds, estimated from the size of the
+        // live records (a replay that overestimates it by a power of two shrinks it again,
+        // and one that underestimates it grows it: each moves every entry).
+        let record_bytes = handle.live_bytes().checked_div(handle.key_count).unwrap_or(DEFAULT_RECORD_BYTES);
+        let record_bytes = record_bytes.max(u64::from(record::RECORD_HEADER_BYTES));
+        store.bytes_since_index = store.replay(replay_from, handle.seal, record_bytes, &mut index)?;
         index.end_replay(key_count)?;
         store.index = index;
         // Ends the delta at once (checking the key count) if the tail held nothing.
@@ -1459,7 +1475,7 @@ impl StateStore {
     /// profile of a single-threaded replay, decoding and inserting each took roughly half the
     /// time; restore is the one time a shard's thread has a helper, as the other cores are
     /// idle or restoring too).
-    fn replay(&self, from: LogAddress, to: LogAddress, index: &mut Index) -> Result<u64> {
+    fn replay(&self, from: LogAddress, to: LogAddress, record_bytes: u64, index: &mut Index) -> Result<u64> {
         // Opened here: a segment opens lazily, on the store's thread.
         let mut ranges = Vec::new();
         for id in address_segment(from)..=address_segment(to) {
@@ -1477,25 +1493,43 @@ impl StateStore {
             range.segment.prefetch(range.start, range.end);
         }
         let tail = self.log_distance(Some(from), to);
-        index.reserve_replay(usize::try_from(tail / 128).unwrap_or(usize::MAX))?;
+        index.reserve_replay(usize::try_from(tail / record_bytes.max(1)).unwrap_or(usize::MAX))?;
         let same_key = |a, b| self.same_key(a, b);
         if tail < PARALLEL_REPLAY_BYTES {
             let mut replayed = Ok(());
-            let bytes = decode_tail(&ranges, |piece| {
-                replayed = index.replay(&piece, same_key);
-                replayed.is_ok()
-            });
+            let spare = std::cell::Cell::new(None);
+            let bytes = decode_tail(
+                &ranges,
+                |mut piece| {
+                    replayed = index.replay(&piece, same_key);
+                    piece.clear();
+                    spare.set(Some(piece));
+                    replayed.is_ok()
+                },
+                || spare.take().unwrap_or_else(|| Vec::with_capacity(REPLAY_PIECE)),
+            );
             return replayed.and(bytes);
         }
         let (pieces, decoded) = std::sync::mpsc::sync_channel::<Vec<Replayed>>(2);
+        // Replayed pieces go back to the decoder to be filled again: a replay touches the
+        // memory of four pieces, not of one per piece.
+        let (recycle, recycled) = std::sync::mpsc::sync_channel::<Vec<Replayed>>(4);
         std::thread::scope(|scope| {
-            let decoder = scope.spawn(|| decode_tail(&ranges, move |piece| pieces.send(piece).is_ok()));
+            let decoder = scope.spawn(move || {
+                decode_tail(
+                    &ranges,
+                    |piece| pieces.send(piece).is_ok(),
+                    || recycled.try_recv().unwrap_or_else(|_| Vec::with_capacity(REPLAY_PIECE)),
+                )
+            });
             let mut replayed = Ok(());
-            for piece in decoded {
+            for mut piece in decoded {
                 replayed = index.replay(&piece, same_key);
                 if replayed.is_err() {
                     break; // the receiver goes with the loop, which stops the decoder
                 }
+                piece.clear();
+                let _ = recycle.try_send(piece);
             }
             let bytes =
                 decoder.join().unwrap_or_else(|_| Err(StateError::Misuse("the replay decoder panicked".into())));
