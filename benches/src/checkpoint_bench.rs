@@ -617,21 +617,52 @@ pub struct ScaleRun {
     pub floor_write: Percentiles,
     /// The baseline written as [`FloorVia::Segment`].
     pub floor_segment: Percentiles,
+    /// With [`ScaleSpec::recover`]: the failure after the window, and what followed it.
+    pub under_load: Option<UnderLoad>,
+}
+
+/// A failure of the job at full load (after the measured window) and the checkpoints of the
+/// same length of time after it.
+#[derive(Debug, Clone, Copy)]
+pub struct UnderLoad {
+    /// The recovery from it.
+    pub recovery: Recovery,
+    /// The checkpoints that completed after the failure, for as long as the window lasted.
+    pub after: CheckpointSummary,
+    /// The longest of them.
+    pub max_after: Duration,
+}
+
+/// What [`at_scale`] runs.
+#[derive(Debug, Clone, Copy)]
+pub struct ScaleSpec {
+    /// Bytes of keyed state.
+    pub state_bytes: u64,
+    /// Percent of the keys rewritten per checkpoint interval.
+    pub changed_percent: f64,
+    /// Checkpoint interval.
+    pub interval_ms: i64,
+    /// Parallelism.
+    pub parallelism: usize,
+    /// Seconds measured once the state is complete.
+    pub seconds: f64,
+    /// How the threads a checkpoint waits for are scheduled.
+    pub helpers: weir::checkpointing::HelperScheduling,
+    /// Whether the job then fails once at full load, for a recovery and the checkpoints after
+    /// it ([`ScaleRun::under_load`]).
+    pub recover: bool,
 }
 
 /// Checkpoint durations with `state_bytes` of keyed state (a [`Payload`] per key) of which
 /// `changed_percent` is rewritten per checkpoint interval (updates spread evenly in time),
 /// checkpointed every `interval_ms` at `parallelism`, measured over `seconds` once the state
-/// is complete.
-pub fn at_scale(
-    state_bytes: u64,
-    changed_percent: f64,
-    interval_ms: i64,
-    parallelism: usize,
-    seconds: f64,
-    helpers: weir::checkpointing::HelperScheduling,
-    base: &Path,
-) -> weir::Result<ScaleRun> {
+/// is complete; with `recover`, the job then fails once at that load, and the recovery and the
+/// checkpoints of as many seconds after it are measured too.
+pub fn at_scale(spec: ScaleSpec, base: &Path) -> weir::Result<ScaleRun> {
+    let ScaleSpec { state_bytes, changed_percent, interval_ms, parallelism, seconds, helpers, recover } = spec;
+    if recover {
+        quiet_injected_panics();
+    }
     let dir = run_dir(base, "checkpoint-scale")?;
     let keys = (state_bytes / RECORD_BYTES).max(1);
     let rate_per_s = keys as f64 * changed_percent / 100.0 * 1000.0 / interval_ms.max(1) as f64;
@@ -650,13 +681,19 @@ pub fn at_scale(
         .key_by("by-key", |r: &(u64, bool)| r.0)
         .process("payload", move || Fill { probe: Arc::clone(&fill_probe), payload: None, inserted: 0 })
         .sink("first-output", FirstOutputSink { probe: Arc::clone(&probe) });
+    let settings = CheckpointSettings { helpers, ..CheckpointSettings::new(dir.path(), interval_ms) };
     let config = JobConfig { data_dir: dir.path().to_owned(), ..JobConfig::default() }
         .with_parallelism(parallelism)
-        .with_checkpointing(CheckpointSettings { helpers, ..CheckpointSettings::new(dir.path(), interval_ms) });
+        .with_checkpointing(if recover {
+            settings.with_restart(RestartStrategy::FixedDelay { attempts: 1, delay: Duration::ZERO })
+        } else {
+            settings
+        });
     let started = Instant::now();
     let handle = job.run(config)?;
     let limit = Duration::from_secs(60) + Duration::from_secs(state_bytes >> 26);
-    let measured = (|| -> weir::Result<(Duration, u64, u64, f64)> {
+    type Measured = (Duration, u64, u64, f64, Option<(Recovery, usize)>);
+    let measured = (|| -> weir::Result<Measured> {
         wait_for(limit, "complete state", || (probe.inserted.load(Ordering::Relaxed) >= keys).then_some(()))?;
         let fill = started.elapsed();
         // The checkpoint covering the fill, and one more, are not part of the steady state;
@@ -671,17 +708,48 @@ pub fn at_scale(
         let (window, outputs) = (Instant::now(), probe.outputs.load(Ordering::Relaxed));
         std::thread::sleep(Duration::from_secs_f64(seconds));
         let updates = probe.outputs.load(Ordering::Relaxed) - outputs;
-        Ok((fill, first, newest_checkpoint(&handle), updates as f64 / window.elapsed().as_secs_f64()))
+        let (last, updates_per_s) = (newest_checkpoint(&handle), updates as f64 / window.elapsed().as_secs_f64());
+        let under_load = if recover {
+            // Checkpoints that complete from here on are the new attempt's (but for one of the
+            // failed attempt's, at most, completing before the panic).
+            let before = handle.checkpoint_stats().completed.len();
+            let recovery = fail_and_recover(&handle, &probe, dir.path(), limit)?;
+            std::thread::sleep(Duration::from_secs_f64(seconds));
+            Some((recovery, before))
+        } else {
+            None
+        };
+        Ok((fill, first, last, updates_per_s, under_load))
     })();
     probe.stop.store(true, Ordering::SeqCst);
     if measured.is_err() {
         handle.cancel();
     }
     let report = handle.wait();
-    let (fill, first, last, updates_per_s) = measured?;
+    let (fill, first, last, updates_per_s, under_load) = measured?;
     let stats = report?.checkpoints;
     let mut in_window = stats.clone();
     in_window.completed.retain(|c| c.id > first && c.id <= last);
+    if recover && stats.restarts != 1 {
+        return Err(RuntimeError::Checkpoint(format!("checkpoint-scale: expected one restart: {stats:?}")));
+    }
+    let under_load = under_load.map(|(recovery, before)| {
+        let mut after = stats.clone();
+        after.completed.drain(..before.min(after.completed.len()));
+        // The job's final checkpoint (after its input ended) is not part of the load.
+        after.completed.pop();
+        after.aborted.clear();
+        if std::env::var_os("WEIR_BENCH_VERBOSE").is_some() {
+            for c in &after.completed {
+                eprintln!(
+                    "after the failure: checkpoint {} duration={:?} alignment={:?} sync={:?} manifest={:?} past-bound={}",
+                    c.id, c.duration, c.alignment, c.sync, c.manifest, c.past_replay_bound
+                );
+            }
+        }
+        let max_after = after.completed.iter().map(|c| c.duration).max().unwrap_or_default();
+        UnderLoad { recovery, after: CheckpointSummary::of(&after), max_after }
+    });
     let max = in_window.completed.iter().map(|c| c.duration).max().unwrap_or_default();
     if std::env::var_os("WEIR_BENCH_VERBOSE").is_some() {
         for c in &in_window.completed {
@@ -703,6 +771,7 @@ pub fn at_scale(
         synced_per_store,
         floor_write,
         floor_segment,
+        under_load,
     })
 }
 

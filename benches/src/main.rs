@@ -125,6 +125,10 @@ enum Command {
         /// where the real-time class is not allowed, for comparison).
         #[arg(long, value_enum, default_value_t = Helpers::Realtime)]
         helpers: Helpers,
+        /// Then fail the job once at that load, and measure the recovery and the checkpoints of
+        /// as many seconds after it.
+        #[arg(long)]
+        recover: bool,
     },
     /// Recovery time (panic to first output after the in-process restart) across state sizes.
     Recovery {
@@ -284,17 +288,9 @@ fn checkpoint_overhead(
     Ok(())
 }
 
-fn checkpoint_scale(
-    base: &std::path::Path,
-    mib: u64,
-    pct: f64,
-    interval_ms: i64,
-    parallelism: usize,
-    seconds: f64,
-    helpers: HelperScheduling,
-) -> Result<(), String> {
-    let r = checkpoint_bench::at_scale(mib << 20, pct, interval_ms, parallelism, seconds, helpers, base)
-        .map_err(|e| e.to_string())?;
+fn checkpoint_scale(base: &std::path::Path, spec: checkpoint_bench::ScaleSpec) -> Result<(), String> {
+    let r = checkpoint_bench::at_scale(spec, base).map_err(|e| e.to_string())?;
+    let checkpoint_bench::ScaleSpec { changed_percent: pct, interval_ms, parallelism, helpers, .. } = spec;
     let helpers = match helpers {
         HelperScheduling::Realtime if weir_state::priority::realtime_class_available() => "realtime (SCHED_FIFO 1)",
         HelperScheduling::Realtime => "nice -10 (the real-time class is not allowed here)",
@@ -324,6 +320,25 @@ fn checkpoint_scale(
         c.bounded,
         r.fill.as_secs_f64(),
     );
+    if let Some(u) = r.under_load {
+        let rec = u.recovery;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        println!(
+            "checkpoint-scale under load: a failure after the window, panic to first output {:.2}ms (restarted +{:.2}ms, operators open +{:.2}ms, all +{:.2}ms; restored checkpoint {}, replayed {:.1}MiB) | the {} checkpoints of the {:.0}s after it: duration {} max={:.2}ms sync {} (past the replay bound: {})",
+            ms(rec.until_output),
+            ms(rec.until_restarted),
+            ms(rec.until_reopened),
+            ms(rec.until_all_reopened),
+            rec.restored,
+            rec.replayed_bytes.unwrap_or(0) as f64 / (1u64 << 20) as f64,
+            u.after.completed,
+            spec.seconds,
+            u.after.duration,
+            ms(u.max_after),
+            u.after.sync,
+            u.after.bounded,
+        );
+    }
     Ok(())
 }
 
@@ -374,7 +389,18 @@ fn main() {
             .and_then(|_| state_checkpoint(&base, 100, 1.0, 20))
             .and_then(|_| state_restore(&base, &[100]))
             .and_then(|_| checkpoint_overhead(&base, 3_000_000, 2, 100_000, false))
-            .and_then(|_| checkpoint_scale(&base, 128, 1.0, 100, 2, 2.0, HelperScheduling::default()))
+            .and_then(|_| {
+                let spec = checkpoint_bench::ScaleSpec {
+                    state_bytes: 128 << 20,
+                    changed_percent: 1.0,
+                    interval_ms: 100,
+                    parallelism: 2,
+                    seconds: 2.0,
+                    helpers: HelperScheduling::default(),
+                    recover: false,
+                };
+                checkpoint_scale(&base, spec)
+            })
             .and_then(|_| recovery(&base, &[64], 2)),
         Command::Chain { records } => chain(&base, records),
         Command::Nexmark { events } => nexmark(&base, events),
@@ -388,12 +414,29 @@ fn main() {
         Command::CheckpointOverhead { records, parallelism, keys, durable_sink } => {
             checkpoint_overhead(&base, records, parallelism, keys, durable_sink)
         }
-        Command::CheckpointScale { state_mib, changed_percent, interval_ms, parallelism, seconds, helpers } => {
+        Command::CheckpointScale {
+            state_mib,
+            changed_percent,
+            interval_ms,
+            parallelism,
+            seconds,
+            helpers,
+            recover,
+        } => {
             let helpers = match helpers {
                 Helpers::Realtime => HelperScheduling::Realtime,
                 Helpers::Nice => HelperScheduling::Nice,
             };
-            checkpoint_scale(&base, state_mib, changed_percent, interval_ms, parallelism, seconds, helpers)
+            let spec = checkpoint_bench::ScaleSpec {
+                state_bytes: state_mib << 20,
+                changed_percent,
+                interval_ms,
+                parallelism,
+                seconds,
+                helpers,
+                recover,
+            };
+            checkpoint_scale(&base, spec)
         }
         Command::Recovery { state_mib, parallelism } => recovery(&base, &state_mib, parallelism),
     };
