@@ -925,6 +925,7 @@ impl StateStore {
     }
 
     fn put_bytes(&mut self, state: StateId, key: Key<'_>, value: &[u8], flags: u8) -> Result<()> {
+        self.index.prepare_write(Self::hash(state, key.bytes))?;
         match self.find(state, key.bytes)? {
             Found::Live { slot, addr } => {
                 if addr >= self.seal && self.try_update_in_place(addr, value, flags)? {
@@ -964,6 +965,7 @@ impl StateStore {
 
     /// Removes `key` from `state`; returns whether it was present.
     pub fn delete(&mut self, state: StateId, key: Key<'_>) -> Result<bool> {
+        self.index.prepare_write(Self::hash(state, key.bytes))?;
         let Found::Live { slot, addr } = self.find(state, key.bytes)? else {
             return Ok(false);
         };
@@ -1551,6 +1553,7 @@ impl StateStore {
         }
         for _ in 0..budget {
             let Some(entry) = self.index.next_fold_entry()? else { break };
+            self.index.prepare_write(entry.hash())?;
             let in_base = self.index.find_in_base(entry.hash(), |base| self.same_key(entry.addr(), base))?;
             self.index.fold_entry(entry, in_base)?;
         }
