@@ -10,7 +10,9 @@
 //! [`CHUNK_SLOTS`] slots. Restoring maps that file copy-on-write (`MAP_PRIVATE`): the table is
 //! usable at once, whatever its size, and a chunk is CRC-checked the first time a probe touches
 //! it, so corruption is still detected before a single slot of that chunk is trusted. That is
-//! what keeps restore time flat as state grows.
+//! what keeps restore time flat as state grows. A caller about to change the table readies the
+//! chunk first ([`Index::prepare_write`]): read through the file and written into the mapping,
+//! its pages are copied on write faults rather than first mapped read-only by the lookup.
 //!
 //! # The delta of a restore
 //! A restore also replays the log written after the snapshot. Replaying into the mapped table
