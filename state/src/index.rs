@@ -714,7 +714,7 @@ impl Index {
     /// so a replay costs time in proportion to the replayed log alone.
     ///
     /// The delta is sized for all of `records` first. While a record is replayed, the slot
-    /// the one [`REPLAY_PREFETCH`] records later probes first is prefetched: the cache misses
+    /// the one `REPLAY_PREFETCH` (16) records later probes first is prefetched: the cache misses
     /// of the scattered slots then overlap instead of coming one after the other. (Loading the
     /// slots of a batch ahead of its inserts did the same less well: a load that misses holds
     /// up the instructions after it, a prefetch does not; a 1 GiB replay took 234 ms against
