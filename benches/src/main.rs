@@ -27,6 +27,52 @@ enum Helpers {
     Nice,
 }
 
+/// The options of `checkpoint-scale`.
+#[derive(clap::Args, Debug)]
+struct ScaleArgs {
+    /// State size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    state_mib: u64,
+    /// Percent of the keys updated per checkpoint interval.
+    #[arg(long, default_value_t = 1.0)]
+    changed_percent: f64,
+    /// Checkpoint interval.
+    #[arg(long, default_value_t = 100)]
+    interval_ms: i64,
+    /// Parallelism.
+    #[arg(long, default_value_t = 2)]
+    parallelism: usize,
+    /// Seconds measured once the state is complete (30 s: about 300 checkpoints, so that
+    /// p99 is not simply the slowest one; the baselines run as many rounds).
+    #[arg(long, default_value_t = 30.0)]
+    seconds: f64,
+    /// How the threads a checkpoint waits for are scheduled (`nice`: the runtime's fallback
+    /// where the real-time class is not allowed, for comparison).
+    #[arg(long, value_enum, default_value_t = Helpers::Realtime)]
+    helpers: Helpers,
+    /// Then fail the job once at that load, and measure the recovery and the checkpoints of
+    /// as many seconds after it.
+    #[arg(long)]
+    recover: bool,
+}
+
+impl ScaleArgs {
+    fn spec(&self) -> checkpoint_bench::ScaleSpec {
+        checkpoint_bench::ScaleSpec {
+            state_bytes: self.state_mib << 20,
+            changed_percent: self.changed_percent,
+            interval_ms: self.interval_ms,
+            parallelism: self.parallelism,
+            seconds: self.seconds,
+            helpers: match self.helpers {
+                Helpers::Realtime => HelperScheduling::Realtime,
+                Helpers::Nice => HelperScheduling::Nice,
+            },
+            recover: self.recover,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Quick tour (the default): Nexmark Q1/Q2/Q5, chain, keyed count, latency, state ops,
@@ -104,32 +150,7 @@ enum Command {
     },
     /// Checkpoint durations of a running job with a large state of which a share changes per
     /// interval (the target: p99 under 5 ms at 1 GiB and 1%).
-    CheckpointScale {
-        /// State size in MiB.
-        #[arg(long, default_value_t = 1024)]
-        state_mib: u64,
-        /// Percent of the keys updated per checkpoint interval.
-        #[arg(long, default_value_t = 1.0)]
-        changed_percent: f64,
-        /// Checkpoint interval.
-        #[arg(long, default_value_t = 100)]
-        interval_ms: i64,
-        /// Parallelism.
-        #[arg(long, default_value_t = 2)]
-        parallelism: usize,
-        /// Seconds measured once the state is complete (30 s: about 300 checkpoints, so that
-        /// p99 is not simply the slowest one; the baselines run as many rounds).
-        #[arg(long, default_value_t = 30.0)]
-        seconds: f64,
-        /// How the threads a checkpoint waits for are scheduled (`nice`: the runtime's fallback
-        /// where the real-time class is not allowed, for comparison).
-        #[arg(long, value_enum, default_value_t = Helpers::Realtime)]
-        helpers: Helpers,
-        /// Then fail the job once at that load, and measure the recovery and the checkpoints of
-        /// as many seconds after it.
-        #[arg(long)]
-        recover: bool,
-    },
+    CheckpointScale(ScaleArgs),
     /// Recovery time (panic to first output after the in-process restart) across state sizes.
     Recovery {
         /// State sizes in MiB, comma separated.
@@ -414,30 +435,7 @@ fn main() {
         Command::CheckpointOverhead { records, parallelism, keys, durable_sink } => {
             checkpoint_overhead(&base, records, parallelism, keys, durable_sink)
         }
-        Command::CheckpointScale {
-            state_mib,
-            changed_percent,
-            interval_ms,
-            parallelism,
-            seconds,
-            helpers,
-            recover,
-        } => {
-            let helpers = match helpers {
-                Helpers::Realtime => HelperScheduling::Realtime,
-                Helpers::Nice => HelperScheduling::Nice,
-            };
-            let spec = checkpoint_bench::ScaleSpec {
-                state_bytes: state_mib << 20,
-                changed_percent,
-                interval_ms,
-                parallelism,
-                seconds,
-                helpers,
-                recover,
-            };
-            checkpoint_scale(&base, spec)
-        }
+        Command::CheckpointScale(args) => checkpoint_scale(&base, args.spec()),
         Command::Recovery { state_mib, parallelism } => recovery(&base, &state_mib, parallelism),
     };
     if let Err(e) = result {

@@ -512,15 +512,15 @@ impl Index {
         }
         let start = chunk * CHUNK_SLOTS;
         let end = start + CHUNK_SLOTS.min(self.capacity);
-        let mut bytes = vec![0u8; (end - start) * size_of::<Slot>()];
         let at = (lazy.slots_offset + start * size_of::<Slot>()) as u64;
-        crate::segment::read_exact_at(&lazy.file, &mut bytes, at, &lazy.path)?;
-        if crc32fast::hash(&bytes) != lazy.chunk_crcs[chunk] {
+        // Read straight into the mapping: the kernel's copy makes the write faults. An
+        // unchecked chunk was never changed (a change follows a lookup, which checks the
+        // chunks it probes), so this writes the mapping's own content.
+        let bytes = bytemuck::cast_slice_mut::<Slot, u8>(&mut self.mem[start..end]);
+        crate::segment::read_exact_at(&lazy.file, bytes, at, &lazy.path)?;
+        if crc32fast::hash(bytes) != lazy.chunk_crcs[chunk] {
             return Err(StateError::corrupt(&lazy.path, at, format!("index chunk {chunk} fails its CRC")));
         }
-        // An unchecked chunk was never changed (a change follows a lookup, which checks the
-        // chunks it probes), so this writes the mapping's own content.
-        bytemuck::cast_slice_mut::<Slot, u8>(&mut self.mem[start..end]).copy_from_slice(&bytes);
         word.set(word.get() | bit);
         lazy.unverified.set(lazy.unverified.get() - 1);
         Ok(())
