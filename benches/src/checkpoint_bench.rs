@@ -187,6 +187,8 @@ struct FailureMarks {
     reopened_at: Option<Instant>,
     /// The last operator opened after it (every shard's stores were restored).
     all_reopened_at: Option<Instant>,
+    /// Operators opened after it (one per shard).
+    reopened: usize,
     /// The first record a sink wrote after it.
     first_output_at: Option<Instant>,
 }
@@ -335,7 +337,10 @@ impl KeyedProcessFunction for Fill {
     fn open(&mut self, states: &mut StateRegistry<'_>) -> weir::operators::Result<()> {
         let attempt = self.probe.attempt();
         self.probe.note(attempt, |m| &mut m.reopened_at);
-        self.probe.note_again(attempt, |m| &mut m.all_reopened_at);
+        self.probe.note_again(attempt, |m| {
+            m.reopened += 1;
+            &mut m.all_reopened_at
+        });
         self.payload = Some(states.value("payload")?);
         Ok(())
     }
@@ -351,6 +356,7 @@ impl KeyedProcessFunction for Fill {
                 restarted_at: None,
                 reopened_at: None,
                 all_reopened_at: None,
+                reopened: 0,
                 first_output_at: None,
             });
             panic!("{INJECTED}");
@@ -498,12 +504,20 @@ fn wait_for_checkpoints(handle: &JobHandle, n: u64, limit: Duration) -> weir::Re
     wait_for(limit, "checkpoint", || (newest_checkpoint(handle) >= target).then_some(()))
 }
 
-/// Has the job fail once and waits for the first output after its restart.
-fn fail_and_recover(handle: &JobHandle, probe: &RecoveryProbe, dir: &Path, limit: Duration) -> weir::Result<Recovery> {
+/// Has the job fail once and waits for the first output after its restart and for the
+/// operators of all `parallelism` shards to open (every store restored).
+fn fail_and_recover(
+    handle: &JobHandle,
+    probe: &RecoveryProbe,
+    parallelism: usize,
+    dir: &Path,
+    limit: Duration,
+) -> weir::Result<Recovery> {
     let failure = probe.attempt();
     probe.fail.store(true, Ordering::SeqCst);
-    let marks =
-        wait_for(limit, "output after the restart", || probe.marks(failure).filter(|m| m.first_output_at.is_some()))?;
+    let marks = wait_for(limit, "output after the restart on every shard", || {
+        probe.marks(failure).filter(|m| m.first_output_at.is_some() && m.reopened >= parallelism)
+    })?;
     let restored = handle.checkpoint_stats().restored.get(failure + 1).copied().flatten().unwrap_or(0);
     let since = |t: Option<Instant>| t.map(|t| t - marks.failed_at).unwrap_or_default();
     Ok(Recovery {
@@ -551,7 +565,7 @@ pub fn recovery(state_bytes: u64, parallelism: usize, base: &Path) -> weir::Resu
         wait_for(limit, "complete state", || (probe.inserted.load(Ordering::Relaxed) >= keys).then_some(()))?;
         let fill = started.elapsed();
         wait_for_checkpoints(&handle, 1, limit)?;
-        let after_fill = fail_and_recover(&handle, &probe, dir.path(), limit)?;
+        let after_fill = fail_and_recover(&handle, &probe, parallelism, dir.path(), limit)?;
         // A restored store takes its next index snapshot soon (its replayed tail counts
         // towards the bound); it is written in the background, and named by the checkpoints
         // after it is durable. Wait for a checkpoint whose restore replays little.
@@ -559,7 +573,7 @@ pub fn recovery(state_bytes: u64, parallelism: usize, base: &Path) -> weir::Resu
             let newest = newest_checkpoint(&handle);
             replayed_bytes(dir.path(), newest).is_some_and(|b| b < SMALL_REPLAY).then_some(())
         })?;
-        let after_index_snapshot = fail_and_recover(&handle, &probe, dir.path(), limit)?;
+        let after_index_snapshot = fail_and_recover(&handle, &probe, parallelism, dir.path(), limit)?;
         Ok((fill, after_fill, after_index_snapshot))
     })();
     probe.stop.store(true, Ordering::SeqCst);
@@ -713,7 +727,7 @@ pub fn at_scale(spec: ScaleSpec, base: &Path) -> weir::Result<ScaleRun> {
             // Checkpoints that complete from here on are the new attempt's (but for one of the
             // failed attempt's, at most, completing before the panic).
             let before = handle.checkpoint_stats().completed.len();
-            let recovery = fail_and_recover(&handle, &probe, dir.path(), limit)?;
+            let recovery = fail_and_recover(&handle, &probe, parallelism, dir.path(), limit)?;
             std::thread::sleep(Duration::from_secs_f64(seconds));
             Some((recovery, before))
         } else {
