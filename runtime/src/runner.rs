@@ -1019,18 +1019,33 @@ const REAP_GRACE: Duration = Duration::from_millis(250);
 /// and that nobody waits for, such as a failed run attempt's mapped stores.
 pub(crate) fn reap(value: Box<dyn Send>) {
     use std::sync::OnceLock;
-    use std::sync::mpsc::{Sender, channel};
+    use std::sync::mpsc::{RecvTimeoutError, Sender, channel};
     type Reaper = Mutex<Sender<(Instant, Box<dyn Send>)>>;
     static REAPER: OnceLock<Option<Reaper>> = OnceLock::new();
     let reaper = REAPER.get_or_init(|| {
         let (tx, rx) = channel::<(Instant, Box<dyn Send>)>();
         let started = std::thread::Builder::new().name("weir-reaper".into()).spawn(move || {
             crate::checkpointing::yield_to_shards();
-            while let Ok((handed, value)) = rx.recv() {
-                if let Some(wait) = (handed + REAP_GRACE).checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
+            loop {
+                // While the warm pool holds buffers, the reaper wakes to free those it held
+                // long enough (stores retired by a job that then ended, or more than the
+                // restart's restores took).
+                let received = if weir_state::warm::held_bytes() > 0 {
+                    rx.recv_timeout(weir_state::warm::HOLD / 4).map_err(|e| e == RecvTimeoutError::Disconnected)
+                } else {
+                    rx.recv().map_err(|_| true)
+                };
+                drop(weir_state::warm::expire());
+                match received {
+                    Ok((handed, value)) => {
+                        if let Some(wait) = (handed + REAP_GRACE).checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        drop(value);
+                    }
+                    Err(true) => break,
+                    Err(false) => {}
                 }
-                drop(value);
             }
         });
         started.ok().map(|_| Mutex::new(tx))

@@ -1012,7 +1012,9 @@ struct StageStores {
 
 /// Owns a stage instance's stores while it runs and, when it ends (a failure included), hands
 /// them to a reaper thread: unmapping a store of hundreds of MiB takes tens of milliseconds,
-/// which a restart would otherwise wait for on the shard's thread.
+/// which a restart would otherwise wait for on the shard's thread. Their large anonymous
+/// buffers go to the warm pool first ([`weir_state::warm`]): a restart restores the same
+/// stores at once, and memory already touched is far cheaper to reuse than new memory.
 struct ReapOnDrop(Option<StageStores>);
 
 impl std::ops::Deref for ReapOnDrop {
@@ -1030,8 +1032,9 @@ impl std::ops::DerefMut for ReapOnDrop {
 
 impl Drop for ReapOnDrop {
     fn drop(&mut self) {
-        if let Some(stores) = self.0.take() {
-            crate::runner::reap(Box::new(stores));
+        if let Some(StageStores { state, timers, retained, last, writing_behind }) = self.0.take() {
+            let retired = (state.retire(), timers.retire());
+            crate::runner::reap(Box::new((retired, retained, last, writing_behind)));
         }
     }
 }

@@ -143,13 +143,39 @@ pub struct Index {
 /// caller no pass over the table.
 #[derive(Debug)]
 struct SnapshotCopy {
-    buf: Vec<u8>,
+    buf: SnapshotBuf,
     copied: Vec<u64>,
     remaining: usize,
     /// The first chunk [`Index::copy_step`] has not looked at yet.
     cursor: usize,
     capacity: usize,
     len: usize,
+}
+
+/// The buffer a copy-on-write snapshot of the table is copied into ([`Index::begin_copy`]):
+/// anonymous memory, reused from one snapshot to the next.
+#[derive(Debug)]
+pub struct SnapshotBuf(PrivatePages);
+
+impl SnapshotBuf {
+    /// A buffer of `len` bytes, from the warm pool ([`crate::warm`]) if it holds one; its
+    /// content is unspecified until copied into.
+    fn new(len: usize) -> Result<SnapshotBuf> {
+        Ok(SnapshotBuf(PrivatePages::scratch_warm(len, "index snapshot buffer")?))
+    }
+}
+
+impl SnapshotBuf {
+    pub(crate) fn into_pages(self) -> PrivatePages {
+        self.0
+    }
+}
+
+impl std::ops::Deref for SnapshotBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// A slot [`Index::find`] matched: in the base table or in the delta.
@@ -255,10 +281,10 @@ pub enum FoldStatus {
 struct SlotMemory(PrivatePages);
 
 impl SlotMemory {
+    /// A zeroed table, of memory from the warm pool ([`crate::warm`]) if it holds enough.
     fn zeroed(slots: usize) -> Result<SlotMemory> {
-        let mem = PrivatePages::anonymous(slots * size_of::<Slot>(), "index")?;
-        // Only a hint.
-        let _ = mem.advise(memmap2::Advice::HugePage);
+        let mem = PrivatePages::zeroed_warm(slots * size_of::<Slot>(), "index")?;
+        mem.advise_huge_pages();
         Ok(SlotMemory(mem))
     }
 
@@ -389,6 +415,8 @@ impl Delta {
         let old = std::mem::replace(&mut self.slots, SlotMemory::zeroed(capacity)?);
         insert_all(&old, &mut self.slots);
         self.cursor = 0;
+        // Warm memory: kept for the next table (the fit after a replay) instead of freed here.
+        drop(crate::warm::give(old.0));
         Ok(())
     }
 
@@ -837,6 +865,21 @@ impl Index {
         Ok(self.slots().iter().copied().filter(|s| s.addr != 0))
     }
 
+    /// Takes the index's anonymous memory (its table unless that is a mapped snapshot, its
+    /// delta, a snapshot buffer) for the warm pool, leaving an empty index: for a store being
+    /// dropped ([`crate::StateStore::retire`]).
+    pub(crate) fn take_warm_memory(&mut self) -> Vec<PrivatePages> {
+        let mut taken = Vec::new();
+        taken.extend(self.delta.take().map(|d| d.slots.0));
+        taken.extend(self.copy.take().map(|c| c.buf.0));
+        if self.mem.0.is_anonymous()
+            && let Ok(empty) = Index::new()
+        {
+            taken.push(std::mem::replace(self, empty).mem.0);
+        }
+        taken
+    }
+
     /// Serialises the table as a snapshot reflecting the log up to `seal` (header, chunk CRC
     /// table and slots in one buffer). The delta must be folded first.
     pub fn snapshot(&mut self, seal: u64) -> Result<Vec<u8>> {
@@ -850,17 +893,18 @@ impl Index {
     /// Starts a copy-on-write snapshot of the table into `buf` (reused across snapshots). From
     /// now on a chunk is copied just before its first change; [`Index::finish_copy`] copies the
     /// rest. Replaces (and drops) a copy still in progress. The delta must be folded first.
-    pub fn begin_copy(&mut self, mut buf: Vec<u8>) -> Result<()> {
+    pub fn begin_copy(&mut self, buf: Option<SnapshotBuf>) -> Result<()> {
         self.single_table("snapshot the index")?;
         self.verify_all()?;
         let bytes = self.capacity * size_of::<Slot>();
         // Every chunk is copied over before the buffer is read (`finish_copy` copies what is
         // left), so a reused buffer of the right size keeps its stale bytes: zeroing the size
         // of the table here would stall the shard for milliseconds at each snapshot. A new
-        // one is allocated zeroed, which the allocator leaves to the page faults.
-        if buf.len() != bytes {
-            buf = vec![0u8; bytes];
-        }
+        // one comes from the warm pool (as stale) or is mapped zeroed, left to the faults.
+        let buf = match buf {
+            Some(buf) if buf.len() == bytes => buf,
+            _ => SnapshotBuf::new(bytes)?,
+        };
         let chunks = self.capacity.div_ceil(CHUNK_SLOTS);
         self.copy = Some(SnapshotCopy {
             buf,
@@ -880,7 +924,7 @@ impl Index {
 
     /// Copies what the snapshot in progress has not copied yet and returns it: the slot bytes,
     /// capacity and length as of [`Index::begin_copy`].
-    pub fn finish_copy(&mut self) -> Option<(Vec<u8>, usize, usize)> {
+    pub fn finish_copy(&mut self) -> Option<(SnapshotBuf, usize, usize)> {
         self.copy_remaining();
         self.copy.take().map(|c| (c.buf, c.capacity, c.len))
     }
@@ -903,7 +947,7 @@ impl Index {
         }
         let start = chunk * CHUNK_BYTES;
         let end = (start + CHUNK_BYTES).min(copy.buf.len());
-        copy.buf[start..end].copy_from_slice(&self.mem.bytes()[start..end]);
+        copy.buf.0[start..end].copy_from_slice(&self.mem.bytes()[start..end]);
         copy.copied[word] |= bit;
         copy.remaining -= 1;
     }
@@ -926,7 +970,7 @@ impl Index {
 
     /// Gives up a copy-on-write snapshot in progress without copying what is left, and returns
     /// its buffer for the next one.
-    pub fn abandon_copy(&mut self) -> Option<Vec<u8>> {
+    pub fn abandon_copy(&mut self) -> Option<SnapshotBuf> {
         self.copy.take().map(|c| c.buf)
     }
 
@@ -1068,7 +1112,9 @@ mod tests {
         }
         let mut expected = Vec::new();
         index.copy_slots(&mut expected).unwrap();
-        index.begin_copy(vec![0xA5; expected.len()]).unwrap();
+        let mut dirty = SnapshotBuf::new(expected.len()).unwrap();
+        dirty.0.fill(0xA5);
+        index.begin_copy(Some(dirty)).unwrap();
         (index, expected)
     }
 
@@ -1081,7 +1127,7 @@ mod tests {
         apply(&mut index, key_of(3), Err(96));
         let (slots, _, len) = index.finish_copy().unwrap();
         assert_eq!(len, 20_000);
-        assert!(slots == expected, "the snapshot is the table as of begin_copy, with no stale byte");
+        assert!(*slots == *expected, "the snapshot is the table as of begin_copy, with no stale byte");
     }
 
     #[test]
@@ -1101,7 +1147,7 @@ mod tests {
         assert!(index.copy_step(1), "a complete copy stays complete");
         let (slots, _, len) = index.finish_copy().unwrap();
         assert_eq!(len, 20_000);
-        assert!(slots == expected, "the snapshot is the table as of begin_copy");
+        assert!(*slots == *expected, "the snapshot is the table as of begin_copy");
         assert!(index.copy_step(1), "no copy in progress");
     }
 

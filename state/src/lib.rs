@@ -45,6 +45,7 @@ pub mod savepoint;
 pub mod segment;
 pub mod states;
 pub mod store;
+pub mod warm;
 
 pub use error::{ErrorClass, Result, StateError};
 pub use store::{StateStore, StoreConfig};

@@ -293,20 +293,69 @@ pub(crate) fn release_in_steps(len: usize, mut release: impl FnMut(usize, usize)
 }
 
 /// Private memory, anonymous or a copy-on-write file mapping, that gives its pages back a
-/// step at a time (see [`SharedMap`]) before it is unmapped.
-pub(crate) struct PrivatePages(MmapMut);
+/// step at a time (see [`SharedMap`]) before it is unmapped. It reads as `len` bytes, which
+/// may be fewer than the mapping holds (memory taken from the warm pool, [`crate::warm`]).
+pub(crate) struct PrivatePages {
+    map: MmapMut,
+    len: usize,
+    /// Anonymous memory (not a file mapping): it may go to the warm pool.
+    anonymous: bool,
+}
 
 impl PrivatePages {
     /// `len` bytes of zeroed anonymous memory (pages are allocated on first touch); `what`
     /// names it in an error.
     pub(crate) fn anonymous(len: usize, what: &str) -> Result<PrivatePages> {
         let map = MmapOptions::new().len(len).map_anon().map_err(|e| StateError::io("mmap anonymous", what, e))?;
-        Ok(PrivatePages(map))
+        Ok(PrivatePages { map, len, anonymous: true })
+    }
+
+    /// `len` bytes of zeroed anonymous memory, from the warm pool if it holds enough (then
+    /// zeroed here, at memory speed, instead of faulted in page by page), else new.
+    pub(crate) fn zeroed_warm(len: usize, what: &str) -> Result<PrivatePages> {
+        match crate::warm::take(len) {
+            Some(mut pages) => {
+                pages.fill(0);
+                Ok(pages)
+            }
+            None => PrivatePages::anonymous(len, what),
+        }
+    }
+
+    /// `len` bytes of anonymous memory whose content the caller overwrites before reading it
+    /// (a buffer to copy into): from the warm pool if it holds enough, else new (zeroed).
+    pub(crate) fn scratch_warm(len: usize, what: &str) -> Result<PrivatePages> {
+        match crate::warm::take(len) {
+            Some(pages) => Ok(pages),
+            None => PrivatePages::anonymous(len, what),
+        }
     }
 
     /// Takes over a private (`MAP_PRIVATE`) mapping.
     pub(crate) fn from_private_map(map: MmapMut) -> PrivatePages {
-        PrivatePages(map)
+        let len = map.len();
+        PrivatePages { map, len, anonymous: false }
+    }
+
+    /// Whether this is anonymous memory (not a copy-on-write file mapping).
+    pub(crate) fn is_anonymous(&self) -> bool {
+        self.anonymous
+    }
+
+    /// Bytes the mapping holds (at least [`PrivatePages::len`]).
+    pub(crate) fn capacity(&self) -> usize {
+        self.map.len()
+    }
+
+    /// The same memory read as `len` bytes (at most its capacity).
+    pub(crate) fn with_len(mut self, len: usize) -> PrivatePages {
+        self.len = len.min(self.map.len());
+        self
+    }
+
+    /// Asks for huge pages for the mapping (only a hint).
+    pub(crate) fn advise_huge_pages(&self) {
+        let _ = self.map.advise(memmap2::Advice::HugePage);
     }
 
     /// Gives back the pages of `[offset, offset + len)` (`offset` page-aligned). They read as
@@ -317,32 +366,32 @@ impl PrivatePages {
         // a write of those bytes would, and `&mut self` rules out any borrow of them being
         // alive. The range is checked against the mapping by memmap2. (On a shared file
         // mapping it would not change content at all; this type never holds one.)
-        let _ = unsafe { self.0.unchecked_advise_range(UncheckedAdvice::DontNeed, offset, len) };
+        let _ = unsafe { self.map.unchecked_advise_range(UncheckedAdvice::DontNeed, offset, len) };
     }
 }
 
 impl std::fmt::Debug for PrivatePages {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PrivatePages({} bytes)", self.0.len())
+        write!(f, "PrivatePages({} of {} bytes)", self.len, self.map.len())
     }
 }
 
 impl std::ops::Deref for PrivatePages {
-    type Target = MmapMut;
-    fn deref(&self) -> &MmapMut {
-        &self.0
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map[..self.len]
     }
 }
 
 impl std::ops::DerefMut for PrivatePages {
-    fn deref_mut(&mut self) -> &mut MmapMut {
-        &mut self.0
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.map[..self.len]
     }
 }
 
 impl Drop for PrivatePages {
     fn drop(&mut self) {
-        let len = self.0.len();
+        let len = self.map.len();
         release_in_steps(len, |offset, step| self.discard(offset, step));
     }
 }

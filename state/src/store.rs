@@ -362,7 +362,7 @@ struct Ledger {
     /// Set when a sync failed: the files are suspect until a restore.
     failed_sync: Option<String>,
     /// The buffer of the last index snapshot, handed back for the next one.
-    spare_index_buf: Option<Vec<u8>>,
+    spare_index_buf: Option<crate::index::SnapshotBuf>,
     /// Index snapshots written apart from their checkpoint ([`PendingCheckpoint::detach_index`])
     /// and not confirmed yet. One becomes `confirmed_index` once its file is durable and the
     /// log up to its seal is synced. Their files and segments are kept meanwhile, and no
@@ -1163,7 +1163,7 @@ impl StateStore {
                     if self.index.has_delta() {
                         self.fold_index()?;
                     }
-                    self.index.begin_copy(spare.take().unwrap_or_default())?;
+                    self.index.begin_copy(spare.take())?;
                     IndexSnapshotRef { checkpoint_id, seal, segments: self.live_segments() }
                 }
             };
@@ -1185,7 +1185,7 @@ impl StateStore {
         let take_index = take_index && !bounded;
         if take_index {
             let segments = self.live_segments();
-            self.index.begin_copy(spare.take().unwrap_or_default())?;
+            self.index.begin_copy(spare.take())?;
             self.pending_index = Some(IndexSnapshotRef { checkpoint_id, seal, segments });
         }
         if let Some(buf) = spare
@@ -1349,6 +1349,27 @@ impl StateStore {
         self.behind_upto = to;
         self.behind_mark = self.appended_bytes;
         Some(WriteBehindTask { ranges, presync })
+    }
+
+    /// Hands the store's large anonymous buffers (its index table unless that is a mapped
+    /// snapshot, a restore's delta, its index snapshot buffers) to the warm pool
+    /// ([`crate::warm`]) for the stores restored next, and returns the rest, for the caller to
+    /// drop where it likes (unmapping a store's files takes milliseconds). For a store being
+    /// dropped that is about to be restored again: a failed run attempt's, at its restart.
+    pub fn retire(mut self) -> RetiredStore {
+        let mut memory = self.index.take_warm_memory();
+        if let Ok(mut ledger) = self.ledger.lock() {
+            memory.extend(ledger.spare_index_buf.take().map(crate::index::SnapshotBuf::into_pages));
+        }
+        let mut donated = 0;
+        for pages in memory {
+            let bytes = pages.capacity();
+            match crate::warm::give(pages) {
+                Some(refused) => self.released.0.push(Box::new(refused)),
+                None => donated += bytes,
+            }
+        }
+        RetiredStore { _store: self, donated }
     }
 
     /// Restores the store of `handle` from its directory `dir`: maps its segments and index
@@ -1958,7 +1979,7 @@ pub struct CompactionStats {
 #[derive(Debug)]
 struct IndexWrite {
     path: PathBuf,
-    slots: Vec<u8>,
+    slots: crate::index::SnapshotBuf,
     capacity: usize,
     len: usize,
     snapshot: IndexSnapshotRef,
@@ -2079,6 +2100,26 @@ pub struct DurabilityTask {
     /// Whether the checkpoint is past the replay bound.
     past_replay_bound: bool,
     ledger: Arc<Mutex<Ledger>>,
+}
+
+/// What is left of a store after [`StateStore::retire`]: its files' mappings, freed when this
+/// is dropped.
+pub struct RetiredStore {
+    _store: StateStore,
+    donated: usize,
+}
+
+impl RetiredStore {
+    /// Bytes of memory the store handed to the warm pool.
+    pub fn donated_bytes(&self) -> usize {
+        self.donated
+    }
+}
+
+impl std::fmt::Debug for RetiredStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RetiredStore({}, {} bytes donated)", self._store.dir.display(), self.donated)
+    }
 }
 
 /// Memory a store let go of (closed open tails, a snapshot buffer of the wrong size), handed
@@ -2575,6 +2616,48 @@ mod tests {
             }
             other => panic!("expected a corruption error, got {:?}", other.map(|_| ())),
         }
+    }
+
+    /// A retired store's index table goes to the warm pool, and a restore's delta built in
+    /// memory from the pool (left dirty by its last owner) is zeroed first: every key comes
+    /// back. (The pool is the process's: another test may take an entry first, which only
+    /// makes the restore use new memory.)
+    #[test]
+    fn a_retired_stores_memory_goes_to_the_warm_pool_and_a_restore_from_it_is_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig { segment_bytes: 8 << 20, index_snapshot_every: u32::MAX, ..config() };
+        let mut store = StateStore::create(dir.path(), config.clone()).unwrap();
+        let state = store.register("s", None).unwrap();
+        let keys = 100_000u64;
+        for k in 0..keys {
+            put(&mut store, state, k, k * 3);
+        }
+        let pending = store.checkpoint(1).unwrap();
+        pending.task.run().unwrap();
+        assert!(pending.handle.index_snapshot.is_none(), "the restore replays every record");
+        let table = store.index.table_bytes();
+        assert!(table >= 1 << 20, "a table the pool takes: {table}");
+        let retired = store.retire();
+        assert!(retired.donated_bytes() >= table || crate::warm::held_bytes() + table > crate::warm::MAX_HELD_BYTES);
+        // Dirty buffers of every size a delta for this tail may ask for.
+        for mib in [1usize, 2, 4, 8] {
+            let mut dirty = crate::segment::PrivatePages::anonymous(mib << 20, "test").unwrap();
+            dirty.fill(0xFF);
+            drop(crate::warm::give(dirty));
+        }
+        // On a thread: a delta of stale slots would look full, and its probes would not end.
+        let (done, finished) = std::sync::mpsc::channel();
+        let path = dir.path().to_owned();
+        std::thread::spawn(move || {
+            let restored = StateStore::restore(&path, &pending.handle, config, RestoreOptions::default()).unwrap();
+            let wrong = (0..=keys).find(|&k| get(&restored, state, k).unwrap() != (k < keys).then_some(k * 3));
+            let _ = done.send(wrong);
+        });
+        match finished.recv_timeout(Duration::from_secs(60)) {
+            Ok(wrong) => assert_eq!(wrong, None, "a key restored wrong"),
+            Err(e) => panic!("the restore did not finish: {e}"),
+        }
+        drop(retired);
     }
 
     fn put(store: &mut StateStore, state: StateId, k: u64, v: u64) {

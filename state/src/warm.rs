@@ -1,0 +1,222 @@
+//! The warm pool: large anonymous buffers that stores being dropped hand over
+//! ([`crate::StateStore::retire`]), kept a short while for the stores restored next to use
+//! instead of new memory.
+//!
+//! Memory a process touches for the first time is not always cheap. On a virtual machine that
+//! gives freed memory back to its host (virtio-balloon free page reporting, on here with
+//! `page_reporting_order` 9 and no delay), a page touched again is faulted in from the host
+//! at 0.4-0.7 GB/s instead of about 10 GB/s for memory the process still holds. A restore's
+//! index delta (8-32 MiB) took 1-4 ms to touch in most restores and 15-41 ms in 4 of 10
+//! (a temporary timer in `weir-bench recovery --state-mib 1024`), which made one shard's
+//! replay twice as long as the other's. An in-process restart drops the failed attempt's
+//! stores just before it restores the same stores again: their index tables and snapshot
+//! buffers, handed over here, are the restore's delta and its first snapshot buffer, zeroed
+//! (where needed) at memory speed.
+//!
+//! The pool holds an entry for [`HOLD`] at most and [`MAX_HELD_BYTES`] in all; [`expire`]
+//! hands out the older entries for the caller to drop (the runtime's reaper calls it, as
+//! freeing mapped memory takes milliseconds that no shard should spend).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::segment::PrivatePages;
+
+/// How long the pool keeps an entry: long enough for a restart (without a configured delay)
+/// to restore its stores.
+pub const HOLD: Duration = Duration::from_secs(2);
+
+/// The most bytes the pool holds.
+pub const MAX_HELD_BYTES: usize = 2 << 30;
+
+/// Requests smaller than this are served with new memory: touching it costs little, and an
+/// entry is better kept for a large one.
+const MIN_TAKE_BYTES: usize = 1 << 20;
+
+/// An entry serves a request of at least this fraction of its size: the rest of it stays with
+/// the buffer, unused, as long as the buffer lives (a restore's delta: until it is folded).
+const MAX_WASTE_FACTOR: usize = 8;
+
+static POOL: Mutex<Pool> = Mutex::new(Pool { entries: Vec::new(), held: 0 });
+
+/// Hands `pages` to the pool. Returns them when the pool does not take them (a file mapping,
+/// or the pool is full), for the caller to drop.
+/// Entries held past [`HOLD`] are freed first, on the caller's thread (the runtime's reaper
+/// normally frees them before that).
+pub(crate) fn give(pages: PrivatePages) -> Option<PrivatePages> {
+    let now = Instant::now();
+    let Ok(mut pool) = POOL.lock() else { return Some(pages) };
+    let expired = pool.expire(now);
+    let refused = pool.give(pages, now);
+    drop(pool);
+    drop(expired);
+    refused
+}
+
+/// Takes a buffer of at least `len` bytes from the pool (read as `len` bytes; its content is
+/// whatever its last owner left), if it holds a fitting one. Entries held past [`HOLD`] are
+/// freed first, as by [`give`].
+pub(crate) fn take(len: usize) -> Option<PrivatePages> {
+    let now = Instant::now();
+    let mut pool = POOL.lock().ok()?;
+    let expired = pool.expire(now);
+    let taken = pool.take(len);
+    drop(pool);
+    drop(expired);
+    taken
+}
+
+/// Bytes the pool holds.
+pub fn held_bytes() -> usize {
+    POOL.lock().map_or(0, |pool| pool.held)
+}
+
+/// Removes the entries held for longer than [`HOLD`] and returns them, freed when the result
+/// is dropped.
+pub fn expire() -> WarmMemory {
+    match POOL.lock() {
+        Ok(mut pool) => WarmMemory(pool.expire(Instant::now())),
+        Err(_) => WarmMemory(Vec::new()),
+    }
+}
+
+/// Buffers out of the pool ([`expire`]); dropping this frees them.
+#[derive(Debug, Default)]
+pub struct WarmMemory(Vec<PrivatePages>);
+
+impl WarmMemory {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.0.iter().map(|p| p.capacity()).sum()
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    pages: PrivatePages,
+    given: Instant,
+}
+
+#[derive(Debug)]
+struct Pool {
+    entries: Vec<Entry>,
+    held: usize,
+}
+
+impl Pool {
+    fn give(&mut self, pages: PrivatePages, now: Instant) -> Option<PrivatePages> {
+        if !pages.is_anonymous() || pages.capacity() < MIN_TAKE_BYTES || self.held + pages.capacity() > MAX_HELD_BYTES {
+            return Some(pages);
+        }
+        self.held += pages.capacity();
+        self.entries.push(Entry { pages, given: now });
+        None
+    }
+
+    /// The smallest entry that fits, if it is not too large for `len`.
+    fn take(&mut self, len: usize) -> Option<PrivatePages> {
+        if len < MIN_TAKE_BYTES {
+            return None;
+        }
+        let (at, _) = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| (len..=len.saturating_mul(MAX_WASTE_FACTOR)).contains(&e.pages.capacity()))
+            .min_by_key(|(_, e)| e.pages.capacity())?;
+        let entry = self.entries.swap_remove(at);
+        self.held -= entry.pages.capacity();
+        Some(entry.pages.with_len(len))
+    }
+
+    fn expire(&mut self, now: Instant) -> Vec<PrivatePages> {
+        let (old, kept): (Vec<Entry>, Vec<Entry>) =
+            std::mem::take(&mut self.entries).into_iter().partition(|e| now.duration_since(e.given) >= HOLD);
+        self.entries = kept;
+        self.held = self.entries.iter().map(|e| e.pages.capacity()).sum();
+        old.into_iter().map(|e| e.pages).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> Pool {
+        Pool { entries: Vec::new(), held: 0 }
+    }
+
+    fn pages(len: usize, byte: u8) -> PrivatePages {
+        let mut pages = PrivatePages::anonymous(len, "test").unwrap();
+        pages.fill(byte);
+        pages
+    }
+
+    #[test]
+    fn a_request_gets_the_smallest_entry_that_fits_with_its_content() {
+        let mut pool = pool();
+        let now = Instant::now();
+        assert!(pool.give(pages(8 << 20, 1), now).is_none());
+        assert!(pool.give(pages(2 << 20, 2), now).is_none());
+        assert_eq!(pool.held, 10 << 20);
+        // Too small for the request, then too small a request for what is left.
+        assert!(pool.take(9 << 20).is_none());
+        assert!(pool.take(1 << 19).is_none(), "small requests take new memory");
+        let taken = pool.take(3 << 20).unwrap();
+        assert_eq!((taken.len(), taken.capacity()), (3 << 20, 8 << 20));
+        assert!(taken.iter().all(|b| *b == 1), "the memory is the entry's, as its last owner left it");
+        assert!(pool.take(1 << 20).is_some_and(|p| p.iter().all(|b| *b == 2)));
+        assert_eq!(pool.held, 0);
+        assert!(pool.take(1 << 20).is_none());
+    }
+
+    #[test]
+    fn an_entry_far_larger_than_the_request_stays() {
+        let mut pool = pool();
+        assert!(pool.give(pages(32 << 20, 1), Instant::now()).is_none());
+        assert!(pool.take(2 << 20).is_none());
+        assert!(pool.take(4 << 20).is_some());
+    }
+
+    #[test]
+    fn file_mappings_and_entries_past_the_limit_are_refused() {
+        let mut pool = pool();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: a private mapping of a file only this test knows.
+        let map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }.unwrap();
+        assert!(pool.give(PrivatePages::from_private_map(map), Instant::now()).is_some());
+        pool.held = MAX_HELD_BYTES - (1 << 20);
+        assert!(pool.give(pages(2 << 20, 0), Instant::now()).is_some());
+        assert!(pool.give(pages(1 << 20, 0), Instant::now()).is_none());
+    }
+
+    #[test]
+    fn entries_expire_after_the_hold() {
+        let mut pool = pool();
+        let start = Instant::now();
+        assert!(pool.give(pages(2 << 20, 0), start).is_none());
+        assert!(pool.give(pages(4 << 20, 0), start + HOLD / 2).is_none());
+        assert!(pool.expire(start + HOLD / 4).is_empty());
+        let old = pool.expire(start + HOLD);
+        assert_eq!(old.iter().map(|p| p.capacity()).collect::<Vec<_>>(), vec![2 << 20]);
+        assert_eq!(pool.held, 4 << 20);
+        assert_eq!(pool.expire(start + HOLD * 2).len(), 1);
+        assert_eq!(pool.held, 0);
+    }
+
+    #[test]
+    fn warm_buffers_are_zeroed_or_left_as_asked() {
+        // The process-wide pool: another test may take the entry first, so only what holds
+        // either way is asserted.
+        let len = (3 << 20) + 4096 * 5;
+        assert!(give(pages(len, 7)).is_none() || held_bytes() + len > MAX_HELD_BYTES);
+        let zeroed = PrivatePages::zeroed_warm(len, "test").unwrap();
+        assert_eq!(zeroed.len(), len);
+        assert!(zeroed.iter().all(|b| *b == 0));
+        let scratch = PrivatePages::scratch_warm(len, "test").unwrap();
+        assert_eq!(scratch.len(), len);
+    }
+}
