@@ -163,9 +163,8 @@ impl SnapshotBuf {
     fn new(len: usize) -> Result<SnapshotBuf> {
         Ok(SnapshotBuf(PrivatePages::scratch_warm(len, "index snapshot buffer")?))
     }
-}
 
-impl SnapshotBuf {
+    /// The buffer's memory (for the warm pool).
     pub(crate) fn into_pages(self) -> PrivatePages {
         self.0
     }

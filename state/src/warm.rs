@@ -6,9 +6,9 @@
 //! gives freed memory back to its host (virtio-balloon free page reporting, on here with
 //! `page_reporting_order` 9 and no delay), a page touched again is faulted in from the host
 //! at 0.4-0.7 GB/s instead of about 10 GB/s for memory the process still holds. A restore's
-//! index delta (8-32 MiB) took 1-4 ms to touch in most restores and 15-41 ms in 4 of 10
+//! index delta (8-32 MiB) took 0.6-9 ms to touch in most restores and 15-41 ms in 4 of 10
 //! (a temporary timer in `weir-bench recovery --state-mib 1024`), which made one shard's
-//! replay twice as long as the other's. An in-process restart drops the failed attempt's
+//! replay up to twice as long as the other's. An in-process restart drops the failed attempt's
 //! stores just before it restores the same stores again: their index tables and snapshot
 //! buffers, handed over here, are the restore's delta and its first snapshot buffer, zeroed
 //! (where needed) at memory speed.
