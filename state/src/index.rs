@@ -414,7 +414,8 @@ impl Delta {
         let old = std::mem::replace(&mut self.slots, SlotMemory::zeroed(capacity)?);
         insert_all(&old, &mut self.slots);
         self.cursor = 0;
-        // Warm memory: kept for the next table (the fit after a replay) instead of freed here.
+        // Warm memory goes to the pool, for a later table or snapshot buffer (the new table
+        // here was allocated before it), and is freed from there once it expires.
         drop(crate::warm::give(old.0));
         Ok(())
     }

@@ -10,8 +10,9 @@
 //! (a temporary timer in `weir-bench recovery --state-mib 1024`), which made one shard's
 //! replay up to twice as long as the other's. An in-process restart drops the failed attempt's
 //! stores just before it restores the same stores again: their index tables and snapshot
-//! buffers, handed over here, are the restore's delta and its first snapshot buffer, zeroed
-//! (where needed) at memory speed.
+//! buffers, handed over here, become the restore's delta, zeroed at memory speed (and its
+//! first snapshot buffer, should the pool still hold one then: in the traced 1 GiB restores
+//! it no longer did, as that snapshot starts once the delta is folded).
 //!
 //! The pool holds an entry for [`HOLD`] at most and [`MAX_HELD_BYTES`] in all; [`expire`]
 //! hands out the older entries for the caller to drop (the runtime's reaper calls it, as
