@@ -7,17 +7,19 @@
 //! backward-shift deletion (no tombstones in the table itself).
 //!
 //! An index snapshot is the slot array written to a file with a header and one CRC per chunk of
-//! [`CHUNK_SLOTS`] slots. Restoring maps that file copy-on-write (`MAP_PRIVATE`): the table is
-//! usable at once, whatever its size, and a chunk is CRC-checked the first time a probe touches
-//! it, so corruption is still detected before a single slot of that chunk is trusted. That is
-//! what keeps restore time flat as state grows. A caller about to change the table readies the
-//! chunk first ([`Index::prepare_write`]): read through the file and written into the mapping,
-//! its pages are copied on write faults rather than first mapped read-only by the lookup.
+//! [`CHUNK_SLOTS`] slots. Restoring maps that file read-only: the table is usable at once,
+//! whatever its size, and a chunk is CRC-checked the first time a probe touches it, so
+//! corruption is still detected before a single slot of that chunk is trusted. That is what
+//! keeps restore time flat as state grows. A chunk is loaded into the table's own anonymous
+//! memory (with huge pages where the kernel has them) before its first change, and read there
+//! from then on; a caller about to change the table loads the chunk through the file first
+//! ([`Index::prepare_write`]). The mapped file is never written, so no page of it is ever
+//! copied on write (see [`Index::prepare_write`] for why that matters).
 //!
 //! # The delta of a restore
 //! A restore also replays the log written after the snapshot. Replaying into the mapped table
 //! would make every replayed key cost a probe at a random place in it: a chunk CRC check, a
-//! copy-on-write page fault, and a key compare with a random old record of the log; a tail of
+//! page fault, and a key compare with a random old record of the log; a tail of
 //! random keys touches the whole table. So the replay goes into the *delta*, a small table in
 //! anonymous memory in front of the mapped one (the *base*), with the same slots, whose address
 //! may carry a tombstone marker: the key is deleted, and the address is its Delete record's.
@@ -114,16 +116,68 @@ pub struct Slot {
     pub addr: u64,
 }
 
-/// Lazy verification state of a table mapped from a snapshot file.
+/// A base table restored from a snapshot file, until all of it is loaded into the table's own
+/// (anonymous) memory: a chunk not loaded yet is read from a read-only mapping of the file and
+/// CRC-checked the first time; a change loads the chunk first (see [`Index::prepare_write`]).
 #[derive(Debug)]
-struct LazyCheck {
+struct Restored {
     path: PathBuf,
     /// The snapshot file, for [`Index::prepare_write`].
     file: File,
     slots_offset: usize,
     chunk_crcs: Vec<u32>,
+    /// The file's slots, mapped read-only (never written, so never copied on write).
+    mapped: memmap2::Mmap,
+    /// Chunks of `mapped` whose CRC was checked.
     verified: Vec<Cell<u64>>,
-    unverified: Cell<usize>,
+    /// Chunks copied into the table (checked first): read there from then on.
+    loaded: Vec<u64>,
+    /// Chunks not loaded yet; none left, the mapping is dropped.
+    unloaded: usize,
+}
+
+impl Restored {
+    fn is_loaded(&self, chunk: usize) -> bool {
+        self.loaded[chunk / 64] & (1 << (chunk % 64)) != 0
+    }
+
+    fn is_verified(&self, chunk: usize) -> bool {
+        self.verified[chunk / 64].get() & (1 << (chunk % 64)) != 0
+    }
+
+    /// The file's slots.
+    fn slots(&self) -> &[Slot] {
+        bytemuck::cast_slice(&self.mapped[..])
+    }
+
+    /// Byte range of `chunk` in the slot array of a table of `capacity` slots.
+    fn chunk_bytes(chunk: usize, capacity: usize) -> std::ops::Range<usize> {
+        let start = chunk * CHUNK_BYTES;
+        start..start + CHUNK_SLOTS.min(capacity) * size_of::<Slot>()
+    }
+
+    /// Checks the CRC of `chunk` in the mapping, once.
+    fn check(&self, chunk: usize, capacity: usize) -> Result<()> {
+        if self.is_verified(chunk) {
+            return Ok(());
+        }
+        let range = Restored::chunk_bytes(chunk, capacity);
+        if crc32fast::hash(&self.mapped[range.clone()]) != self.chunk_crcs[chunk] {
+            return Err(StateError::corrupt(
+                &self.path,
+                (self.slots_offset + range.start) as u64,
+                format!("index chunk {chunk} fails its CRC"),
+            ));
+        }
+        let word = &self.verified[chunk / 64];
+        word.set(word.get() | 1 << (chunk % 64));
+        Ok(())
+    }
+
+    fn mark_loaded(&mut self, chunk: usize) {
+        self.loaded[chunk / 64] |= 1 << (chunk % 64);
+        self.unloaded -= 1;
+    }
 }
 
 /// The index: the base table and, after a restore until folded, the delta in front of it.
@@ -133,7 +187,9 @@ pub struct Index {
     capacity: usize,
     /// Occupied slots of the base table (all keys when there is no delta).
     len: usize,
-    lazy: Option<LazyCheck>,
+    /// Set while a table restored from a snapshot is not all loaded: `mem` holds only the
+    /// loaded chunks (the rest of it is whatever the memory held before).
+    lazy: Option<Restored>,
     copy: Option<SnapshotCopy>,
     delta: Option<Box<Delta>>,
 }
@@ -480,88 +536,95 @@ impl Index {
         self.delta.as_ref().map_or(0, |d| d.used)
     }
 
+    /// The base table's slots, all of them loaded (no restored chunk left in the file).
     fn slots(&self) -> &[Slot] {
+        debug_assert!(self.lazy.is_none());
         &self.mem
     }
 
-    fn slots_mut(&mut self) -> &mut [Slot] {
-        &mut self.mem
+    /// Slot `i` of the base table: in the table's memory, or for a restored chunk not loaded
+    /// yet in the file's mapping, after checking that chunk's CRC (once).
+    #[inline]
+    fn base_slot(&self, i: usize) -> Result<Slot> {
+        match &self.lazy {
+            Some(lazy) if !lazy.is_loaded(i / CHUNK_SLOTS) => {
+                lazy.check(i / CHUNK_SLOTS, self.capacity)?;
+                Ok(lazy.slots()[i])
+            }
+            _ => Ok(self.mem[i]),
+        }
     }
 
-    /// Checks the CRC of the chunk holding slot `i`, once.
+    /// Loads the chunk of a restored table holding slot `i` from the file's mapping into the
+    /// table's memory (checking it first, if no lookup has), before a change there.
     #[inline]
-    fn check(&self, i: usize) -> Result<()> {
+    fn load(&mut self, i: usize) -> Result<()> {
+        let chunk = i / CHUNK_SLOTS;
         match &self.lazy {
-            Some(lazy) if lazy.unverified.get() > 0 => self.check_chunk(lazy, i / CHUNK_SLOTS),
+            Some(lazy) if !lazy.is_loaded(chunk) => self.load_chunk(chunk),
             _ => Ok(()),
         }
     }
 
     #[cold]
-    fn check_chunk(&self, lazy: &LazyCheck, chunk: usize) -> Result<()> {
-        let word = &lazy.verified[chunk / 64];
-        let bit = 1u64 << (chunk % 64);
-        if word.get() & bit != 0 {
-            return Ok(());
-        }
-        let start = chunk * CHUNK_SLOTS * size_of::<Slot>();
-        let end = start + CHUNK_SLOTS.min(self.capacity) * size_of::<Slot>();
-        if crc32fast::hash(&self.mem.bytes()[start..end]) != lazy.chunk_crcs[chunk] {
-            return Err(StateError::corrupt(
-                &lazy.path,
-                (lazy.slots_offset + start) as u64,
-                format!("index chunk {chunk} fails its CRC"),
-            ));
-        }
-        word.set(word.get() | bit);
-        lazy.unverified.set(lazy.unverified.get() - 1);
+    fn load_chunk(&mut self, chunk: usize) -> Result<()> {
+        let Some(lazy) = &mut self.lazy else { return Ok(()) };
+        lazy.check(chunk, self.capacity)?;
+        let range = Restored::chunk_bytes(chunk, self.capacity);
+        self.mem.0[range.clone()].copy_from_slice(&lazy.mapped[range]);
+        self.end_chunk_load(chunk);
         Ok(())
     }
 
-    /// Readies the base table for a change near the home slot of `hash`, if the table is mapped
-    /// from a snapshot: the chunk of that slot, if not yet checked, is read from the file (its
-    /// CRC checked) and written into the mapping, so that each of its pages is copied on a
-    /// write fault. Otherwise the lookup before the change maps the pages read-only first, and
-    /// the change copies them on a write-protect fault, which must flush the old mapping from
-    /// every core the process runs on: an inter-processor interrupt, which a virtual machine
-    /// pays for with an exit. A profile of the first second after a restore under load found
-    /// the shards spending about 80% of their time there. Called before lookups that may
-    /// change the table; a probe run into the next chunk is checked as any lookup is.
+    /// Counts `chunk` (checked and copied) as loaded; drops the mapping after the last one.
+    fn end_chunk_load(&mut self, chunk: usize) {
+        if let Some(lazy) = &mut self.lazy {
+            lazy.mark_loaded(chunk);
+            if lazy.unloaded == 0 {
+                self.lazy = None;
+            }
+        }
+    }
+
+    /// Readies the base table for a change near the home slot of `hash`, if it is restored
+    /// from a snapshot and that chunk is not loaded yet: the chunk is read from the file into
+    /// the table's memory (memory of the warm pool after a restart, see [`crate::warm`]) and
+    /// its CRC checked. A change would load it anyway (from the mapping); reading it through
+    /// the file first saves mapping its pages, and the fold's probes that follow read memory.
+    ///
+    /// Why a restored table is not simply a copy-on-write mapping of the file, changed in
+    /// place: a lookup maps its pages read-only first, and the change that follows copies
+    /// them on a write-protect fault, which must flush the old mapping from every core the
+    /// process runs on: an inter-processor interrupt, which a virtual machine pays for with an
+    /// exit. A profile of the first second after a restore under load found the shards
+    /// spending about 80% of their time there; writing each chunk into the mapping first
+    /// (as session 12 did) still cost a page copy per fault (the kernel's, before the read's).
     pub fn prepare_write(&mut self, hash: u64) -> Result<()> {
-        let Some(lazy) = &self.lazy else { return Ok(()) };
-        if lazy.unverified.get() == 0 {
-            return Ok(());
-        }
         let chunk = (hash as usize & (self.capacity - 1)) / CHUNK_SLOTS;
-        let word = &lazy.verified[chunk / 64];
-        let bit = 1u64 << (chunk % 64);
-        if word.get() & bit != 0 {
+        let Some(lazy) = &self.lazy else { return Ok(()) };
+        if lazy.is_loaded(chunk) {
             return Ok(());
         }
-        let start = chunk * CHUNK_SLOTS;
-        let end = start + CHUNK_SLOTS.min(self.capacity);
-        let at = (lazy.slots_offset + start * size_of::<Slot>()) as u64;
-        // Read straight into the mapping: the kernel's copy makes the write faults. An
-        // unchecked chunk was never changed (a change follows a lookup, which checks the
-        // chunks it probes), so this writes the mapping's own content.
-        let bytes = bytemuck::cast_slice_mut::<Slot, u8>(&mut self.mem[start..end]);
+        let range = Restored::chunk_bytes(chunk, self.capacity);
+        let at = (lazy.slots_offset + range.start) as u64;
+        let bytes = &mut self.mem.0[range];
         crate::segment::read_exact_at(&lazy.file, bytes, at, &lazy.path)?;
         if crc32fast::hash(bytes) != lazy.chunk_crcs[chunk] {
             return Err(StateError::corrupt(&lazy.path, at, format!("index chunk {chunk} fails its CRC")));
         }
-        word.set(word.get() | bit);
-        lazy.unverified.set(lazy.unverified.get() - 1);
+        self.end_chunk_load(chunk);
         Ok(())
     }
 
-    /// Checks every chunk of the base table not yet checked; afterwards it is plain memory.
+    /// Loads every chunk of a restored table not loaded yet (checking each); afterwards the
+    /// table is plain memory.
     pub fn verify_all(&mut self) -> Result<()> {
-        if let Some(lazy) = &self.lazy {
-            for chunk in 0..lazy.chunk_crcs.len() {
-                self.check_chunk(lazy, chunk)?;
+        let chunks = self.lazy.as_ref().map_or(0, |l| l.chunk_crcs.len());
+        for chunk in 0..chunks {
+            if self.lazy.as_ref().is_some_and(|l| !l.is_loaded(chunk)) {
+                self.load_chunk(chunk)?;
             }
         }
-        self.lazy = None;
         Ok(())
     }
 
@@ -574,25 +637,30 @@ impl Index {
         {
             return Ok(found);
         }
-        Ok(match self.find_in_base(hash, eq)? {
-            Some(i) => Found::Live { slot: SlotRef::Base(i), addr: self.slots()[i].addr },
+        Ok(match self.probe_base(hash, eq)? {
+            Some((i, slot)) => Found::Live { slot: SlotRef::Base(i), addr: slot.addr },
             None => Found::Absent(Vacancy { hash, tombstone: None }),
         })
     }
 
     /// The slot of the base table holding the entry with `hash` for which `eq(addr)` holds,
     /// ignoring the delta. Used to fold a [`FoldEntry`].
-    pub fn find_in_base(&self, hash: u64, mut eq: impl FnMut(u64) -> Result<bool>) -> Result<Option<usize>> {
+    pub fn find_in_base(&self, hash: u64, eq: impl FnMut(u64) -> Result<bool>) -> Result<Option<usize>> {
+        Ok(self.probe_base(hash, eq)?.map(|(i, _)| i))
+    }
+
+    /// [`Index::find_in_base`], with the slot's content.
+    #[inline]
+    fn probe_base(&self, hash: u64, mut eq: impl FnMut(u64) -> Result<bool>) -> Result<Option<(usize, Slot)>> {
         let mask = self.capacity - 1;
         let mut i = hash as usize & mask;
         loop {
-            self.check(i)?;
-            let slot = self.slots()[i];
+            let slot = self.base_slot(i)?;
             if slot.addr == 0 {
                 return Ok(None);
             }
             if slot.hash == hash && eq(slot.addr)? {
-                return Ok(Some(i));
+                return Ok(Some((i, slot)));
             }
             i = (i + 1) & mask;
         }
@@ -600,23 +668,25 @@ impl Index {
 
     /// Replaces the address of the live entry in `slot` (from [`Index::find`]).
     #[inline]
-    pub fn set_addr(&mut self, slot: SlotRef, addr: u64) {
+    pub fn set_addr(&mut self, slot: SlotRef, addr: u64) -> Result<()> {
         debug_assert!(addr != 0 && addr & TOMBSTONE == 0);
         match slot {
-            SlotRef::Base(i) => self.set_base_addr(i, addr),
+            SlotRef::Base(i) => self.set_base_addr(i, addr)?,
             SlotRef::Delta(i) => {
                 let delta = self.delta.as_mut().expect("a delta slot of an index without a delta");
                 debug_assert!(delta.slots[i].addr != 0 && delta.slots[i].addr & TOMBSTONE == 0);
                 delta.slots[i].addr = addr;
             }
         }
+        Ok(())
     }
 
     #[inline]
-    fn set_base_addr(&mut self, i: usize, addr: u64) {
-        debug_assert!(self.slots()[i].addr != 0);
-        self.before_write(i);
-        self.slots_mut()[i].addr = addr;
+    fn set_base_addr(&mut self, i: usize, addr: u64) -> Result<()> {
+        self.before_write(i)?;
+        debug_assert!(self.mem[i].addr != 0);
+        self.mem[i].addr = addr;
+        Ok(())
     }
 
     /// Adds an entry for the key that [`Index::find`] reported absent.
@@ -657,10 +727,9 @@ impl Index {
         let mask = self.capacity - 1;
         let mut i = hash as usize & mask;
         loop {
-            self.check(i)?;
-            if self.slots()[i].addr == 0 {
-                self.before_write(i);
-                self.slots_mut()[i] = Slot { hash, addr };
+            if self.base_slot(i)?.addr == 0 {
+                self.before_write(i)?;
+                self.mem[i] = Slot { hash, addr };
                 self.len += 1;
                 return Ok(());
             }
@@ -695,8 +764,7 @@ impl Index {
         let mut j = i;
         loop {
             j = (j + 1) & mask;
-            self.check(j)?;
-            let slot = self.slots()[j];
+            let slot = self.base_slot(j)?;
             if slot.addr == 0 {
                 break;
             }
@@ -704,13 +772,13 @@ impl Index {
             // Move `slot` into the hole unless its home lies cyclically in (hole, j].
             let stays = if hole <= j { hole < home && home <= j } else { hole < home || home <= j };
             if !stays {
-                self.before_write(hole);
-                self.slots_mut()[hole] = slot;
+                self.before_write(hole)?;
+                self.mem[hole] = slot;
                 hole = j;
             }
         }
-        self.before_write(hole);
-        self.slots_mut()[hole] = Slot::zeroed();
+        self.before_write(hole)?;
+        self.mem[hole] = Slot::zeroed();
         self.len -= 1;
         Ok(())
     }
@@ -727,7 +795,7 @@ impl Index {
         self.copy_remaining();
         let copy = self.copy.take();
         let mut bigger = Index::with_capacity(capacity)?;
-        insert_all(self.slots(), bigger.slots_mut());
+        insert_all(self.slots(), &mut bigger.mem);
         bigger.len = self.len;
         bigger.copy = copy;
         bigger.delta = self.delta.take();
@@ -822,7 +890,7 @@ impl Index {
             self.delta.as_ref().is_some_and(|d| d.slots[entry.slot] == Slot { hash: entry.hash, addr: entry.addr })
         );
         match (entry.addr & TOMBSTONE == 0, in_base) {
-            (true, Some(i)) => self.set_base_addr(i, entry.addr),
+            (true, Some(i)) => self.set_base_addr(i, entry.addr)?,
             (true, None) => self.insert_new(entry.hash, entry.addr)?,
             (false, Some(i)) => self.remove_at(i)?,
             (false, None) => {}
@@ -865,16 +933,13 @@ impl Index {
         Ok(self.slots().iter().copied().filter(|s| s.addr != 0))
     }
 
-    /// Takes the index's anonymous memory (its table unless that is a mapped snapshot, its
-    /// delta, a snapshot buffer) for the warm pool, leaving an empty index: for a store being
+    /// Takes the index's anonymous memory (its table, its delta, a snapshot buffer) for the warm pool, leaving an empty index: for a store being
     /// dropped ([`crate::StateStore::retire`]).
     pub(crate) fn take_warm_memory(&mut self) -> Vec<PrivatePages> {
         let mut taken = Vec::new();
         taken.extend(self.delta.take().map(|d| d.slots.0));
         taken.extend(self.copy.take().map(|c| c.buf.0));
-        if self.mem.0.is_anonymous()
-            && let Ok(empty) = Index::new()
-        {
+        if let Ok(empty) = Index::new() {
             taken.push(std::mem::replace(self, empty).mem.0);
         }
         taken
@@ -929,13 +994,17 @@ impl Index {
         self.copy.take().map(|c| (c.buf, c.capacity, c.len))
     }
 
+    /// Readies the base table for a change of `slot`: loads its chunk if the table is restored
+    /// and the chunk is not loaded yet; copies it into a snapshot in progress if not copied yet.
     #[inline]
-    fn before_write(&mut self, slot: usize) {
+    fn before_write(&mut self, slot: usize) -> Result<()> {
+        self.load(slot)?;
         if let Some(copy) = &self.copy
             && copy.remaining > 0
         {
             self.copy_chunk(slot / CHUNK_SLOTS);
         }
+        Ok(())
     }
 
     #[cold]
@@ -997,9 +1066,16 @@ impl Index {
         Ok((self.capacity, self.len))
     }
 
-    /// Maps a snapshot file copy-on-write. Checks the header and the chunk CRC table now, each
-    /// chunk when first touched. Returns the table and the seal it reflects.
+    /// Opens a snapshot file as the base table: maps it read-only and checks the header and the
+    /// chunk CRC table now, each chunk when first touched; a chunk is loaded into the table's
+    /// own memory (of the warm pool if it holds enough, see [`crate::warm`]) before its first
+    /// change. Returns the table and the seal it reflects.
     pub fn open_snapshot(path: &Path) -> Result<(Index, u64)> {
+        Index::open_snapshot_into(path, |len| PrivatePages::scratch_warm(len, "index"))
+    }
+
+    /// [`Index::open_snapshot`], with the table's memory from `table(bytes)` (of any content).
+    fn open_snapshot_into(path: &Path, memory: impl FnOnce(usize) -> Result<PrivatePages>) -> Result<(Index, u64)> {
         let file = File::open(path).map_err(|e| StateError::io("open index snapshot", path, e))?;
         let file_len = file.metadata().map_err(|e| StateError::io("stat index snapshot", path, e))?.len();
         let corrupt = |offset: u64, reason: &str| StateError::corrupt(path, offset, reason);
@@ -1039,23 +1115,26 @@ impl Index {
             return Err(corrupt(PAGE as u64, "index chunk table CRC mismatch"));
         }
         let chunk_crcs = table.chunks(4).map(|c| u32_at(c, 0)).collect();
-        // SAFETY: a private (copy-on-write) mapping of a file this store wrote once and never
-        // modifies or truncates afterwards; its size was checked above, so every slot access
-        // stays in bounds. Writes go to private copies of the pages, never to the file. Slot
-        // contents are not trusted until their chunk passes its CRC (`check`), and addresses
-        // are bounds-checked again by the store before any record is read.
-        let mem =
-            unsafe { MmapOptions::new().offset(slots_offset as u64).len(capacity * size_of::<Slot>()).map_copy(&file) }
+        // SAFETY: a read-only mapping of a file this store wrote once and never modifies or
+        // truncates afterwards; its size was checked above, so every slot read stays in
+        // bounds. Slot contents are not trusted until their chunk passes its CRC (`check`),
+        // and addresses are bounds-checked again by the store before any record is read.
+        let mapped =
+            unsafe { MmapOptions::new().offset(slots_offset as u64).len(capacity * size_of::<Slot>()).map(&file) }
                 .map_err(|e| StateError::io("mmap index snapshot", path, e))?;
-        let mem = SlotMemory(PrivatePages::from_private_map(mem));
-        let lazy = LazyCheck {
+        let lazy = Restored {
             path: path.to_owned(),
             file,
             slots_offset,
             chunk_crcs,
+            mapped,
             verified: (0..chunks.div_ceil(64)).map(|_| Cell::new(0)).collect(),
-            unverified: Cell::new(chunks),
+            loaded: vec![0; chunks.div_ceil(64)],
+            unloaded: chunks,
         };
+        // Read only where a chunk is loaded: what it holds before does not matter.
+        let mem = SlotMemory(memory(capacity * size_of::<Slot>())?);
+        mem.0.advise_huge_pages();
         let index = Index { mem, capacity, len: len as usize, lazy: Some(lazy), copy: None, delta: None };
         Ok((index, seal))
     }
@@ -1162,7 +1241,7 @@ mod tests {
     /// store does.
     fn apply(index: &mut Index, key: u64, op: std::result::Result<u64, u64>) {
         match (index.find(key, any_key).unwrap(), op) {
-            (Found::Live { slot, .. }, Ok(addr)) => index.set_addr(slot, addr),
+            (Found::Live { slot, .. }, Ok(addr)) => index.set_addr(slot, addr).unwrap(),
             (Found::Absent(vacancy), Ok(addr)) => index.insert(vacancy, addr).unwrap(),
             (Found::Live { slot, .. }, Err(delete_record)) => index.remove(slot, delete_record).unwrap(),
             (Found::Absent(_), Err(_)) => {}
@@ -1188,7 +1267,19 @@ mod tests {
         Ok(())
     }
 
-    /// Builds a base table from `ops`, writes it as a snapshot and maps it back.
+    /// Memory for a restored table that is not zeroed (as from the warm pool): every other slot
+    /// looks occupied, with a hash no key has, the rest empty, so reading a chunk of it before
+    /// it is loaded gives wrong answers (and probes still end).
+    fn dirty_memory(len: usize) -> Result<PrivatePages> {
+        let mut pages = PrivatePages::anonymous(len, "test")?;
+        for (i, slot) in bytemuck::cast_slice_mut::<u8, Slot>(&mut pages).iter_mut().enumerate() {
+            *slot = Slot { hash: 0xA5A5_A5A5_A5A5_A5A5, addr: if i % 2 == 0 { 0xA5A5_A5A5 } else { 0 } };
+        }
+        Ok(pages)
+    }
+
+    /// Builds a base table from `ops`, writes it as a snapshot and opens it again (in dirty
+    /// memory).
     fn restored_base(
         dir: &Path,
         ops: &[(u64, u64, bool)],
@@ -1207,7 +1298,7 @@ mod tests {
         }
         let path = dir.join("index-1.idx");
         std::fs::write(&path, index.snapshot(1).unwrap()).unwrap();
-        let (base, _) = Index::open_snapshot(&path).unwrap();
+        let (base, _) = Index::open_snapshot_into(&path, dirty_memory).unwrap();
         prop_assert_eq!(base.len(), model.len());
         Ok(base)
     }
@@ -1438,7 +1529,7 @@ mod tests {
         let bytes = index.snapshot(1).unwrap();
         let path = dir.path().join("index-1.idx");
         std::fs::write(&path, &bytes).unwrap();
-        let (mut restored, _) = Index::open_snapshot(&path).unwrap();
+        let (mut restored, _) = Index::open_snapshot_into(&path, dirty_memory).unwrap();
         for k in (1..20_000u64).step_by(3) {
             restored.prepare_write(spread(k)).unwrap();
         }
@@ -1451,6 +1542,7 @@ mod tests {
             assert_eq!(get(&restored, spread(k)), Some(k), "key {k}");
         }
         restored.verify_all().unwrap();
+        assert!(restored.lazy.is_none(), "all loaded: the file is no longer mapped");
         assert_eq!(std::fs::read(&path).unwrap(), bytes, "the file is never written");
 
         // A byte of chunk 1's slots flipped in the file: preparing a slot there fails, naming
@@ -1485,7 +1577,7 @@ mod tests {
             assert_eq!(get(&restored, h), Some(k));
         }
         restored.insert_new(5, 5).unwrap();
-        // The copy-on-write mapping never writes back to the file.
+        // The mapped file is never written.
         assert_eq!(std::fs::read(&path).unwrap(), bytes);
 
         // Flip one byte in the slots of a chunk: open still succeeds (lazy), and the first

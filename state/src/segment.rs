@@ -332,6 +332,7 @@ impl PrivatePages {
     }
 
     /// Takes over a private (`MAP_PRIVATE`) mapping.
+    #[cfg(test)]
     pub(crate) fn from_private_map(map: MmapMut) -> PrivatePages {
         let len = map.len();
         PrivatePages { map, len, anonymous: false }

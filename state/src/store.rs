@@ -933,7 +933,7 @@ impl StateStore {
                 }
                 let new_addr = self.append(state, key, RecordKind::Put, value, flags)?;
                 self.mark_dead(addr)?;
-                self.index.set_addr(slot, new_addr);
+                self.index.set_addr(slot, new_addr)?;
             }
             Found::Absent(vacancy) => {
                 let new_addr = self.append(state, key, RecordKind::Put, value, flags)?;
@@ -1853,7 +1853,7 @@ impl StateStore {
             let new_addr =
                 self.append(h.state, Key { group: h.key_group, bytes: key }, RecordKind::Put, value, flags)?;
             self.mark_dead(addr)?;
-            self.index.set_addr(slot, new_addr);
+            self.index.set_addr(slot, new_addr)?;
             self.counters.compaction_moves += 1;
             if self.stats[id as usize].live_bytes == 0 {
                 // Nothing live is left after this record.
@@ -2346,7 +2346,7 @@ static TEMP_FILES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::
 /// Writes `parts` to `path` durably and atomically: a temp file is written and fsynced, renamed
 /// over `path`, and `dir` fsynced. Readers see the old file or the whole new one, never a
 /// partial one, and an existing file at `path` is replaced (new inode), never truncated, so an
-/// older index snapshot that is still mapped copy-on-write is never cut short under its mapping.
+/// older index snapshot that is still mapped is never cut short under its mapping.
 ///
 /// With a `fence`, the rename that makes the file visible runs inside it (so it never happens
 /// once the fence is closed; see [`crate::fence`]) and the write is given up soon after it
