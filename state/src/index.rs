@@ -72,6 +72,8 @@ pub const CHUNK_SLOTS: usize = 4096;
 /// Bytes of a chunk of slots.
 pub const CHUNK_BYTES: usize = CHUNK_SLOTS * size_of::<Slot>();
 const PAGE: usize = 4096;
+/// Bytes of a snapshot file's header page, which its chunk CRC table follows.
+pub(crate) const HEADER_PAGE: usize = PAGE;
 const MIN_CAPACITY: usize = 1024;
 const MIN_DELTA_CAPACITY: usize = 1024;
 
@@ -126,8 +128,10 @@ struct Restored {
     file: File,
     slots_offset: usize,
     chunk_crcs: Vec<u32>,
-    /// The file's slots, mapped read-only (never written, so never copied on write).
-    mapped: memmap2::Mmap,
+    /// The file's slots, mapped read-only (never written, so never copied on write); `None`
+    /// when the table's memory holds them already, unchecked: the very slots the file was
+    /// written from (see [`crate::warm::take_snapshot`]).
+    mapped: Option<memmap2::Mmap>,
     /// Chunks of `mapped` whose CRC was checked.
     verified: Vec<Cell<u64>>,
     /// Chunks copied into the table (checked first): read there from then on.
@@ -145,24 +149,20 @@ impl Restored {
         self.verified[chunk / 64].get() & (1 << (chunk % 64)) != 0
     }
 
-    /// The file's slots.
-    fn slots(&self) -> &[Slot] {
-        bytemuck::cast_slice(&self.mapped[..])
-    }
-
     /// Byte range of `chunk` in the slot array of a table of `capacity` slots.
     fn chunk_bytes(chunk: usize, capacity: usize) -> std::ops::Range<usize> {
         let start = chunk * CHUNK_BYTES;
         start..start + CHUNK_SLOTS.min(capacity) * size_of::<Slot>()
     }
 
-    /// Checks the CRC of `chunk` in the mapping, once.
-    fn check(&self, chunk: usize, capacity: usize) -> Result<()> {
+    /// Checks the CRC of `chunk` in `slots` (the mapping, or the table's memory without one),
+    /// once.
+    fn check(&self, chunk: usize, capacity: usize, slots: &[u8]) -> Result<()> {
         if self.is_verified(chunk) {
             return Ok(());
         }
         let range = Restored::chunk_bytes(chunk, capacity);
-        if crc32fast::hash(&self.mapped[range.clone()]) != self.chunk_crcs[chunk] {
+        if crc32fast::hash(&slots[range.clone()]) != self.chunk_crcs[chunk] {
             return Err(StateError::corrupt(
                 &self.path,
                 (self.slots_offset + range.start) as u64,
@@ -548,8 +548,9 @@ impl Index {
     fn base_slot(&self, i: usize) -> Result<Slot> {
         match &self.lazy {
             Some(lazy) if !lazy.is_loaded(i / CHUNK_SLOTS) => {
-                lazy.check(i / CHUNK_SLOTS, self.capacity)?;
-                Ok(lazy.slots()[i])
+                let slots = lazy.mapped.as_deref().unwrap_or(self.mem.bytes());
+                lazy.check(i / CHUNK_SLOTS, self.capacity, slots)?;
+                Ok(bytemuck::cast_slice::<u8, Slot>(slots)[i])
             }
             _ => Ok(self.mem[i]),
         }
@@ -569,9 +570,14 @@ impl Index {
     #[cold]
     fn load_chunk(&mut self, chunk: usize) -> Result<()> {
         let Some(lazy) = &mut self.lazy else { return Ok(()) };
-        lazy.check(chunk, self.capacity)?;
-        let range = Restored::chunk_bytes(chunk, self.capacity);
-        self.mem.0[range.clone()].copy_from_slice(&lazy.mapped[range]);
+        match &lazy.mapped {
+            Some(mapped) => {
+                lazy.check(chunk, self.capacity, mapped)?;
+                let range = Restored::chunk_bytes(chunk, self.capacity);
+                self.mem.0[range.clone()].copy_from_slice(&mapped[range]);
+            }
+            None => lazy.check(chunk, self.capacity, self.mem.bytes())?,
+        }
         self.end_chunk_load(chunk);
         Ok(())
     }
@@ -604,6 +610,9 @@ impl Index {
         let Some(lazy) = &self.lazy else { return Ok(()) };
         if lazy.is_loaded(chunk) {
             return Ok(());
+        }
+        if lazy.mapped.is_none() {
+            return self.load_chunk(chunk);
         }
         let range = Restored::chunk_bytes(chunk, self.capacity);
         let at = (lazy.slots_offset + range.start) as u64;
@@ -1071,11 +1080,21 @@ impl Index {
     /// own memory (of the warm pool if it holds enough, see [`crate::warm`]) before its first
     /// change. Returns the table and the seal it reflects.
     pub fn open_snapshot(path: &Path) -> Result<(Index, u64)> {
-        Index::open_snapshot_into(path, |len| PrivatePages::scratch_warm(len, "index"))
+        Index::open_snapshot_into(
+            path,
+            |head, crcs| crate::warm::take_snapshot(path, head, crcs),
+            |len| PrivatePages::scratch_warm(len, "index"),
+        )
     }
 
-    /// [`Index::open_snapshot`], with the table's memory from `table(bytes)` (of any content).
-    fn open_snapshot_into(path: &Path, memory: impl FnOnce(usize) -> Result<PrivatePages>) -> Result<(Index, u64)> {
+    /// [`Index::open_snapshot`], with the table's memory from `resident(head, chunk_crcs)`
+    /// (the file's slots, for the file of that header and chunk CRC table) or else from
+    /// `memory(bytes)` (of any content).
+    fn open_snapshot_into(
+        path: &Path,
+        resident: impl FnOnce(&[u8], &[u8]) -> Option<PrivatePages>,
+        memory: impl FnOnce(usize) -> Result<PrivatePages>,
+    ) -> Result<(Index, u64)> {
         let file = File::open(path).map_err(|e| StateError::io("open index snapshot", path, e))?;
         let file_len = file.metadata().map_err(|e| StateError::io("stat index snapshot", path, e))?.len();
         let corrupt = |offset: u64, reason: &str| StateError::corrupt(path, offset, reason);
@@ -1115,14 +1134,8 @@ impl Index {
             return Err(corrupt(PAGE as u64, "index chunk table CRC mismatch"));
         }
         let chunk_crcs = table.chunks(4).map(|c| u32_at(c, 0)).collect();
-        // SAFETY: a read-only mapping of a file this store wrote once and never modifies or
-        // truncates afterwards; its size was checked above, so every slot read stays in
-        // bounds. Slot contents are not trusted until their chunk passes its CRC (`check`),
-        // and addresses are bounds-checked again by the store before any record is read.
-        let mapped =
-            unsafe { MmapOptions::new().offset(slots_offset as u64).len(capacity * size_of::<Slot>()).map(&file) }
-                .map_err(|e| StateError::io("mmap index snapshot", path, e))?;
-        let lazy = Restored {
+        let slot_bytes = capacity * size_of::<Slot>();
+        let restored = |file, mapped| Restored {
             path: path.to_owned(),
             file,
             slots_offset,
@@ -1132,8 +1145,21 @@ impl Index {
             loaded: vec![0; chunks.div_ceil(64)],
             unloaded: chunks,
         };
+        // The slots this file was written from, if this process still holds them: no read of
+        // the file at all, each chunk checked as a mapped one is.
+        if let Some(pages) = resident(&head, &table).filter(|p| p.len() == slot_bytes) {
+            let (mem, lazy) = (SlotMemory(pages), Some(restored(file, None)));
+            return Ok((Index { mem, capacity, len: len as usize, lazy, copy: None, delta: None }, seal));
+        }
+        // SAFETY: a read-only mapping of a file this store wrote once and never modifies or
+        // truncates afterwards; its size was checked above, so every slot read stays in
+        // bounds. Slot contents are not trusted until their chunk passes its CRC (`check`),
+        // and addresses are bounds-checked again by the store before any record is read.
+        let mapped = unsafe { MmapOptions::new().offset(slots_offset as u64).len(slot_bytes).map(&file) }
+            .map_err(|e| StateError::io("mmap index snapshot", path, e))?;
+        let lazy = restored(file, Some(mapped));
         // Read only where a chunk is loaded: what it holds before does not matter.
-        let mem = SlotMemory(memory(capacity * size_of::<Slot>())?);
+        let mem = SlotMemory(memory(slot_bytes)?);
         mem.0.advise_huge_pages();
         let index = Index { mem, capacity, len: len as usize, lazy: Some(lazy), copy: None, delta: None };
         Ok((index, seal))
@@ -1298,7 +1324,7 @@ mod tests {
         }
         let path = dir.join("index-1.idx");
         std::fs::write(&path, index.snapshot(1).unwrap()).unwrap();
-        let (base, _) = Index::open_snapshot_into(&path, dirty_memory).unwrap();
+        let (base, _) = Index::open_snapshot_into(&path, |_, _| None, dirty_memory).unwrap();
         prop_assert_eq!(base.len(), model.len());
         Ok(base)
     }
@@ -1529,7 +1555,7 @@ mod tests {
         let bytes = index.snapshot(1).unwrap();
         let path = dir.path().join("index-1.idx");
         std::fs::write(&path, &bytes).unwrap();
-        let (mut restored, _) = Index::open_snapshot_into(&path, dirty_memory).unwrap();
+        let (mut restored, _) = Index::open_snapshot_into(&path, |_, _| None, dirty_memory).unwrap();
         for k in (1..20_000u64).step_by(3) {
             restored.prepare_write(spread(k)).unwrap();
         }
@@ -1558,6 +1584,56 @@ mod tests {
         assert_eq!(err.class(), crate::ErrorClass::Corruption);
         assert!(err.to_string().contains("index-1.idx"), "{err}");
         assert_eq!(restored.find(in_chunk_1, |_| Ok(true)).unwrap_err().class(), crate::ErrorClass::Corruption);
+    }
+
+    /// A table opened with the slots its file was written from (as a restart finds them in the
+    /// warm pool) reads them, not the file, and still checks each chunk against the file's
+    /// CRCs: a changed byte in the slots given is found as corruption.
+    #[test]
+    fn a_table_opened_with_its_slots_in_memory_reads_them_and_checks_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let spread = |k: u64| k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut index = Index::new().unwrap();
+        for k in 1..20_000u64 {
+            index.insert_new(spread(k), k).unwrap();
+        }
+        let capacity = index.capacity;
+        let bytes = index.snapshot(1).unwrap();
+        let slots_at = bytes.len() - capacity * size_of::<Slot>();
+        let in_memory = |flip: Option<usize>| {
+            let mut pages = PrivatePages::anonymous(capacity * size_of::<Slot>(), "test").unwrap();
+            pages.copy_from_slice(&bytes[slots_at..]);
+            if let Some(at) = flip {
+                pages[at] ^= 1;
+            }
+            pages
+        };
+        // The file's slots zeroed (header and chunk CRCs kept): only the memory holds them.
+        let path = dir.path().join("index-1.idx");
+        let mut file_bytes = bytes.clone();
+        file_bytes[slots_at..].fill(0);
+        std::fs::write(&path, &file_bytes).unwrap();
+        let (mut restored, _) = Index::open_snapshot_into(&path, |_, _| Some(in_memory(None)), dirty_memory).unwrap();
+        for k in (1..20_000u64).step_by(2) {
+            restored.prepare_write(spread(k)).unwrap();
+        }
+        for k in 20_000..21_000u64 {
+            restored.insert_new(spread(k), k).unwrap();
+        }
+        for k in 1..21_000u64 {
+            assert_eq!(get(&restored, spread(k)), Some(k), "key {k}");
+        }
+        restored.verify_all().unwrap();
+        assert!(restored.lazy.is_none());
+
+        let flipped = CHUNK_SLOTS * size_of::<Slot>() + 5;
+        let (restored, _) =
+            Index::open_snapshot_into(&path, |_, _| Some(in_memory(Some(flipped))), dirty_memory).unwrap();
+        let in_chunk_1 =
+            (1..20_000u64).map(spread).find(|&h| (h as usize & (capacity - 1)) / CHUNK_SLOTS == 1).unwrap();
+        let err = restored.find(in_chunk_1, |_| Ok(true)).unwrap_err();
+        assert_eq!(err.class(), crate::ErrorClass::Corruption);
+        assert!(err.to_string().contains("index-1.idx"), "{err}");
     }
 
     #[test]

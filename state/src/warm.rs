@@ -14,10 +14,16 @@
 //! first snapshot buffer, should the pool still hold one then: in the traced 1 GiB restores
 //! it no longer did, as that snapshot starts once the delta is folded).
 //!
+//! A store also hands over the slots of its newest index snapshot, as written to its file
+//! (see [`crate::StoreConfig::resident_index_snapshot`]), tagged with the file's path and
+//! header: a restore of that very file then takes them as its table, which needs no read of
+//! the file at all ([`take_snapshot`]). Other requests never take a tagged entry.
+//!
 //! The pool holds an entry for [`HOLD`] at most and [`MAX_HELD_BYTES`] in all; [`expire`]
 //! hands out the older entries for the caller to drop (the runtime's reaper calls it, as
 //! freeing mapped memory takes milliseconds that no shard should spend).
 
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -52,6 +58,38 @@ pub(crate) fn give(pages: PrivatePages) -> Option<PrivatePages> {
     drop(pool);
     drop(expired);
     refused
+}
+
+/// Hands the slots of an index snapshot to the pool, tagged with the file they were written
+/// to and its header (the bytes before the slots): for [`take_snapshot`] only. Returns them
+/// when the pool does not take them, as [`give`] does.
+pub(crate) fn give_snapshot(path: PathBuf, header: Vec<u8>, pages: PrivatePages) -> Option<PrivatePages> {
+    let now = Instant::now();
+    let Ok(mut pool) = POOL.lock() else { return Some(pages) };
+    let expired = pool.expire(now);
+    let refused = pool.give_tagged(pages, Some(Tag { path, header }), now);
+    drop(pool);
+    drop(expired);
+    refused
+}
+
+/// Takes the slots of the index snapshot at `path` whose file starts with `head` (its first
+/// bytes, header included) and holds `chunk_crcs` (its chunk CRC table, unpadded), if the
+/// pool holds them: the same bytes as the file's slots, as written from them.
+pub(crate) fn take_snapshot(path: &Path, head: &[u8], chunk_crcs: &[u8]) -> Option<PrivatePages> {
+    let now = Instant::now();
+    let mut pool = POOL.lock().ok()?;
+    let expired = pool.expire(now);
+    let taken = pool.take_tagged(path, head, chunk_crcs);
+    drop(pool);
+    drop(expired);
+    taken
+}
+
+/// Whether the pool holds the slots of the index snapshot at `path`.
+#[cfg(test)]
+pub(crate) fn holds_snapshot(path: &Path) -> bool {
+    POOL.lock().is_ok_and(|pool| pool.entries.iter().any(|e| e.tag.as_ref().is_some_and(|t| t.path == path)))
 }
 
 /// Takes a buffer of at least `len` bytes from the pool (read as `len` bytes; its content is
@@ -96,6 +134,16 @@ impl WarmMemory {
 struct Entry {
     pages: PrivatePages,
     given: Instant,
+    /// For the slots of an index snapshot: the file and its header.
+    tag: Option<Tag>,
+}
+
+/// What identifies the index snapshot file an entry holds the slots of.
+#[derive(Debug)]
+struct Tag {
+    path: PathBuf,
+    /// The file's bytes before the slots: the header page and the chunk CRC table.
+    header: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -106,12 +154,28 @@ struct Pool {
 
 impl Pool {
     fn give(&mut self, pages: PrivatePages, now: Instant) -> Option<PrivatePages> {
+        self.give_tagged(pages, None, now)
+    }
+
+    fn give_tagged(&mut self, pages: PrivatePages, tag: Option<Tag>, now: Instant) -> Option<PrivatePages> {
         if !pages.is_anonymous() || pages.capacity() < MIN_TAKE_BYTES || self.held + pages.capacity() > MAX_HELD_BYTES {
             return Some(pages);
         }
         self.held += pages.capacity();
-        self.entries.push(Entry { pages, given: now });
+        self.entries.push(Entry { pages, given: now, tag });
         None
+    }
+
+    fn take_tagged(&mut self, path: &Path, head: &[u8], chunk_crcs: &[u8]) -> Option<PrivatePages> {
+        let at = self.entries.iter().position(|e| {
+            e.tag.as_ref().is_some_and(|t| {
+                let table = t.header.get(crate::index::HEADER_PAGE..).unwrap_or_default();
+                t.path == path && t.header.starts_with(head) && table.starts_with(chunk_crcs)
+            })
+        })?;
+        let entry = self.entries.swap_remove(at);
+        self.held -= entry.pages.capacity();
+        Some(entry.pages)
     }
 
     /// The smallest entry that fits, if it is not too large for `len`.
@@ -123,6 +187,7 @@ impl Pool {
             .entries
             .iter()
             .enumerate()
+            .filter(|(_, e)| e.tag.is_none())
             .filter(|(_, e)| (len..=len.saturating_mul(MAX_WASTE_FACTOR)).contains(&e.pages.capacity()))
             .min_by_key(|(_, e)| e.pages.capacity())?;
         let entry = self.entries.swap_remove(at);
@@ -169,6 +234,26 @@ mod tests {
         assert!(pool.take(1 << 20).is_some_and(|p| p.iter().all(|b| *b == 2)));
         assert_eq!(pool.held, 0);
         assert!(pool.take(1 << 20).is_none());
+    }
+
+    #[test]
+    fn the_slots_of_a_snapshot_go_only_to_the_restore_of_that_file() {
+        let mut pool = pool();
+        let now = Instant::now();
+        let mut header = vec![0u8; crate::index::HEADER_PAGE + 4096];
+        header[..4].copy_from_slice(b"head");
+        header[crate::index::HEADER_PAGE..][..8].copy_from_slice(b"crcs1234");
+        let tag = |path: &str| Some(Tag { path: PathBuf::from(path), header: header.clone() });
+        assert!(pool.give_tagged(pages(2 << 20, 7), tag("/a/index-1.idx"), now).is_none());
+        assert!(pool.take(2 << 20).is_none(), "never to a request for any memory");
+        assert!(pool.take_tagged(Path::new("/b/index-1.idx"), b"head", b"crcs1234").is_none(), "another file");
+        assert!(pool.take_tagged(Path::new("/a/index-1.idx"), b"hexd", b"crcs1234").is_none(), "another header");
+        assert!(pool.take_tagged(Path::new("/a/index-1.idx"), b"head", b"crcs1235").is_none(), "other chunks");
+        let taken = pool.take_tagged(Path::new("/a/index-1.idx"), b"head", b"crcs1234").unwrap();
+        assert!(taken.iter().all(|b| *b == 7));
+        assert_eq!(pool.held, 0);
+        assert!(pool.give_tagged(pages(2 << 20, 7), tag("/a/index-1.idx"), now).is_none());
+        assert_eq!(pool.expire(now + HOLD).len(), 1, "held as long as any entry");
     }
 
     #[test]
