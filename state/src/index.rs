@@ -1540,19 +1540,27 @@ mod tests {
         assert!(err.to_string().contains("index-1.idx"), "{err}");
     }
 
+    fn spread(k: u64) -> u64 {
+        k.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    /// The capacity and snapshot bytes of a table of keys 1..20,000 spread over it by
+    /// [`spread`], each with its key as address.
+    fn snapshot_of_spread_keys() -> (usize, Vec<u8>) {
+        let mut index = Index::new().unwrap();
+        for k in 1..20_000u64 {
+            index.insert_new(spread(k), k).unwrap();
+        }
+        (index.capacity, index.snapshot(1).unwrap())
+    }
+
     /// `prepare_write` loads a chunk of a mapped snapshot through the file: the table reads
     /// the same afterwards, changes after it stay, and a corrupt chunk is reported (and not
     /// taken as checked).
     #[test]
     fn prepare_write_loads_a_chunk_from_the_file_and_checks_it() {
         let dir = tempfile::tempdir().unwrap();
-        let spread = |k: u64| k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let mut index = Index::new().unwrap();
-        for k in 1..20_000u64 {
-            index.insert_new(spread(k), k).unwrap();
-        }
-        let capacity = index.capacity;
-        let bytes = index.snapshot(1).unwrap();
+        let (capacity, bytes) = snapshot_of_spread_keys();
         let path = dir.path().join("index-1.idx");
         std::fs::write(&path, &bytes).unwrap();
         let (mut restored, _) = Index::open_snapshot_into(&path, |_, _| None, dirty_memory).unwrap();
@@ -1592,13 +1600,7 @@ mod tests {
     #[test]
     fn a_table_opened_with_its_slots_in_memory_reads_them_and_checks_them() {
         let dir = tempfile::tempdir().unwrap();
-        let spread = |k: u64| k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let mut index = Index::new().unwrap();
-        for k in 1..20_000u64 {
-            index.insert_new(spread(k), k).unwrap();
-        }
-        let capacity = index.capacity;
-        let bytes = index.snapshot(1).unwrap();
+        let (capacity, bytes) = snapshot_of_spread_keys();
         let slots_at = bytes.len() - capacity * size_of::<Slot>();
         let in_memory = |flip: Option<usize>| {
             let mut pages = PrivatePages::anonymous(capacity * size_of::<Slot>(), "test").unwrap();
