@@ -202,7 +202,7 @@ fn state_restore(base: &std::path::Path, sizes: &[u64]) -> Result<(), String> {
         let ms = r.until_first_read.as_secs_f64() * 1000.0;
         let ratio = ms / *first.get_or_insert(ms);
         println!(
-            "state-restore state={:>5}MiB keys={:>9} until-first-read={ms:7.3}ms (x{ratio:.2} of smallest) first-1000-reads-mean={:.1}us verify-all={:.0}ms | with no index snapshot: replay={:.0}ms ({:.2} GB/s) then fold={:.0}ms",
+            "state-restore state={:>5}MiB keys={:>9} until-first-read={ms:7.3}ms (x{ratio:.2} of smallest) first-1000-reads-mean={:.1}us verify-all={:.0}ms | with no index snapshot: replay={:.0}ms ({:.2} GB/s) then fold={:.0}ms | fold after {}% of the keys rewritten: {} entries in {:.0}ms ({:.0}ns each)",
             r.state_bytes >> 20,
             r.keys,
             r.first_reads_mean.as_secs_f64() * 1e6,
@@ -210,6 +210,10 @@ fn state_restore(base: &std::path::Path, sizes: &[u64]) -> Result<(), String> {
             r.replay_all.as_secs_f64() * 1000.0,
             r.state_bytes as f64 / r.replay_all.as_secs_f64() / 1e9,
             r.fold_all.as_secs_f64() * 1000.0,
+            state_bench::FOLD_UPDATES_PER_MILLE as f64 / 10.0,
+            r.fold_updates_entries,
+            r.fold_updates.as_secs_f64() * 1000.0,
+            r.fold_updates.as_secs_f64() * 1e9 / r.fold_updates_entries.max(1) as f64,
         );
     }
     Ok(())

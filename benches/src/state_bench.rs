@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use weir_state::keygroup::KeyGroupRange;
 use weir_state::states::ValueState;
-use weir_state::store::{Key, RestoreOptions};
+use weir_state::store::{CheckpointHandle, Key, RestoreOptions};
 use weir_state::{StateStore, StoreConfig};
 
 const MAX_PARALLELISM: u16 = 4096;
@@ -224,7 +224,18 @@ pub struct RestoreResult {
     pub replay_all: Duration,
     /// Folding that replay's index delta into the table afterwards (between batches, in a job).
     pub fold_all: Duration,
+    /// Index entries of the delta a restore left after [`FOLD_UPDATES_PER_MILLE`] of the keys
+    /// were rewritten past the index snapshot (what a job restored after a failure folds).
+    pub fold_updates_entries: usize,
+    /// Folding those entries into the restored table: each one finds its key there (a key
+    /// compare with an old record somewhere in the log).
+    pub fold_updates: Duration,
 }
+
+/// Keys rewritten (per thousand, chosen at random) past the index snapshot for the fold of
+/// updates: about what the log tail of the 1 GiB `checkpoint-scale --recover` job holds after
+/// its failure (8% of the state replayed).
+pub const FOLD_UPDATES_PER_MILLE: u64 = 80;
 
 /// Restore time of a store with `state_bytes` of state, until it answers reads.
 pub fn restore(dir: &Path, state_bytes: u64) -> weir_state::Result<RestoreResult> {
@@ -272,6 +283,7 @@ pub fn restore(dir: &Path, state_bytes: u64) -> weir_state::Result<RestoreResult
     while store.maintain(100_000)? {}
     let fold_all = started.elapsed();
     drop(store);
+    let (fold_updates_entries, fold_updates) = fold_updates(dir, &handle, keys)?;
     Ok(RestoreResult {
         state_bytes: handle.live_bytes(),
         keys,
@@ -280,7 +292,41 @@ pub fn restore(dir: &Path, state_bytes: u64) -> weir_state::Result<RestoreResult
         verify_all,
         replay_all,
         fold_all,
+        fold_updates_entries,
+        fold_updates,
     })
+}
+
+/// Restores `handle` (which names an index snapshot and replays nothing), rewrites
+/// [`FOLD_UPDATES_PER_MILLE`] of the keys at random, checkpoints without a new index snapshot,
+/// restores that checkpoint (its replay leaves those keys in the index delta) and times the
+/// fold. Returns the delta's entries and the fold's time.
+fn fold_updates(dir: &Path, handle: &CheckpointHandle, keys: u64) -> weir_state::Result<(usize, Duration)> {
+    let config = StoreConfig {
+        index_snapshot_every: u32::MAX,
+        index_snapshot_tail_bytes: u64::MAX,
+        max_replay_bytes: u64::MAX,
+        ..store_config()
+    };
+    let updated = {
+        let mut store = StateStore::restore(dir, handle, config.clone(), RestoreOptions::default())?;
+        let v: ValueState<Payload> = ValueState::register(&mut store, "bench/payload")?;
+        let mut rng = SplitMix(11);
+        let mut value = [7u8; 80];
+        for _ in 0..keys * FOLD_UPDATES_PER_MILLE / 1000 {
+            let k = rng.next_u64() % keys.max(1);
+            value[..8].copy_from_slice(&k.to_le_bytes());
+            v.put(&mut store, Key::new(&k.to_be_bytes(), MAX_PARALLELISM), &value)?;
+        }
+        let pending = store.checkpoint(handle.checkpoint_id + 1)?;
+        pending.task.run()?;
+        pending.handle
+    };
+    let mut store = StateStore::restore(dir, &updated, config, RestoreOptions::default())?;
+    let entries = store.stats().index_delta as usize;
+    let started = Instant::now();
+    while store.maintain(100_000)? {}
+    Ok((entries, started.elapsed()))
 }
 
 /// Formats microsecond percentiles of a histogram.

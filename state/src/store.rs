@@ -614,6 +614,9 @@ pub struct StoreStats {
     pub compaction_moves: u64,
     /// Bytes compaction scanned in the segments it empties.
     pub compaction_scanned: u64,
+    /// Index entries a restore's replay left that [`StateStore::maintain`] has not folded into
+    /// the restored table yet (0 once the fold is done).
+    pub index_delta: u64,
 }
 
 /// The keyed state store of one shard. See the module docs for the write, checkpoint and
@@ -757,6 +760,7 @@ impl StateStore {
             live_bytes: live,
             log_bytes: log,
             segments: self.segments.iter().filter(|s| s.as_ref().is_some_and(|c| c.get().is_some())).count() as u64,
+            index_delta: self.index.delta_entries() as u64,
             ..self.counters
         }
     }
