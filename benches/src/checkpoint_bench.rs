@@ -252,6 +252,9 @@ struct FillThenTrickle {
     /// Updates per second once every key was written, summed over shards.
     rate_per_s: f64,
     probe: Arc<RecoveryProbe>,
+    /// Splits: split `s` of `n` writes keys `s, s + n, ...` (the job's parallelism, so each
+    /// shard reads one).
+    splits: u32,
 }
 
 struct FillReader {
@@ -269,9 +272,12 @@ struct FillReader {
 impl Source for FillThenTrickle {
     type Out = (u64, bool);
     type Reader = FillReader;
-    fn reader(&self, shard: usize, parallelism: usize) -> weir::Result<FillReader> {
+    fn splits(&self) -> u32 {
+        self.splits
+    }
+    fn reader(&self, split: u32) -> weir::Result<FillReader> {
         self.probe.note(self.probe.attempt(), |m| &mut m.restarted_at);
-        let (shard, stride) = (shard as u64, parallelism.max(1) as u64);
+        let (shard, stride) = (u64::from(split), u64::from(self.splits.max(1)));
         Ok(FillReader {
             probe: Arc::clone(&self.probe),
             shard,
@@ -548,10 +554,13 @@ pub fn recovery(state_bytes: u64, parallelism: usize, base: &Path) -> weir::Resu
     let probe = Arc::new(RecoveryProbe::default());
     let job = Job::new("recovery");
     let fill_probe = Arc::clone(&probe);
-    job.source("fill", FillThenTrickle { keys, rate_per_s: TRICKLE_PER_S, probe: Arc::clone(&probe) })
-        .key_by("by-key", |r: &(u64, bool)| r.0)
-        .process("payload", move || Fill { probe: Arc::clone(&fill_probe), payload: None, inserted: 0 })
-        .sink("first-output", FirstOutputSink { probe: Arc::clone(&probe) });
+    job.source(
+        "fill",
+        FillThenTrickle { keys, rate_per_s: TRICKLE_PER_S, probe: Arc::clone(&probe), splits: parallelism as u32 },
+    )
+    .key_by("by-key", |r: &(u64, bool)| r.0)
+    .process("payload", move || Fill { probe: Arc::clone(&fill_probe), payload: None, inserted: 0 })
+    .sink("first-output", FirstOutputSink { probe: Arc::clone(&probe) });
     let settings = CheckpointSettings::new(dir.path(), RECOVERY_INTERVAL_MS)
         .with_restart(RestartStrategy::FixedDelay { attempts: FAILURES as u32, delay: Duration::ZERO });
     let config = JobConfig { data_dir: dir.path().to_owned(), ..JobConfig::default() }
@@ -691,7 +700,7 @@ pub fn at_scale(spec: ScaleSpec, base: &Path) -> weir::Result<ScaleRun> {
     let probe = Arc::new(RecoveryProbe::default());
     let job = Job::new("checkpoint-scale");
     let fill_probe = Arc::clone(&probe);
-    job.source("fill", FillThenTrickle { keys, rate_per_s, probe: Arc::clone(&probe) })
+    job.source("fill", FillThenTrickle { keys, rate_per_s, probe: Arc::clone(&probe), splits: parallelism as u32 })
         .key_by("by-key", |r: &(u64, bool)| r.0)
         .process("payload", move || Fill { probe: Arc::clone(&fill_probe), payload: None, inserted: 0 })
         .sink("first-output", FirstOutputSink { probe: Arc::clone(&probe) });

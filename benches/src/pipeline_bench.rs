@@ -160,6 +160,8 @@ struct Paced {
     rate_per_s: f64,
     total: u64,
     epoch: Instant,
+    /// Splits (the job's parallelism: a split a shard), each `rate / splits` per second.
+    splits: u32,
 }
 
 struct PacedReader {
@@ -174,15 +176,18 @@ struct PacedReader {
 impl Source for Paced {
     type Out = (u64, u64);
     type Reader = PacedReader;
-    fn reader(&self, shard: usize, parallelism: usize) -> weir::Result<PacedReader> {
-        let p = parallelism.max(1) as f64;
+    fn splits(&self) -> u32 {
+        self.splits
+    }
+    fn reader(&self, split: u32) -> weir::Result<PacedReader> {
+        let p = self.splits.max(1);
         Ok(PacedReader {
-            rate_per_s: self.rate_per_s / p,
-            per_shard: self.total / parallelism.max(1) as u64,
+            rate_per_s: self.rate_per_s / f64::from(p),
+            per_shard: self.total / u64::from(p),
             produced: 0,
             started: None,
             epoch: self.epoch,
-            key: shard as u64,
+            key: u64::from(split),
         })
     }
 }
@@ -227,7 +232,7 @@ pub fn latency(
     let merged = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")));
     let job = Job::new("latency-bench");
     let sink_hist = Arc::clone(&merged);
-    job.source("paced", Paced { rate_per_s, total, epoch })
+    job.source("paced", Paced { rate_per_s, total, epoch, splits: parallelism as u32 })
         .key_by("by-key", |e: &(u64, u64)| e.0 % 10_000)
         .process("stamp", || Stamp { count: None })
         .sink("latency", LatencySink { merged: sink_hist, epoch });

@@ -74,7 +74,7 @@ fn inspect_shows_source_offsets_and_savepoints() {
     let work = tempfile::tempdir().unwrap();
     let checkpoints = work.path().join("checkpoints");
     let job = Job::new("tool");
-    job.source("numbers", VecSource::new((0..10_000u64).collect()))
+    job.source("numbers", VecSource::new((0..10_000u64).collect()).with_splits(4))
         .key_by("by-key", |n: &u64| n % 10)
         .reduce("count", |k: &u64| (*k, 0u64), |(k, c): (u64, u64), _| (k, c + 1))
         .sink("out", CollectSink::new());
@@ -83,8 +83,10 @@ fn inspect_shows_source_offsets_and_savepoints() {
     let (ok, out, err) = weir(&["inspect", checkpoints.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(out.contains("job=tool"), "{out}");
-    assert!(out.contains("source numbers shard 0 offset=5000"), "{out}");
-    assert!(out.contains("source numbers shard 1 offset=5000"), "{out}");
+    // Four splits of 2,500 records, two a shard.
+    for (split, shard) in [(0, 0), (1, 1), (2, 0), (3, 1)] {
+        assert!(out.contains(&format!("source numbers split {split}/4 (shard {shard}) offset=2500")), "{out}");
+    }
     let (ok, out, err) = weir(&["verify", checkpoints.to_str().unwrap()]);
     assert!(ok, "{out}{err}");
 

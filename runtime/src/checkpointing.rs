@@ -144,12 +144,16 @@ impl CheckpointSettings {
     }
 }
 
-/// One source shard's position at a checkpoint.
+/// One source split's position at a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct SourceOffset {
     /// The source's uid.
     pub uid: String,
-    /// The shard reading it.
+    /// The split (see [`crate::source::Source::splits`]).
+    pub split: u32,
+    /// The number of splits the source had.
+    pub splits: u32,
+    /// The shard that read the split (informative: a resume deals splits anew).
     pub shard: u32,
     /// Its reader's offset (see [`crate::source::SourceReader::offset`]).
     pub offset: u64,
@@ -163,7 +167,7 @@ pub struct JobMetadata {
     pub version: u32,
     /// The job's name.
     pub job: String,
-    /// Every source shard's offset.
+    /// Every source split's offset.
     pub sources: Vec<SourceOffset>,
     /// Stage names (the uid of each stage's input), in job order.
     pub stages: Vec<String>,
@@ -172,7 +176,7 @@ pub struct JobMetadata {
 }
 
 /// Version of [`JobMetadata`].
-pub const JOB_METADATA_VERSION: u32 = 1;
+pub const JOB_METADATA_VERSION: u32 = 2;
 
 impl JobMetadata {
     /// Encodes it for a manifest's `metadata`.
@@ -1078,9 +1082,9 @@ impl RestorePoint {
         self.manifest.shards.iter().find(|s| s.store_dir == dir).map(|s| &s.handle)
     }
 
-    /// The offset source `uid` had on `shard`.
-    pub fn offset(&self, uid: &str, shard: usize) -> Option<u64> {
-        self.metadata.sources.iter().find(|s| s.uid == uid && s.shard as usize == shard).map(|s| s.offset)
+    /// The offsets source `uid` recorded, by split (empty if it recorded none).
+    pub fn offsets(&self, uid: &str) -> Vec<&SourceOffset> {
+        self.metadata.sources.iter().filter(|s| s.uid == uid).collect()
     }
 }
 
@@ -1169,7 +1173,7 @@ mod tests {
         let meta = JobMetadata {
             version: JOB_METADATA_VERSION,
             job: "j".into(),
-            sources: vec![SourceOffset { uid: "src".into(), shard: 1, offset: 42 }],
+            sources: vec![SourceOffset { uid: "src".into(), split: 3, splits: 32, shard: 1, offset: 42 }],
             stages: vec!["src".into(), "by-key".into()],
             operators: vec!["count".into()],
         };

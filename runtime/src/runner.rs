@@ -155,9 +155,32 @@ impl ShardRuntime {
         restore.handle(&self.store_dir(stage)).cloned()
     }
 
-    /// The offset source `uid` had on this shard in the checkpoint this run started from.
-    pub fn restored_offset(&self, uid: &str) -> Option<u64> {
-        self.restore.as_ref().and_then(|r| r.offset(uid, self.shard))
+    /// Where source `uid`'s splits that this shard reads (`splits` of `total`) resume: the
+    /// offset of each (0 without a restore). Fails when the checkpoint this run started from
+    /// recorded offsets for another number of splits, or none for one of these while it has
+    /// others (the input is not the one checkpointed).
+    pub fn restored_offsets(&self, uid: &str, splits: &[u32], total: u32) -> Result<Vec<u64>> {
+        let Some(restore) = &self.restore else { return Ok(vec![0; splits.len()]) };
+        let recorded = restore.offsets(uid);
+        if recorded.is_empty() {
+            return Ok(vec![0; splits.len()]);
+        }
+        let id = restore.manifest.checkpoint_id;
+        if let Some(other) = recorded.iter().find(|r| r.splits != total) {
+            return Err(RuntimeError::Checkpoint(format!(
+                "source {uid} has {total} splits; checkpoint {id} recorded offsets of {} (a source resumes with \
+                 the splits it had; give a changed input another uid)",
+                other.splits
+            )));
+        }
+        splits
+            .iter()
+            .map(|split| {
+                recorded.iter().find(|r| r.split == *split).map(|r| r.offset).ok_or_else(|| {
+                    RuntimeError::Checkpoint(format!("checkpoint {id} has no offset for split {split} of source {uid}"))
+                })
+            })
+            .collect()
     }
 
     /// Sleeps on the shard's executor.
@@ -759,9 +782,9 @@ impl JobPlan {
         Ok(restore)
     }
 
-    /// Whether the job can start from savepoint `point`: the same number of key groups, every
-    /// operator with state still there (unless dropping it is allowed), and sources resumed
-    /// at the parallelism their offsets were recorded at.
+    /// Whether the job can start from savepoint `point`: the same number of key groups, and
+    /// every operator with state still there (unless dropping it is allowed). Sources resume
+    /// by split at any parallelism (see [`ShardRuntime::restored_offsets`]).
     fn check_savepoint(&self, point: &RestorePoint, allow_unmatched: bool) -> Result<()> {
         let id = point.manifest.checkpoint_id;
         if point.manifest.max_parallelism != self.config.max_parallelism {
@@ -785,17 +808,6 @@ impl JobPlan {
                  allow_unmatched_state to drop it",
                 unmatched.join(", ")
             )));
-        }
-        let parallelism = self.config.parallelism.max(1);
-        if point.manifest.parallelism as usize != parallelism {
-            let stages: std::collections::BTreeSet<&str> = self.stages.iter().map(|s| s.name()).collect();
-            if let Some(source) = point.metadata.sources.iter().find(|s| stages.contains(s.uid.as_str())) {
-                return Err(RuntimeError::Checkpoint(format!(
-                    "source {} recorded its offsets at parallelism {}; it cannot resume at {parallelism} \
-                     (give the new input another uid)",
-                    source.uid, point.manifest.parallelism
-                )));
-            }
         }
         Ok(())
     }

@@ -1,10 +1,15 @@
-//! Sources: replayable, parallel inputs. Each shard reads its own split and reports an offset
-//! it can seek back to, so that a restarted job replays exactly what a checkpoint did not see.
+//! Sources: replayable, parallel inputs, made of splits. A split is a part of the input read
+//! on its own with an offset it can seek back to (a log, a byte range of a file, every n-th
+//! record of a generator). The number of splits is fixed by the input, not by the job's
+//! parallelism: shard `s` of `P` reads splits `s, s + P, s + 2P, ...` ([`splits_of`]), and a
+//! checkpoint records each split's offset, so a job restarted from it, at this parallelism
+//! or another, replays exactly what the checkpoint did not see.
 //!
 //! Built in: [`VecSource`] (tests), [`IterSource`] (a factory of iterators),
-//! [`GeneratorSource`] (deterministic records by offset, such as Nexmark), and [`FileSource`]
+//! [`GeneratorSource`] (deterministic records by offset, such as Nexmark), [`FileSource`]
 //! (lines, split by byte ranges, offsets are byte positions, undecodable lines go to the
-//! dead-letter output with their offset).
+//! dead-letter output with their offset), and [`IngestSource`] (durable ingest logs, a split
+//! each).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
@@ -12,6 +17,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::error::{Result, RuntimeError};
+
+/// Splits of the built-in sources that split by record ([`VecSource`], [`GeneratorSource`],
+/// [`IterSource`], [`FileSource`]) unless set: a job reads them on up to this many shards.
+pub const DEFAULT_SPLITS: u32 = 32;
+
+/// The splits that shard `shard` of `parallelism` reads of a source with `splits` splits.
+pub fn splits_of(shard: usize, parallelism: usize, splits: u32) -> Vec<u32> {
+    (shard as u64..u64::from(splits)).step_by(parallelism.max(1)).map(|s| s as u32).collect()
+}
 
 /// What one read of a source produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,9 +43,9 @@ pub enum ReadStatus {
 pub struct DeadLetter {
     /// The source's uid.
     pub source: String,
-    /// The shard that read it.
-    pub shard: usize,
-    /// The offset of the bad record in the source (for files: its byte position).
+    /// The split it was read from.
+    pub split: u32,
+    /// The offset of the bad record in its split (for files: its byte position).
     pub offset: u64,
     /// Why it could not be decoded.
     pub reason: String,
@@ -39,17 +53,21 @@ pub struct DeadLetter {
     pub raw: Vec<u8>,
 }
 
-/// A parallel, replayable source: a factory of one reader per shard.
+/// A parallel, replayable source: its splits, and a reader for each.
 pub trait Source: Send + Sync + 'static {
     /// The records it produces.
     type Out: Send + 'static;
-    /// The per-shard reader.
+    /// The reader of one split.
     type Reader: SourceReader<Out = Self::Out>;
-    /// The reader of `shard` of `parallelism`.
-    fn reader(&self, shard: usize, parallelism: usize) -> Result<Self::Reader>;
+    /// The number of splits. It must not change while a job's checkpoints are resumed (a
+    /// resume with another number fails, naming the source); it may be smaller than the
+    /// parallelism, and shards without a split read nothing.
+    fn splits(&self) -> u32;
+    /// The reader of split `split` (below [`Source::splits`]), at its start.
+    fn reader(&self, split: u32) -> Result<Self::Reader>;
 }
 
-/// One shard's reader of a source.
+/// The reader of one split of a source.
 pub trait SourceReader: 'static {
     /// The records it produces.
     type Out;
@@ -61,16 +79,23 @@ pub trait SourceReader: 'static {
     fn seek(&mut self, offset: u64) -> Result<()>;
 }
 
-/// A vector, dealt round-robin to the shards (element `i` to shard `i % P`).
+/// A vector, dealt round-robin to its splits (element `i` to split `i % splits`).
 #[derive(Debug, Clone)]
 pub struct VecSource<T> {
     items: Arc<Vec<T>>,
+    splits: u32,
 }
 
 impl<T> VecSource<T> {
-    /// A source over `items`.
+    /// A source over `items`, in [`DEFAULT_SPLITS`] splits.
     pub fn new(items: Vec<T>) -> Self {
-        VecSource { items: Arc::new(items) }
+        VecSource { items: Arc::new(items), splits: DEFAULT_SPLITS }
+    }
+
+    /// The same source in `splits` splits (at least one).
+    pub fn with_splits(mut self, splits: u32) -> Self {
+        self.splits = splits.max(1);
+        self
     }
 }
 
@@ -86,8 +111,12 @@ pub struct VecReader<T> {
 impl<T: Clone + Send + Sync + 'static> Source for VecSource<T> {
     type Out = T;
     type Reader = VecReader<T>;
-    fn reader(&self, shard: usize, parallelism: usize) -> Result<VecReader<T>> {
-        Ok(VecReader { items: Arc::clone(&self.items), next: shard, stride: parallelism.max(1), start: shard })
+    fn splits(&self) -> u32 {
+        self.splits
+    }
+    fn reader(&self, split: u32) -> Result<VecReader<T>> {
+        let (start, stride) = (split as usize, self.splits as usize);
+        Ok(VecReader { items: Arc::clone(&self.items), next: start, stride, start })
     }
 }
 
@@ -114,8 +143,8 @@ impl<T: Clone + 'static> SourceReader for VecReader<T> {
     }
 }
 
-/// Records computed from their offset (deterministic, so replayable): shard `s` of `P` makes
-/// offsets `s, s + P, s + 2P, ...`.
+/// Records computed from their offset (deterministic, so replayable): split `s` of `n` makes
+/// offsets `s, s + n, s + 2n, ...`.
 pub trait Generator: Send + Sync + 'static {
     /// The records.
     type Out: Send + 'static;
@@ -127,12 +156,19 @@ pub trait Generator: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct GeneratorSource<G> {
     generator: Arc<G>,
+    splits: u32,
 }
 
 impl<G> GeneratorSource<G> {
-    /// A source over `generator`.
+    /// A source over `generator`, in [`DEFAULT_SPLITS`] splits.
     pub fn new(generator: G) -> Self {
-        GeneratorSource { generator: Arc::new(generator) }
+        GeneratorSource { generator: Arc::new(generator), splits: DEFAULT_SPLITS }
+    }
+
+    /// The same source in `splits` splits (at least one).
+    pub fn with_splits(mut self, splits: u32) -> Self {
+        self.splits = splits.max(1);
+        self
     }
 }
 
@@ -148,11 +184,14 @@ pub struct GeneratorReader<G> {
 impl<G: Generator> Source for GeneratorSource<G> {
     type Out = G::Out;
     type Reader = GeneratorReader<G>;
-    fn reader(&self, shard: usize, parallelism: usize) -> Result<GeneratorReader<G>> {
+    fn splits(&self) -> u32 {
+        self.splits
+    }
+    fn reader(&self, split: u32) -> Result<GeneratorReader<G>> {
         Ok(GeneratorReader {
             generator: Arc::clone(&self.generator),
-            shard: shard as u64,
-            stride: parallelism.max(1) as u64,
+            shard: u64::from(split),
+            stride: u64::from(self.splits),
             produced: 0,
         })
     }
@@ -183,9 +222,10 @@ impl<G: Generator> SourceReader for GeneratorReader<G> {
     }
 }
 
-/// A factory of one iterator per shard. Offsets count records; seeking skips.
+/// A factory of one iterator per split. Offsets count records; seeking skips.
 pub struct IterSource<F> {
     factory: Arc<F>,
+    splits: u32,
 }
 
 impl<F> std::fmt::Debug for IterSource<F> {
@@ -195,9 +235,15 @@ impl<F> std::fmt::Debug for IterSource<F> {
 }
 
 impl<F> IterSource<F> {
-    /// A source whose shard `s` of `P` reads `factory(s, P)`.
+    /// A source whose split `s` of `n` ([`DEFAULT_SPLITS`]) reads `factory(s, n)`.
     pub fn new(factory: F) -> Self {
-        IterSource { factory: Arc::new(factory) }
+        IterSource { factory: Arc::new(factory), splits: DEFAULT_SPLITS }
+    }
+
+    /// The same source in `splits` splits (at least one).
+    pub fn with_splits(mut self, splits: u32) -> Self {
+        self.splits = splits.max(1);
+        self
     }
 }
 
@@ -215,8 +261,11 @@ where
 {
     type Out = I::Item;
     type Reader = IterReader<I>;
-    fn reader(&self, shard: usize, parallelism: usize) -> Result<IterReader<I>> {
-        Ok(IterReader { iter: (self.factory)(shard, parallelism), produced: 0 })
+    fn splits(&self) -> u32 {
+        self.splits
+    }
+    fn reader(&self, split: u32) -> Result<IterReader<I>> {
+        Ok(IterReader { iter: (self.factory)(split as usize, self.splits as usize), produced: 0 })
     }
 }
 
@@ -248,20 +297,27 @@ impl<I: Iterator + 'static> SourceReader for IterReader<I> {
     }
 }
 
-/// Lines of a file. Shard `s` of `P` reads the lines that *start* in its byte range
-/// `[s * len / P, (s + 1) * len / P)`, so every line is read exactly once whatever `P`.
+/// Lines of a file. Split `s` of `n` reads the lines that *start* in its byte range
+/// `[s * len / n, (s + 1) * len / n)`, so every line is read exactly once whatever `n`.
 /// Offsets are byte positions. A line that is not UTF-8 goes to the dead-letter output.
 #[derive(Debug, Clone)]
 pub struct FileSource {
     path: PathBuf,
     uid_hint: String,
+    splits: u32,
 }
 
 impl FileSource {
-    /// Lines of the file at `path`.
+    /// Lines of the file at `path`, in [`DEFAULT_SPLITS`] splits.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         let path = path.into();
-        FileSource { uid_hint: path.display().to_string(), path }
+        FileSource { uid_hint: path.display().to_string(), path, splits: DEFAULT_SPLITS }
+    }
+
+    /// The same source in `splits` splits (at least one).
+    pub fn with_splits(mut self, splits: u32) -> Self {
+        self.splits = splits.max(1);
+        self
     }
 }
 
@@ -271,7 +327,7 @@ pub struct FileReader {
     reader: BufReader<File>,
     pos: u64,
     end: u64,
-    shard: usize,
+    split: u32,
     name: String,
     line: Vec<u8>,
 }
@@ -279,19 +335,22 @@ pub struct FileReader {
 impl Source for FileSource {
     type Out = String;
     type Reader = FileReader;
-    fn reader(&self, shard: usize, parallelism: usize) -> Result<FileReader> {
+    fn splits(&self) -> u32 {
+        self.splits
+    }
+    fn reader(&self, split: u32) -> Result<FileReader> {
         let err =
             |e: std::io::Error| RuntimeError::Source { source_name: self.uid_hint.clone(), reason: e.to_string() };
         let file = File::open(&self.path).map_err(err)?;
         let len = file.metadata().map_err(err)?.len();
-        let p = parallelism.max(1) as u64;
-        let start = len * shard as u64 / p;
-        let end = len * (shard as u64 + 1) / p;
+        let n = u64::from(self.splits);
+        let start = len * u64::from(split) / n;
+        let end = len * (u64::from(split) + 1) / n;
         let mut reader = FileReader {
             reader: BufReader::with_capacity(64 * 1024, file),
             pos: 0,
             end,
-            shard,
+            split,
             name: self.uid_hint.clone(),
             line: Vec::new(),
         };
@@ -347,7 +406,7 @@ impl SourceReader for FileReader {
                 Ok(s) => out.push(s.to_owned()),
                 Err(e) => dead.push(DeadLetter {
                     source: self.name.clone(),
-                    shard: self.shard,
+                    split: self.split,
                     offset: start,
                     reason: format!("not UTF-8: {e}"),
                     raw: bytes[..bytes.len().min(1024)].to_vec(),
@@ -368,8 +427,9 @@ impl SourceReader for FileReader {
 
 /// Durable ingest logs ([`weir_state::ingest::IngestLog`]) as a replayable source: what a
 /// service appends (and syncs) is what the job reads, from a recorded offset after a restart.
-/// Log `i` is read by shard `i % P`. Each payload is decoded by `decode`; one that fails goes to
-/// the dead-letter output with its offset. The source ends when every log it reads is closed.
+/// Each log is a split (log `i` is read by shard `i % P`). Each payload is decoded by `decode`;
+/// one that fails goes to the dead-letter output with its offset. A split ends when its log is
+/// closed.
 pub struct IngestSource<D> {
     logs: Vec<Arc<weir_state::ingest::IngestLog>>,
     decode: Arc<D>,
@@ -390,13 +450,13 @@ impl<D> IngestSource<D> {
     }
 }
 
-/// The reader of an [`IngestSource`] on one shard.
+/// The reader of one log of an [`IngestSource`].
 pub struct IngestSourceReader<D> {
-    readers: Vec<weir_state::ingest::IngestReader>,
+    reader: weir_state::ingest::IngestReader,
     decode: Arc<D>,
     name: String,
-    shard: usize,
-    closed: Vec<bool>,
+    split: u32,
+    closed: bool,
     buf: Vec<(u64, Vec<u8>)>,
 }
 
@@ -407,23 +467,23 @@ where
 {
     type Out = T;
     type Reader = IngestSourceReader<D>;
-    fn reader(&self, shard: usize, parallelism: usize) -> Result<IngestSourceReader<D>> {
-        let err =
-            |e: weir_state::StateError| RuntimeError::Source { source_name: self.name.clone(), reason: e.to_string() };
-        let readers = self
-            .logs
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| i % parallelism.max(1) == shard)
-            .map(|(_, log)| log.reader(weir_state::ingest::IngestLog::first_offset()).map_err(err))
-            .collect::<Result<Vec<_>>>()?;
-        let closed = vec![false; readers.len()];
+    fn splits(&self) -> u32 {
+        self.logs.len() as u32
+    }
+    fn reader(&self, split: u32) -> Result<IngestSourceReader<D>> {
+        let log = self.logs.get(split as usize).ok_or_else(|| RuntimeError::Source {
+            source_name: self.name.clone(),
+            reason: format!("no log for split {split} of {}", self.logs.len()),
+        })?;
+        let reader = log
+            .reader(weir_state::ingest::IngestLog::first_offset())
+            .map_err(|e| RuntimeError::Source { source_name: self.name.clone(), reason: e.to_string() })?;
         Ok(IngestSourceReader {
-            readers,
+            reader,
             decode: Arc::clone(&self.decode),
-            name: self.name.clone(),
-            shard,
-            closed,
+            name: log.path().display().to_string(),
+            split,
+            closed: false,
             buf: Vec::new(),
         })
     }
@@ -436,49 +496,42 @@ where
     type Out = T;
     fn read(&mut self, out: &mut Vec<T>, dead: &mut Vec<DeadLetter>, max: usize) -> Result<ReadStatus> {
         use weir_state::ingest::IngestStatus;
-        let mut any = false;
-        for (i, reader) in self.readers.iter_mut().enumerate() {
-            if self.closed[i] {
-                continue;
-            }
-            self.buf.clear();
-            let status = reader
-                .read(&mut self.buf, max)
-                .map_err(|e| RuntimeError::Source { source_name: self.name.clone(), reason: e.to_string() })?;
-            for (offset, payload) in self.buf.drain(..) {
-                any = true;
-                match (self.decode)(&payload) {
-                    Ok(value) => out.push(value),
-                    Err(reason) => dead.push(DeadLetter {
-                        source: self.name.clone(),
-                        shard: self.shard,
-                        offset,
-                        reason,
-                        raw: payload[..payload.len().min(1024)].to_vec(),
-                    }),
-                }
-            }
-            if status == IngestStatus::Closed {
-                self.closed[i] = true;
+        if self.closed {
+            return Ok(ReadStatus::End);
+        }
+        self.buf.clear();
+        let status = self
+            .reader
+            .read(&mut self.buf, max)
+            .map_err(|e| RuntimeError::Source { source_name: self.name.clone(), reason: e.to_string() })?;
+        let any = !self.buf.is_empty();
+        for (offset, payload) in self.buf.drain(..) {
+            match (self.decode)(&payload) {
+                Ok(value) => out.push(value),
+                Err(reason) => dead.push(DeadLetter {
+                    source: self.name.clone(),
+                    split: self.split,
+                    offset,
+                    reason,
+                    raw: payload[..payload.len().min(1024)].to_vec(),
+                }),
             }
         }
-        Ok(if self.closed.iter().all(|c| *c) {
-            ReadStatus::End
-        } else if any {
+        self.closed = status == IngestStatus::Closed;
+        Ok(if any {
             ReadStatus::More
+        } else if self.closed {
+            ReadStatus::End
         } else {
             ReadStatus::Idle
         })
     }
-    /// The offset of the first log this shard reads (one log per shard is the replayable
-    /// configuration; with several, each reader's offset is its own).
     fn offset(&self) -> u64 {
-        self.readers.first().map_or(0, |r| r.offset())
+        self.reader.offset()
     }
     fn seek(&mut self, offset: u64) -> Result<()> {
-        if let Some(r) = self.readers.first_mut() {
-            r.seek(offset);
-        }
+        self.reader.seek(offset);
+        self.closed = false;
         Ok(())
     }
 }
@@ -503,11 +556,11 @@ mod tests {
         }
         content.extend_from_slice(b"bad \xff\xfe line\nlast line without newline");
         std::fs::write(&path, &content).unwrap();
-        for p in 1..=7 {
+        for p in 1..=7u32 {
             let mut lines = Vec::new();
             let mut dead = Vec::new();
             for s in 0..p {
-                let (l, d) = read_all(FileSource::new(&path).reader(s, p).unwrap());
+                let (l, d) = read_all(FileSource::new(&path).with_splits(p).reader(s).unwrap());
                 lines.extend(l);
                 dead.extend(d);
             }
@@ -526,19 +579,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("in.txt");
         std::fs::write(&path, "a\nb\nc\nd\n").unwrap();
-        let mut r = FileSource::new(&path).reader(0, 1).unwrap();
+        let mut r = FileSource::new(&path).with_splits(1).reader(0).unwrap();
         let (mut out, mut dead) = (Vec::new(), Vec::new());
         r.read(&mut out, &mut dead, 2).unwrap();
         let at = r.offset();
-        let mut r2 = FileSource::new(&path).reader(0, 1).unwrap();
+        let mut r2 = FileSource::new(&path).with_splits(1).reader(0).unwrap();
         r2.seek(at).unwrap();
         assert_eq!(read_all(r2).0, vec!["c", "d"]);
-        let mut v = VecSource::new((0..10).collect::<Vec<u32>>()).reader(1, 3).unwrap();
+        let mut v = VecSource::new((0..10).collect::<Vec<u32>>()).with_splits(3).reader(1).unwrap();
         let mut out = Vec::new();
         v.read(&mut out, &mut dead, 2).unwrap();
         assert_eq!(out, vec![1, 4]);
         let at = v.offset();
-        let mut v2 = VecSource::new((0..10).collect::<Vec<u32>>()).reader(1, 3).unwrap();
+        let mut v2 = VecSource::new((0..10).collect::<Vec<u32>>()).with_splits(3).reader(1).unwrap();
         v2.seek(at).unwrap();
         assert_eq!(read_all(v2).0, vec![7]);
     }

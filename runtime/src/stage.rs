@@ -95,10 +95,11 @@ pub trait InputPump<T> {
     fn next<'a>(&'a mut self, out: &'a mut Batch<T>, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<Pumped>>;
     /// Waits until input may be available, or at most one tick interval.
     fn wait<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, ()>;
-    /// A source's offset after the elements handed out so far (a source pump hands out a
-    /// barrier in a batch of its own, so at a barrier this is the barrier's offset).
-    fn offset(&self) -> Option<u64> {
-        None
+    /// A source's offsets after the elements handed out so far, by split: `(split, splits,
+    /// offset)` (a source pump hands out a barrier in a batch of its own, so at a barrier these
+    /// are the barrier's position in every split this shard reads).
+    fn offsets(&self) -> Vec<(u32, u32, u64)> {
+        Vec::new()
     }
     /// How long the last aligned barrier waited for the other inputs.
     fn alignment(&self) -> std::time::Duration {
@@ -134,12 +135,27 @@ impl<S, G, A> SourceInput<S, G, A> {
     }
 }
 
-struct SourcePump<R: SourceReader, G, A> {
-    uid: &'static str,
+/// One split a source pump reads, with its own watermark generator: records of different
+/// splits are read in turns, a batch at a time, so only within a split are their timestamps
+/// in the order the generator assumes; the shard's watermark is the splits' combined one.
+struct SplitInput<R, G> {
+    split: u32,
     reader: R,
     generator: weir_operators::time::WithIdleness<G>,
-    assigner: A,
     output: WatermarkOutput,
+    ended: bool,
+}
+
+struct SourcePump<R: SourceReader, G, A> {
+    uid: &'static str,
+    splits: Vec<SplitInput<R, G>>,
+    /// The source's number of splits (all shards).
+    total_splits: u32,
+    /// Combines the splits' watermarks (`None` without splits).
+    valve: Option<WatermarkValve>,
+    /// The split read next.
+    cursor: usize,
+    assigner: A,
     dead: Vec<crate::source::DeadLetter>,
     last_emit_ms: i64,
     ended: bool,
@@ -148,6 +164,87 @@ struct SourcePump<R: SourceReader, G, A> {
     /// The input is exhausted; with checkpoints, end-of-input waits for a barrier after the
     /// last record (the final checkpoint, which commits the last output).
     end_pending: bool,
+}
+
+impl<R: SourceReader, G: WatermarkGenerator<R::Out>, A> SourcePump<R, G, A> {
+    /// Reads a batch from the next split that has records (trying each split once), and
+    /// passes every split's watermark changes through the valve into `out`.
+    fn read(&mut self, batch: &mut Batch<R::Out>, rt: &ShardRuntime) -> Result<ReadStatus>
+    where
+        A: TimestampAssigner<R::Out>,
+    {
+        let Some(valve) = &mut self.valve else { return Ok(ReadStatus::End) };
+        let n = self.splits.len();
+        let mut read = false;
+        for _ in 0..n {
+            let i = self.cursor;
+            self.cursor = (i + 1) % n;
+            let split = &mut self.splits[i];
+            if split.ended {
+                continue;
+            }
+            let before = batch.records.len();
+            let status =
+                split.reader.read(&mut batch.records, &mut self.dead, rt.config.source_batch).map_err(|e| match e {
+                    RuntimeError::Source { reason, .. } => {
+                        RuntimeError::Source { source_name: format!("{} (split {})", self.uid, split.split), reason }
+                    }
+                    other => other,
+                })?;
+            let assigner = &mut self.assigner;
+            batch.timestamps.extend(batch.records[before..].iter().map(|value| assigner.timestamp(value, None)));
+            let events = batch.records[before..].iter().zip(batch.timestamps[before..].iter().copied());
+            split.generator.on_events(events, &mut split.output);
+            if status == ReadStatus::End {
+                split.ended = true;
+            }
+            read |= batch.records.len() > before;
+            if status == ReadStatus::More || read {
+                read = true;
+                break;
+            }
+        }
+        let now = rt.now();
+        let tick = now.saturating_sub(self.last_emit_ms) >= rt.config.tick_interval_ms;
+        let all_ended = self.splits.iter().all(|s| s.ended);
+        for (i, split) in self.splits.iter_mut().enumerate() {
+            if !split.ended && (tick || !read) {
+                split.generator.on_periodic_emit(now, &mut split.output);
+            }
+            for event in split.output.take_update().events() {
+                let update = match event {
+                    WatermarkEvent::Watermark(w) => valve.on_watermark(i, w),
+                    WatermarkEvent::Status(WatermarkStatus::Idle) => valve.on_idle(i),
+                    WatermarkEvent::Status(WatermarkStatus::Active) => valve.on_active(i),
+                };
+                push_update(update, &mut batch.elements);
+            }
+            if split.ended && valve.input_status(i) != weir_operators::time::InputStatus::Ended && !all_ended {
+                // The last split's end is the source's: the caller ends event time itself.
+                push_update(valve.on_end_of_input(i), &mut batch.elements);
+            }
+        }
+        if tick || !read {
+            self.last_emit_ms = now;
+        }
+        Ok(if all_ended {
+            ReadStatus::End
+        } else if read {
+            ReadStatus::More
+        } else {
+            ReadStatus::Idle
+        })
+    }
+}
+
+/// Appends what a watermark update changed to a batch's elements.
+fn push_update<T>(update: weir_operators::time::WatermarkUpdate, out: &mut Vec<Element<T>>) {
+    for event in update.events() {
+        match event {
+            WatermarkEvent::Watermark(Watermark(w)) => out.push(Element::Watermark(w)),
+            WatermarkEvent::Status(status) => out.push(Element::Idle(status == WatermarkStatus::Idle)),
+        }
+    }
 }
 
 impl<S, G, A> StageInput<S::Out> for SourceInput<S, G, A>
@@ -163,16 +260,30 @@ where
         Vec::new()
     }
     fn pump(&self, rt: &ShardRuntime) -> Result<Box<dyn InputPump<S::Out>>> {
-        let mut reader = self.source.reader(rt.shard, rt.parallelism)?;
-        if let Some(offset) = rt.restored_offset(self.uid) {
-            reader.seek(offset)?;
+        let total_splits = self.source.splits();
+        let ids = crate::source::splits_of(rt.shard, rt.parallelism, total_splits);
+        let offsets = rt.restored_offsets(self.uid, &ids, total_splits)?;
+        let mut splits = Vec::with_capacity(ids.len());
+        for (split, offset) in ids.into_iter().zip(offsets) {
+            let mut reader = self.source.reader(split)?;
+            if offset > 0 {
+                reader.seek(offset)?;
+            }
+            splits.push(SplitInput {
+                split,
+                reader,
+                generator: self.strategy.create_generator(),
+                output: WatermarkOutput::new(),
+                ended: false,
+            });
         }
         Ok(Box::new(SourcePump {
             uid: self.uid,
-            reader,
-            generator: self.strategy.create_generator(),
+            valve: (!splits.is_empty()).then(|| WatermarkValve::new(splits.len())),
+            splits,
+            total_splits,
+            cursor: 0,
             assigner: self.strategy.create_timestamp_assigner(),
-            output: WatermarkOutput::new(),
             dead: Vec::new(),
             last_emit_ms: i64::MIN,
             ended: false,
@@ -180,15 +291,6 @@ where
             last_barrier: 0,
             end_pending: false,
         }))
-    }
-}
-
-fn push_watermark_events<T>(output: &mut WatermarkOutput, out: &mut Vec<Element<T>>) {
-    for event in output.take_update().events() {
-        match event {
-            WatermarkEvent::Watermark(Watermark(w)) => out.push(Element::Watermark(w)),
-            WatermarkEvent::Status(status) => out.push(Element::Idle(status == WatermarkStatus::Idle)),
-        }
     }
 }
 
@@ -203,8 +305,8 @@ where
         Box::pin(rt.idle_wait_unless(move || rt.checkpoints().is_some_and(|c| c.requested() > last)))
     }
 
-    fn offset(&self) -> Option<u64> {
-        Some(self.reader.offset())
+    fn offsets(&self) -> Vec<(u32, u32, u64)> {
+        self.splits.iter().map(|s| (s.split, self.total_splits, s.reader.offset())).collect()
     }
 
     fn next<'a>(&'a mut self, batch: &'a mut Batch<R::Out>, rt: &'a ShardRuntime) -> LocalFuture<'a, Result<Pumped>> {
@@ -236,25 +338,11 @@ where
                     return Ok(Pumped::Drained);
                 }
             }
-            let status =
-                self.reader.read(&mut batch.records, &mut self.dead, rt.config.source_batch).map_err(|e| match e {
-                    RuntimeError::Source { reason, .. } => {
-                        RuntimeError::Source { source_name: self.uid.to_owned(), reason }
-                    }
-                    other => other,
-                })?;
+            let status = self.read(batch, rt)?;
             if !self.dead.is_empty() {
                 rt.dead_letters(self.uid, &mut self.dead);
             }
-            let (assigner, generator, output) = (&mut self.assigner, &mut self.generator, &mut self.output);
-            batch.timestamps.extend(batch.records.iter().map(|value| assigner.timestamp(value, None)));
-            generator.on_events(batch.records.iter().zip(batch.timestamps.iter().copied()), output);
-            let now = rt.now();
-            if status != ReadStatus::More || now.saturating_sub(self.last_emit_ms) >= rt.config.tick_interval_ms {
-                self.generator.on_periodic_emit(now, &mut self.output);
-                self.last_emit_ms = now;
-            }
-            push_watermark_events(&mut self.output, out);
+            let out = &mut batch.elements;
             Ok(match status {
                 ReadStatus::End => match rt.checkpoints() {
                     Some(checkpoints) => {
@@ -1258,9 +1346,15 @@ fn hand_over_snapshots<In>(
             crate::runner::reap(Box::new(released));
         }
         let offsets = pump
-            .offset()
-            .map(|offset| crate::checkpointing::SourceOffset { uid: name.to_owned(), shard: rt.shard as u32, offset })
+            .offsets()
             .into_iter()
+            .map(|(split, splits, offset)| crate::checkpointing::SourceOffset {
+                uid: name.to_owned(),
+                split,
+                splits,
+                shard: rt.shard as u32,
+                offset,
+            })
             .collect();
         let snapshot = crate::checkpointing::TaskSnapshot {
             stores: vec![

@@ -252,14 +252,17 @@ fn event(i: u64) -> (u64, i64, u64) {
 impl Source for FlakySource {
     type Out = (u64, i64, u64);
     type Reader = FlakyReader;
-    fn reader(&self, shard: usize, parallelism: usize) -> weir::Result<FlakyReader> {
+    fn splits(&self) -> u32 {
+        8
+    }
+    fn reader(&self, split: u32) -> weir::Result<FlakyReader> {
         Ok(FlakyReader {
             n: self.n,
             fail_at: self.fail_at,
             failed: Arc::clone(&self.failed),
-            next: shard as u64,
-            stride: parallelism as u64,
-            start: shard as u64,
+            next: u64::from(split),
+            stride: 8,
+            start: u64::from(split),
         })
     }
 }

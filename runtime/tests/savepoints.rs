@@ -55,8 +55,14 @@ struct GatedReader {
 impl Source for Gated {
     type Out = (u64, i64);
     type Reader = GatedReader;
-    fn reader(&self, shard: usize, parallelism: usize) -> weir::Result<GatedReader> {
-        Ok(GatedReader { source: self.clone(), next: shard as u64, stride: parallelism as u64, start: shard as u64 })
+    /// Eight splits (split `s` reads records `s, s + 8, ...`), so a job reads the same input at
+    /// any parallelism up to eight, and resumes it at another.
+    fn splits(&self) -> u32 {
+        8
+    }
+    fn reader(&self, split: u32) -> weir::Result<GatedReader> {
+        let split = u64::from(split);
+        Ok(GatedReader { source: self.clone(), next: split, stride: 8, start: split })
     }
 }
 

@@ -64,7 +64,10 @@ fn describe(dir: &Path, manifest: &Manifest) {
         Ok(meta) => {
             println!("  job={} operators=[{}]", meta.job, meta.operators.join(", "));
             for source in &meta.sources {
-                println!("  source {} shard {} offset={}", source.uid, source.shard, source.offset);
+                println!(
+                    "  source {} split {}/{} (shard {}) offset={}",
+                    source.uid, source.split, source.splits, source.shard, source.offset
+                );
             }
         }
         Err(e) if !manifest.metadata.is_empty() => println!("  metadata UNREADABLE: {e}"),
