@@ -239,6 +239,8 @@ pub struct CheckpointStats {
     pub aborted: Vec<(CheckpointId, String)>,
     /// In-process restarts so far.
     pub restarts: u32,
+    /// What failed the run attempt before each restart, in order.
+    pub restart_causes: Vec<String>,
     /// The checkpoint each run attempt restored (`None`: started empty).
     pub restored: Vec<Option<CheckpointId>>,
     /// Index snapshots written in the background (detached from their checkpoints).

@@ -679,6 +679,7 @@ impl JobPlan {
             };
             if let Ok(mut stats) = self.shared.checkpoint_stats.lock() {
                 stats.restarts += 1;
+                stats.restart_causes.push(error.to_string());
             }
             std::thread::sleep(delay);
             self.shared.failed.store(false, Ordering::SeqCst);

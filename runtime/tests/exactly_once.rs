@@ -320,6 +320,8 @@ fn event_time_windows_are_exact_after_a_source_failure() {
     let stats = job.run(config).unwrap().wait().unwrap().checkpoints;
     assert!(failed.load(Ordering::SeqCst));
     assert_eq!(stats.restarts, 1, "{stats:?}");
+    assert_eq!(stats.restart_causes.len(), 1, "{stats:?}");
+    assert!(stats.restart_causes[0].contains("injected read error"), "the cause is reported: {stats:?}");
     assert!(stats.restored.get(1).copied().flatten().is_some(), "restarted from a checkpoint: {stats:?}");
     let mut expected: BTreeMap<(u64, i64), u64> = BTreeMap::new();
     for i in 0..n {
