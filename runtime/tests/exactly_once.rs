@@ -505,3 +505,52 @@ fn processing_time_windows_pending_at_the_end_are_fired_and_committed() {
     }
     assert_eq!(got, expected);
 }
+
+/// A service appends to five durable ingest logs (more logs than shards: each shard reads
+/// several, a split each) in batches, waiting for each batch to be durable; the job counts
+/// by key with checkpoints every 5 ms and a user function that panics once between 40% and
+/// 70% of the events. After the restart every log resumes at its own recorded offset: every
+/// key's committed counts are exactly 1..=n.
+#[test]
+fn ingest_logs_are_read_exactly_once_across_a_restart() {
+    use weir::source::IngestSource;
+    use weir::state::ingest::IngestLog;
+    const LOGS: u64 = 5;
+    const EVENTS: u64 = 200_000;
+    let dir = tempfile::tempdir().unwrap();
+    let logs: Vec<_> =
+        (0..LOGS).map(|i| IngestLog::open(&dir.path().join(format!("events-{i}.ingest"))).unwrap()).collect();
+    let panic_at = EVENTS * 4 / 10 + mix(seed()) % (EVENTS * 3 / 10);
+    let (seen, fired) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+    let job = Job::new("ingest-count");
+    let out = ExactlyOnceCollectSink::new();
+    let decode = |bytes: &[u8]| bytes.try_into().map(u64::from_le_bytes).map_err(|_| "not 8 bytes".to_owned());
+    job.source("events", IngestSource::new(logs.clone(), decode))
+        .key_by("by-key", |k: &u64| *k)
+        .reduce("count", |k: &u64| (*k, 0u64), count_with_one_panic(Arc::clone(&seen), Arc::clone(&fired), panic_at))
+        .sink("out", out.clone());
+    let config = JobConfig::default().with_parallelism(2).with_checkpointing(settings(&dir.path().join("cp"), 5));
+    let handle = job.run(config).unwrap();
+    let key = |i: u64| mix(i) % 1_000;
+    for batch in 0..EVENTS / 1_000 {
+        let mut last = vec![None; LOGS as usize];
+        for i in batch * 1_000..(batch + 1) * 1_000 {
+            let log = (mix(i ^ 0x5eed) % LOGS) as usize;
+            last[log] = Some(logs[log].append(&key(i).to_le_bytes()).unwrap());
+        }
+        // Group commit: the batch is durable once every log it went to synced past it (one
+        // sync a log covers all of the batch's appends there).
+        for (log, offset) in logs.iter().zip(&last) {
+            if let Some(offset) = *offset {
+                log.wait_durable(offset).unwrap();
+                assert!(log.durable_offset() > offset);
+            }
+        }
+    }
+    for log in &logs {
+        log.close().unwrap();
+    }
+    let stats = handle.wait().unwrap().checkpoints;
+    assert_one_restart_from_a_checkpoint(&fired, &stats);
+    assert_every_count_once(out.take().into_iter().map(|(kc, _)| kc), &expected_counts_by(EVENTS, key));
+}
