@@ -749,7 +749,11 @@ impl JobPlan {
                 return Ok(Some(point));
             }
             Some(point) => {
-                if point.manifest.max_parallelism != self.config.max_parallelism {
+                if restart == 0 {
+                    // A job resumed from its directory: its state is matched to the operators
+                    // by uid, as a savepoint's is (a restart in-process runs the same job).
+                    self.check_savepoint(point, settings.allow_unmatched_state)?;
+                } else if point.manifest.max_parallelism != self.config.max_parallelism {
                     return Err(RuntimeError::Checkpoint(format!(
                         "checkpoint {} has {} key groups; the job has {}",
                         point.manifest.checkpoint_id, point.manifest.max_parallelism, self.config.max_parallelism
@@ -783,29 +787,34 @@ impl JobPlan {
         Ok(restore)
     }
 
-    /// Whether the job can start from savepoint `point`: the same number of key groups, and
-    /// every operator with state still there (unless dropping it is allowed). Sources resume
+    /// Whether the job can start from `point` (a savepoint, a rescaled checkpoint, or a
+    /// checkpoint a new process resumes): the same number of key groups, and every operator
+    /// with state there still in the job (unless dropping its state is allowed). Sources resume
     /// by split at any parallelism (see [`ShardRuntime::restored_offsets`]).
     fn check_savepoint(&self, point: &RestorePoint, allow_unmatched: bool) -> Result<()> {
         let id = point.manifest.checkpoint_id;
+        let kind = if point.savepoint.is_some() { "savepoint" } else { "checkpoint" };
         if point.manifest.max_parallelism != self.config.max_parallelism {
             return Err(RuntimeError::Checkpoint(format!(
-                "savepoint {id} has {} key groups; the job has {}",
+                "{kind} {id} has {} key groups; the job has {}",
                 point.manifest.max_parallelism, self.config.max_parallelism
             )));
         }
         let ours: std::collections::BTreeSet<&str> = self.stages.iter().flat_map(|s| s.operator_uids()).collect();
-        let unmatched: Vec<String> = point
-            .savepoint
-            .as_ref()
-            .map(|sp| sp.operator_uids())
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|uid| !ours.contains(uid.as_str()))
-            .collect();
+        let theirs = match &point.savepoint {
+            Some(savepoint) => savepoint.operator_uids(),
+            // A checkpoint's stores: the operators that registered state there (state names
+            // are `<operator uid>/<name>`).
+            None => {
+                let names = point.manifest.shards.iter().flat_map(|s| &s.handle.states);
+                let uids = names.filter_map(|state| state.name.split_once('/').map(|(uid, _)| uid.to_owned()));
+                uids.collect::<std::collections::BTreeSet<String>>().into_iter().collect()
+            }
+        };
+        let unmatched: Vec<String> = theirs.into_iter().filter(|uid| !ours.contains(uid.as_str())).collect();
         if !unmatched.is_empty() && !allow_unmatched {
             return Err(RuntimeError::Checkpoint(format!(
-                "savepoint {id} holds state of operators the job does not have: {}; set \
+                "{kind} {id} holds state of operators the job does not have: {}; set \
                  allow_unmatched_state to drop it",
                 unmatched.join(", ")
             )));

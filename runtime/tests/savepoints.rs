@@ -385,3 +385,32 @@ fn a_removed_operator_fails_the_resume_unless_dropping_state_is_allowed() {
     assert!(report.checkpoints.restored.first().copied().flatten().is_some());
     assert_eq!(seen.lock().unwrap().records, 10);
 }
+
+/// A job resumed from its own checkpoint directory (a new process, same parallelism) matches
+/// state to operators by uid too: without the "extra" operator the resume fails naming it,
+/// and succeeds when dropping its state is allowed.
+#[test]
+fn a_removed_operator_fails_a_resume_from_a_retained_checkpoint_unless_allowed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("checkpoints");
+    let source = Gated::new(1_000, 10, 1);
+    source.open(1_000, true);
+    let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+    count_job("input-1", &source, true, &counting_sink(&seen)).run(config(2, &dir, None)).unwrap().wait().unwrap();
+    assert_eq!(seen.lock().unwrap().records, 1_000);
+    let source = Gated::new(10, 10, 2);
+    source.open(10, true);
+    let job = count_job("input-2", &source, false, &counting_sink(&seen));
+    let resume = |allow: bool| {
+        let mut settings = CheckpointSettings::new(&dir, 20);
+        settings.resume = true;
+        settings.allow_unmatched_state = allow;
+        job.run(JobConfig::default().with_parallelism(2).with_checkpointing(settings)).unwrap().wait()
+    };
+    let message = resume(false).unwrap_err().to_string();
+    assert!(message.contains("checkpoint") && message.contains("extra"), "{message}");
+    assert!(message.contains("allow_unmatched_state"), "{message}");
+    let report = resume(true).unwrap();
+    assert!(report.checkpoints.restored.first().copied().flatten().is_some(), "it resumed the checkpoint");
+    assert_eq!(seen.lock().unwrap().records, 1_010);
+}
