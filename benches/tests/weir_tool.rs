@@ -89,6 +89,20 @@ fn inspect_shows_source_offsets_and_savepoints() {
     }
     let (ok, out, err) = weir(&["verify", checkpoints.to_str().unwrap()]);
     assert!(ok, "{out}{err}");
+    // A damaged commit slot (a restore would skip it) fails verification, named with its offset.
+    let slots: Vec<std::path::PathBuf> = std::fs::read_dir(checkpoints.join("manifests"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "slot") && std::fs::read(p).unwrap().iter().any(|b| *b != 0))
+        .collect();
+    assert!(!slots.is_empty(), "a commit slot holds a manifest");
+    let mut bytes = std::fs::read(&slots[0]).unwrap();
+    bytes[40] ^= 0x04;
+    std::fs::write(&slots[0], &bytes).unwrap();
+    let (ok, _, err) = weir(&["verify", checkpoints.to_str().unwrap()]);
+    assert!(!ok, "a damaged commit slot must fail verification");
+    let name = slots[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(err.contains(&format!("{name}:32")), "names the slot and the payload's offset: {err}");
 
     // A savepoint of a job that is still running (its source never ends).
     let savepoint = work.path().join("savepoint");
