@@ -414,3 +414,43 @@ fn a_removed_operator_fails_a_resume_from_a_retained_checkpoint_unless_allowed()
     assert!(report.checkpoints.restored.first().copied().flatten().is_some(), "it resumed the checkpoint");
     assert_eq!(seen.lock().unwrap().records, 1_010);
 }
+
+/// A savepoint taken while the job runs on: the job goes on counting, and a job resumed from
+/// the savepoint later continues from exactly what it held (its counts and offsets), so it
+/// ends with the same counts as the job that never stopped.
+#[test]
+fn a_savepoint_of_a_running_job_resumes_where_it_was_taken() {
+    let tmp = tempfile::tempdir().unwrap();
+    let savepoint = tmp.path().join("savepoint");
+    let source = Gated::new(2_000, 50, 3);
+    let expected = |upto: u64| {
+        let mut counts: BTreeMap<u64, u64> = BTreeMap::new();
+        for r in 0..upto {
+            *counts.entry(source.record(r).0).or_default() += 1;
+        }
+        counts
+    };
+    let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+    source.open(1_000, false);
+    let handle = count_job("input", &source, false, &counting_sink(&seen))
+        .run(config(2, &tmp.path().join("run-1"), None))
+        .unwrap();
+    wait_until("the first 1,000 records are committed", || seen.lock().unwrap().records == 1_000);
+    let info = handle.savepoint(&savepoint).unwrap();
+    assert!(info.id > 0);
+    // The job runs on after it.
+    source.open(2_000, false);
+    wait_until("the next 1,000 records are committed", || seen.lock().unwrap().records == 2_000);
+    assert_eq!(seen.lock().unwrap().counts, expected(2_000));
+    handle.cancel();
+    let _ = handle.wait();
+    // Resumed from the savepoint, the same input is read from the savepoint's offsets.
+    let resumed = Arc::new(std::sync::Mutex::new(Seen::default()));
+    let handle = count_job("input", &source, false, &counting_sink(&resumed))
+        .run(config(2, &tmp.path().join("run-2"), Some(&savepoint)))
+        .unwrap();
+    wait_until("the resumed job caught up", || resumed.lock().unwrap().counts == expected(2_000));
+    handle.cancel();
+    let _ = handle.wait();
+    assert_eq!(resumed.lock().unwrap().records, 1_000, "only what followed the savepoint was read again");
+}
