@@ -288,6 +288,26 @@ impl FoldEntry {
     }
 }
 
+/// A delta entry [`Index::peek_fold_entries`] saw ahead of the fold: what a caller prefetches
+/// for, before [`Index::next_fold_entry`] hands the entry out to fold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FoldAhead {
+    hash: u64,
+    addr: u64,
+}
+
+impl FoldAhead {
+    /// The entry's hash.
+    pub fn hash(&self) -> u64 {
+        self.hash
+    }
+
+    /// The address of the entry's record, as [`FoldEntry::addr`].
+    pub fn addr(&self) -> u64 {
+        self.addr & !TOMBSTONE
+    }
+}
+
 /// How many records ahead of the one it replays [`Index::replay`] prefetches a slot.
 const REPLAY_PREFETCH: usize = 16;
 
@@ -891,6 +911,60 @@ impl Index {
         Ok(Some(FoldEntry { slot: delta.cursor, hash: slot.hash, addr: slot.addr }))
     }
 
+    /// Fills `ahead` with the delta entries the fold goes through next, from its cursor in slot
+    /// order, and returns how many it found (fewer than `ahead.len()` only when the delta holds
+    /// fewer). Changes nothing: for a caller to prefetch what folding them reads.
+    ///
+    /// Only a forecast. A fold's removal shifts later entries of its probe run back (the
+    /// delta's backward-shift deletion), so within a cluster of occupied slots the fold may
+    /// take the entries in another order, and an entry of the cluster the window ends in may
+    /// come up instead of one peeked; every other entry peeked is folded within `ahead.len()`
+    /// steps, unless the index changes in between. (The base table growing in the first
+    /// [`Index::next_fold_entry`] also moves the home slots.)
+    pub fn peek_fold_entries(&self, ahead: &mut [FoldAhead]) -> usize {
+        let Some(delta) = &self.delta else { return 0 };
+        let (mask, want) = (delta.mask(), ahead.len().min(delta.used));
+        let (mut found, mut i) = (0, delta.cursor);
+        // Ends within one lap of the table: `want <= used`.
+        while found < want {
+            let slot = delta.slots[i];
+            if slot.addr != 0 {
+                ahead[found] = FoldAhead { hash: slot.hash, addr: slot.addr };
+                found += 1;
+            }
+            i = (i + 1) & mask;
+        }
+        found
+    }
+
+    /// Starts loading the base table's home slot of `hash` into the cache (a hint).
+    pub fn prefetch_base_home(&self, hash: u64) {
+        prefetch_index::prefetch_index(&self.mem[..], hash as usize & (self.capacity - 1));
+    }
+
+    /// Calls `f` with the address of every entry with `hash` among the first `max_slots` slots
+    /// of the probe run of `hash` in the base table: the records a lookup of `hash` would
+    /// compare keys with, for a caller to prefetch. Reads only chunks loaded into the table's
+    /// memory (checked), never the file's mapping, so it neither checks a CRC nor fails; it
+    /// stops at a chunk not loaded.
+    pub fn base_candidates(&self, hash: u64, max_slots: usize, mut f: impl FnMut(u64)) {
+        let mask = self.capacity - 1;
+        let mut i = hash as usize & mask;
+        for _ in 0..max_slots {
+            if self.lazy.as_ref().is_some_and(|lazy| !lazy.is_loaded(i / CHUNK_SLOTS)) {
+                return;
+            }
+            let slot = self.mem[i];
+            if slot.addr == 0 {
+                return;
+            }
+            if slot.hash == hash {
+                f(slot.addr);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
     /// Moves `entry` from the delta into the base table, where [`Index::find_in_base`] found its
     /// key in slot `in_base` (or did not): a live entry sets or adds the key there, a tombstone
     /// removes it. Lookups give the same answers before and after.
@@ -1274,14 +1348,137 @@ mod tests {
         }
     }
 
-    /// What the store's `maintain` does, with keys that are their hashes.
+    /// Entries [`fold`] peeks at a time: few, so that windows often end inside a cluster.
+    const FOLD_WINDOW: usize = 5;
+
+    /// What the store's `maintain` does, with keys that are their hashes: the fold in windows,
+    /// each peeked first; checks that the fold goes through what the peek forecast.
     fn fold(index: &mut Index, budget: usize) -> Result<FoldStatus> {
-        for _ in 0..budget {
-            let Some(entry) = index.next_fold_entry()? else { break };
-            let in_base = index.find_in_base(entry.hash(), any_key)?;
-            index.fold_entry(entry, in_base)?;
+        let mut ahead = [FoldAhead::default(); FOLD_WINDOW];
+        let mut left = budget;
+        while left > 0 {
+            let peeked = index.peek_fold_entries(&mut ahead[..left.min(FOLD_WINDOW)]);
+            if peeked == 0 {
+                break;
+            }
+            let last_cluster = cluster_of_entry(index, peeked);
+            let mut folded = Vec::new();
+            for _ in 0..peeked {
+                let Some(entry) = index.next_fold_entry()? else { break };
+                folded.push(FoldAhead { hash: entry.hash, addr: entry.addr });
+                let in_base = index.find_in_base(entry.hash(), any_key)?;
+                index.fold_entry(entry, in_base)?;
+            }
+            assert_forecast(&ahead[..peeked], &folded, &last_cluster);
+            left -= peeked;
         }
         Ok(index.finish_fold())
+    }
+
+    /// The entries of the cluster of occupied delta slots that holds the `n`-th entry from the
+    /// fold's cursor on (`n >= 1`): the last one a peek of `n` sees.
+    fn cluster_of_entry(index: &Index, n: usize) -> Vec<FoldAhead> {
+        let delta = index.delta.as_ref().unwrap();
+        let mask = delta.mask();
+        let occupied = |i: usize| delta.slots[i & mask].addr != 0;
+        let (mut seen, mut at) = (0, delta.cursor);
+        loop {
+            if occupied(at) {
+                seen += 1;
+                if seen == n {
+                    break;
+                }
+            }
+            at = (at + 1) & mask;
+        }
+        let mut start = at;
+        while occupied(start.wrapping_sub(1)) && start.wrapping_sub(1) & mask != at {
+            start = start.wrapping_sub(1) & mask;
+        }
+        let mut cluster = Vec::new();
+        let mut i = start;
+        while occupied(i) && cluster.len() <= mask {
+            let slot = delta.slots[i & mask];
+            cluster.push(FoldAhead { hash: slot.hash, addr: slot.addr });
+            i = (i + 1) & mask;
+        }
+        cluster
+    }
+
+    /// What [`Index::peek_fold_entries`] promises: the fold goes through as many entries as
+    /// were peeked, the same ones except entries of the cluster the window ended in.
+    fn assert_forecast(peeked: &[FoldAhead], folded: &[FoldAhead], last_cluster: &[FoldAhead]) {
+        assert_eq!(peeked.len(), folded.len());
+        for e in peeked {
+            assert!(folded.contains(e) || last_cluster.contains(e), "peeked {e:?}, not folded: {folded:?}");
+        }
+        for e in folded {
+            assert!(peeked.contains(e) || last_cluster.contains(e), "folded {e:?}, not peeked: {peeked:?}");
+        }
+    }
+
+    /// Folds up to `n` entries, returning them in the order folded.
+    fn fold_entries(index: &mut Index, n: usize) -> Vec<FoldAhead> {
+        let mut folded = Vec::new();
+        for _ in 0..n {
+            let Some(entry) = index.next_fold_entry().unwrap() else { break };
+            folded.push(FoldAhead { hash: entry.hash, addr: entry.addr });
+            let in_base = index.find_in_base(entry.hash(), any_key).unwrap();
+            index.fold_entry(entry, in_base).unwrap();
+        }
+        folded
+    }
+
+    /// Where no delta entry sits away from its home slot, a removal shifts nothing back, so
+    /// the fold goes through exactly the entries peeked, in the order peeked, with updates,
+    /// deletes and revivals in between; peeking changes nothing. With colliding keys, a peek
+    /// of the whole delta is what the whole fold goes through.
+    #[test]
+    fn the_fold_goes_through_the_entries_peeked() {
+        let mut index = Index::new().unwrap();
+        let mut ahead = [FoldAhead::default(); 16];
+        assert_eq!(index.peek_fold_entries(&mut ahead), 0, "no delta");
+        // Distinct home slots in a delta of 1024, the first one where the cursor starts.
+        let home = |k: u64| (k - 1) * 7;
+        let mut records: Vec<_> = (1..140).map(|k| Replayed::put(home(k), k)).collect();
+        records.extend((140..146).map(|k| Replayed::delete(home(k), k)));
+        index.replay(&records, same_key).unwrap();
+        index.end_replay(139).unwrap();
+        let mut folded = 0;
+        let mut k = 1;
+        loop {
+            let peeked = index.peek_fold_entries(&mut ahead);
+            let mut again = [FoldAhead::default(); 16];
+            assert_eq!(index.peek_fold_entries(&mut again), peeked);
+            assert_eq!(again[..peeked], ahead[..peeked], "a peek changes nothing");
+            assert!(ahead[..peeked].iter().all(|e| e.hash() % 7 == 0 && e.addr() == e.hash() / 7 + 1));
+            if peeked == 0 {
+                break;
+            }
+            assert_eq!(fold_entries(&mut index, peeked), &ahead[..peeked]);
+            folded += peeked;
+            // Changes of delta entries not folded yet: an update, a delete, a revival.
+            k += 11;
+            apply(&mut index, home(k), Ok(k));
+            apply(&mut index, home(k + 1), Err(k + 1));
+            apply(&mut index, home(k + 2), Ok(k + 2));
+        }
+        assert_eq!(folded, 145);
+        assert_eq!(index.finish_fold(), FoldStatus::Done);
+        assert_eq!(index.peek_fold_entries(&mut ahead), 0, "the delta is gone");
+
+        // Keys of 64 home slots: long clusters, in which removals shift entries back.
+        let mut index = Index::new().unwrap();
+        let records: Vec<_> = (0..300).map(|k| Replayed::put(key_of(k), k + 1)).collect();
+        index.replay(&records, same_key).unwrap();
+        index.end_replay(300).unwrap();
+        let mut all = vec![FoldAhead::default(); 400];
+        assert_eq!(index.peek_fold_entries(&mut all), 300);
+        let mut folded = fold_entries(&mut index, usize::MAX);
+        all.truncate(300);
+        all.sort_by_key(|e| (e.hash, e.addr));
+        folded.sort_by_key(|e| (e.hash, e.addr));
+        assert_eq!(folded, all);
     }
 
     fn same_contents(index: &Index, model: &BTreeMap<u64, u64>, keys: u64) -> std::result::Result<(), TestCaseError> {

@@ -174,6 +174,8 @@ pub struct Segment {
 
 /// Bytes of a page: the unit in which an open tail tracks what changed after it was written.
 const PAGE: u32 = 4096;
+/// Bytes of a cache line (of the machines weir runs on), the unit of [`Segment::prefetch_at`].
+const CACHE_LINE: usize = 64;
 
 /// The part of a segment that may still change, held in memory (see the module docs).
 #[derive(Debug)]
@@ -521,6 +523,21 @@ impl Segment {
         let (from, to) = (from / PAGE * PAGE, to.min(self.len()));
         if from < to {
             let _ = self.map.advise_range(Advice::WillNeed, from as usize, (to - from) as usize);
+        }
+    }
+
+    /// Starts loading the cache lines of the bytes `[offset, offset + len)` (clipped as
+    /// [`Segment::data`] clips them), for a caller about to read them: a hint, which does
+    /// nothing for a page not mapped yet. Any offset is fine: the bytes come from the bounds-
+    /// checked `data`, so an address read from an unchecked index slot never reads outside the
+    /// segment.
+    pub fn prefetch_at(&self, offset: u32, len: u32) {
+        let bytes = self.data(offset, offset.saturating_add(len));
+        let mut at = 0;
+        while at < bytes.len() {
+            prefetch_index::prefetch_index(bytes, at);
+            // On to the start of the next line (`bytes` may start inside one).
+            at += CACHE_LINE - (bytes.as_ptr() as usize + at) % CACHE_LINE;
         }
     }
 
@@ -891,6 +908,32 @@ mod tests {
             let at = 4096 + page * 4096;
             assert_eq!(seg.data(at, at + 4096), &fill(page), "page {page}");
         }
+    }
+
+    /// `prefetch_at` takes any offset and length (an address from an index slot not checked
+    /// yet): in the mapping, in the open tail, past the bytes written, past the end.
+    #[test]
+    fn prefetching_at_any_offset_stays_in_the_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = Segment::create(dir.path(), header(1)).unwrap();
+        seg.write(4096, &[9; 300]);
+        let size = seg.len();
+        let offsets = [0, 1, 63, 4096, 4100, 4396, 8191, size - 1, size, size + 1, u32::MAX - 64, u32::MAX];
+        let lengths = [0, 1, 64, 128, 4096, size, u32::MAX];
+        let probe = |seg: &Segment| {
+            for &offset in &offsets {
+                for &len in &lengths {
+                    seg.prefetch_at(offset, len);
+                }
+            }
+        };
+        probe(&seg);
+        seg.write_out(u32::MAX).unwrap();
+        seg.seal().unwrap();
+        probe(&seg);
+        seg.close().unwrap();
+        probe(&seg);
+        assert_eq!(seg.data(4096, 4396), &[9; 300]);
     }
 
     #[test]
