@@ -9,7 +9,9 @@
 //! `state::write_file` (index snapshots and manifests), `state::write_segment` (the `pwrite`
 //! of a segment's open tail into its file), `state::write_slot` and `state::sync_slot` (the
 //! write and the `fdatasync` of a manifest's commit slot), `state::background_piece` (each piece of a paced background write; tests
-//! configure `sleep(ms)` there to make it fall behind).
+//! configure `sleep(ms)` there to make it fall behind), `state::ingest_caught_up` (an ingest
+//! reader that read everything durable, before it looks whether the log is closed; tests
+//! configure `sleep(ms)` there to let a close run in between).
 
 use std::path::Path;
 

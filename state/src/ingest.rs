@@ -184,6 +184,11 @@ impl IngestLog {
     /// past the last durable record). One sync covers every append before it (group commit).
     pub fn sync(&self) -> Result<u64> {
         let mut w = self.writer.lock().map_err(|_| poisoned(&self.path))?;
+        self.sync_locked(&mut w)
+    }
+
+    /// [`IngestLog::sync`] with the writer held.
+    fn sync_locked(&self, w: &mut Writer) -> Result<u64> {
         if !w.buf.is_empty() {
             let at = w.end;
             let buf = std::mem::take(&mut w.buf);
@@ -214,11 +219,13 @@ impl IngestLog {
     /// Ends the log: syncs, writes the end marker and syncs again. Readers return
     /// [`IngestStatus::Closed`] once they have read everything.
     pub fn close(&self) -> Result<()> {
-        self.sync()?;
         let mut w = self.writer.lock().map_err(|_| poisoned(&self.path))?;
         if w.closed {
             return Ok(());
         }
+        // Under the same lock as the end marker: an append racing the close is either synced
+        // here or refused (the log is closed), never dropped.
+        self.sync_locked(&mut w)?;
         let at = w.end;
         w.file.write_all_at(&[0u8; 8], at).map_err(|e| StateError::io("write ingest end", &self.path, e))?;
         w.file.sync_data().map_err(|e| StateError::io("fdatasync ingest log", &self.path, e))?;
@@ -308,7 +315,14 @@ impl IngestReader {
         if self.pos < durable {
             return Ok(IngestStatus::More);
         }
-        Ok(if self.log.closed.load(Ordering::Acquire) { IngestStatus::Closed } else { IngestStatus::CaughtUp })
+        // Tests stretch this moment (`sleep(ms)`) to let a close run inside it.
+        crate::faults::check("state::ingest_caught_up", self.log.path())?;
+        if !self.log.closed.load(Ordering::Acquire) {
+            return Ok(IngestStatus::CaughtUp);
+        }
+        // Closing syncs what was appended, then sets `closed`: records may have become durable
+        // after `durable` was read above. Only with none left is the log read to its end.
+        Ok(if self.pos < self.log.durable_offset() { IngestStatus::More } else { IngestStatus::Closed })
     }
 }
 
@@ -324,6 +338,33 @@ mod tests {
             if status != IngestStatus::More {
                 return (out, status);
             }
+        }
+    }
+
+    #[test]
+    fn a_reader_racing_the_close_reads_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0..200u32 {
+            let log = IngestLog::open(&dir.path().join(format!("race-{round}.ingest"))).unwrap();
+            let writer = {
+                let log = Arc::clone(&log);
+                std::thread::spawn(move || {
+                    for i in 0..40u32 {
+                        log.append(&i.to_le_bytes()).unwrap();
+                        if i % 8 == 7 {
+                            log.sync().unwrap();
+                        }
+                    }
+                    log.close().unwrap();
+                })
+            };
+            let mut reader = log.reader(IngestLog::first_offset()).unwrap();
+            let mut out = Vec::new();
+            while reader.read(&mut out, 5).unwrap() != IngestStatus::Closed {
+                std::hint::spin_loop();
+            }
+            writer.join().unwrap();
+            assert_eq!(out.len(), 40, "round {round}: every record read before the end");
         }
     }
 

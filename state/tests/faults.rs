@@ -212,3 +212,40 @@ fn manifest(id: u64) -> Manifest {
         metadata: Vec::new(),
     }
 }
+
+/// An ingest reader that has read everything durable when the writer syncs its last records
+/// and closes the log must not take the log for ended: those records are read first. (It
+/// took the durable offset before it looked whether the log was closed, and lost them: an
+/// exactly-once job over ingest logs missed an event on CI.)
+#[test]
+fn an_ingest_reader_racing_the_close_reads_the_last_records() {
+    use std::sync::Arc;
+    use weir_state::ingest::{IngestLog, IngestStatus};
+    let dir = tempfile::tempdir().unwrap();
+    let log = IngestLog::open(&dir.path().join("events.ingest")).unwrap();
+    for i in 0..10u32 {
+        log.append(&i.to_le_bytes()).unwrap();
+    }
+    log.sync().unwrap();
+    fail::cfg("state::ingest_caught_up", "1*sleep(500)").unwrap();
+    let reader = {
+        let log = Arc::clone(&log);
+        std::thread::spawn(move || {
+            let mut reader = log.reader(IngestLog::first_offset()).unwrap();
+            let mut out = Vec::new();
+            // The first read takes the 10 durable records, then sleeps while the log closes.
+            let first = reader.read(&mut out, 100).unwrap();
+            while reader.read(&mut out, 100).unwrap() != IngestStatus::Closed {}
+            (first, out.len())
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    for i in 10..15u32 {
+        log.append(&i.to_le_bytes()).unwrap();
+    }
+    log.close().unwrap();
+    let (first, read) = reader.join().unwrap();
+    fail::remove("state::ingest_caught_up");
+    assert_eq!(first, IngestStatus::More, "records the close synced are still to read");
+    assert_eq!(read, 15, "every record read before the end");
+}
