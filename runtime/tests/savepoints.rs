@@ -79,7 +79,8 @@ impl SourceReader for GatedReader {
         if produced == max {
             return Ok(ReadStatus::More);
         }
-        if self.next >= self.source.n && self.source.end.load(Ordering::SeqCst) {
+        // Opened with `end`, the input ends at the records let in so far.
+        if self.next >= limit && self.source.end.load(Ordering::SeqCst) {
             return Ok(ReadStatus::End);
         }
         Ok(if produced > 0 { ReadStatus::More } else { ReadStatus::Idle })
@@ -305,33 +306,31 @@ fn rescaling_from_retained_checkpoints_keeps_every_count_exact() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("checkpoints");
     let mut expected: BTreeMap<u64, u64> = BTreeMap::new();
-    // Back to 4 at the end: a parallelism whose store directory an older checkpoint used.
-    let phases = [
-        (2usize, "input-1", 30_000u64, 11u64),
-        (4, "input-2", 20_000, 22),
-        (1, "input-3", 10_000, 33),
-        (4, "input-4", 10_000, 44),
-    ];
-    for (parallelism, uid, n, salt) in phases {
-        let source = Gated::new(n, 500, salt);
-        for r in 0..n {
+    // One input under one source uid, more of it let in each phase; back to 4 at the end: a
+    // parallelism whose store directory an older checkpoint used.
+    let source = Gated::new(70_000, 500, 11);
+    let phases = [(2usize, 30_000u64), (4, 50_000), (1, 60_000), (4, 70_000)];
+    let mut read = 0;
+    for (phase, (parallelism, upto)) in phases.into_iter().enumerate() {
+        for r in read..upto {
             *expected.entry(source.record(r).0).or_default() += 1;
         }
         let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
-        let job = count_job(uid, &source, false, &counting_sink(&seen));
-        source.open(n, true);
+        let job = count_job("input", &source, false, &counting_sink(&seen));
+        source.open(upto, true);
         let report = job.run(config(parallelism, &dir, None)).unwrap().wait().unwrap();
-        if uid != "input-1" {
-            assert!(report.checkpoints.restored.first().copied().flatten().is_some(), "{uid} resumed a checkpoint");
+        if phase > 0 {
+            assert!(report.checkpoints.restored.first().copied().flatten().is_some(), "phase {phase} resumed");
         }
         let seen = std::mem::take(&mut *seen.lock().unwrap());
-        assert_eq!(seen.records, n, "{uid}: every record's count committed once");
+        assert_eq!(seen.records, upto - read, "phase {phase}: each new record's count committed once");
         for (key, shard) in &seen.shards {
             assert_eq!(*shard, owner(*key, parallelism), "key {key} ran on the shard its key group says");
         }
         for (key, count) in &seen.counts {
-            assert_eq!(count, &expected[key], "{uid}: key {key}'s count continues exactly");
+            assert_eq!(count, &expected[key], "phase {phase}: key {key}'s count continues exactly");
         }
+        read = upto;
     }
     // Only the last parallelism's stores are left once a checkpoint at it was restored.
     let source = Gated::new(0, 500, 55);
