@@ -708,7 +708,7 @@ impl JobPlan {
             && let Some(savepoint) = &settings.savepoint
         {
             let point = crate::checkpointing::savepoint_restore_point(savepoint)?;
-            self.check_savepoint(&point, settings.allow_unmatched_state)?;
+            self.check_resume(&point, settings.allow_unmatched_state)?;
             let dir = settings.dir.join(format!("p{}", self.config.parallelism.max(1)));
             if dir.exists() {
                 std::fs::remove_dir_all(&dir)
@@ -734,7 +734,7 @@ impl JobPlan {
                 // Rescaling from a retained checkpoint: its state goes through the canonical
                 // savepoint format (by operator uid and key group), as a savepoint's would.
                 let point = rescale_point(&settings.dir, point)?;
-                self.check_savepoint(&point, settings.allow_unmatched_state)?;
+                self.check_resume(&point, settings.allow_unmatched_state)?;
                 let dir = settings.dir.join(format!("p{}", self.config.parallelism.max(1)));
                 if dir.exists() {
                     std::fs::remove_dir_all(&dir)
@@ -752,7 +752,7 @@ impl JobPlan {
                 if restart == 0 {
                     // A job resumed from its directory: its state is matched to the operators
                     // by uid, as a savepoint's is (a restart in-process runs the same job).
-                    self.check_savepoint(point, settings.allow_unmatched_state)?;
+                    self.check_resume(point, settings.allow_unmatched_state)?;
                 } else if point.manifest.max_parallelism != self.config.max_parallelism {
                     return Err(RuntimeError::Checkpoint(format!(
                         "checkpoint {} has {} key groups; the job has {}",
@@ -791,7 +791,7 @@ impl JobPlan {
     /// checkpoint a new process resumes): the same number of key groups, and every operator
     /// with state there still in the job (unless dropping its state is allowed). Sources resume
     /// by split at any parallelism (see [`ShardRuntime::restored_offsets`]).
-    fn check_savepoint(&self, point: &RestorePoint, allow_unmatched: bool) -> Result<()> {
+    fn check_resume(&self, point: &RestorePoint, allow_unmatched: bool) -> Result<()> {
         let id = point.manifest.checkpoint_id;
         let kind = if point.savepoint.is_some() { "savepoint" } else { "checkpoint" };
         if point.manifest.max_parallelism != self.config.max_parallelism {
