@@ -276,6 +276,13 @@ impl<H: Clone> Coordinator<H> {
         (self.in_flight.len() < self.config.max_concurrent.max(1)).then(|| self.start(now_ms))
     }
 
+    /// A checkpoint before the interval is due (sources that ended want a final one):
+    /// triggered now if the in-flight limit and the minimum pause allow, else `None`. Unlike
+    /// [`Coordinator::trigger_now`], which a caller's explicit request uses, it keeps the pause.
+    pub fn trigger_early(&mut self, now_ms: i64) -> Option<CheckpointId> {
+        self.can_trigger(now_ms).then(|| self.start(now_ms))
+    }
+
     /// `shard` acknowledged `id` with its (durable) handle.
     pub fn on_ack(&mut self, shard: usize, id: CheckpointId, handle: H) -> Vec<Command<H>> {
         let Some(flight) = self.in_flight.get_mut(&id) else {
@@ -361,6 +368,21 @@ mod tests {
         let never: Coordinator<u64> =
             Coordinator::new(CheckpointConfig { interval_ms: 0, ..CheckpointConfig::default() }, 1, 1);
         assert_eq!(never.next_due_ms(), None);
+    }
+
+    #[test]
+    fn an_early_trigger_keeps_the_pause_and_one_on_demand_does_not() {
+        let config = CheckpointConfig { interval_ms: 1_000, min_pause_ms: 30, ..CheckpointConfig::default() };
+        let mut c: Coordinator<u64> = Coordinator::new(config, 1, 1);
+        assert_eq!(c.trigger_early(0), Some(1));
+        assert_eq!(c.trigger_early(1), None, "one in flight");
+        c.on_ack(0, 1, 7);
+        c.on_manifest(1, Ok(()), 10);
+        assert_eq!(c.trigger_early(39), None, "within the pause");
+        assert_eq!(c.trigger_now(39), Some(2), "a request on demand does not wait for the pause");
+        c.on_ack(0, 2, 7);
+        c.on_manifest(2, Ok(()), 45);
+        assert_eq!(c.trigger_early(75), Some(3));
     }
 
     #[test]

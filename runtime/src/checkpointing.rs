@@ -81,6 +81,11 @@ pub struct CheckpointSettings {
     /// Start from the latest complete checkpoint in `dir` if there is one (a new process
     /// resuming a job). When `false`, a directory that already holds checkpoints is an error.
     pub resume: bool,
+    /// Start from this retained checkpoint of `dir` rather than the latest (a new process
+    /// going back to an earlier point). It must be in `dir` and intact: a resume never falls
+    /// back to another one. The checkpoints after it are discarded (the job's stores continue
+    /// from it); at another parallelism it is rescaled as the latest would be. Implies `resume`.
+    pub resume_from: Option<CheckpointId>,
     /// Start from this savepoint (a directory a savepoint was written to) when `dir` holds no
     /// checkpoint yet: state is matched to operators by uid and to shards by key group, so the
     /// job may run at another parallelism.
@@ -124,6 +129,7 @@ impl CheckpointSettings {
             protocol: CheckpointConfig { interval_ms, ..CheckpointConfig::default() },
             restart: RestartStrategy::None,
             resume: true,
+            resume_from: None,
             savepoint: None,
             allow_unmatched_state: false,
             helpers: HelperScheduling::default(),
@@ -134,6 +140,14 @@ impl CheckpointSettings {
     /// These settings, starting from the savepoint in `dir`.
     pub fn from_savepoint(mut self, dir: impl Into<PathBuf>) -> Self {
         self.savepoint = Some(dir.into());
+        self
+    }
+
+    /// These settings, resuming from retained checkpoint `id` of the directory (see
+    /// [`CheckpointSettings::resume_from`]).
+    pub fn from_checkpoint(mut self, id: CheckpointId) -> Self {
+        self.resume_from = Some(id);
+        self.resume = true;
         self
     }
 
@@ -221,6 +235,10 @@ pub struct CheckpointStat {
     pub sync: Duration,
     /// Writing the manifest (the last step).
     pub manifest: Duration,
+    /// When the coordinator triggered it.
+    pub triggered_at: Instant,
+    /// When it completed (its manifest durable).
+    pub completed_at: Instant,
     /// Bytes of index snapshots the checkpoint's own durability tasks wrote (0 unless a store
     /// was past its replay bound, [`CheckpointSettings::max_replay_bytes`]).
     pub index_bytes: u64,
@@ -469,6 +487,26 @@ impl CheckpointShared {
         answer
     }
 
+    /// Asks for a checkpoint now, besides the interval's: it is triggered as soon as the
+    /// in-flight limit allows. The answer (its id once complete, or why it was not) arrives on
+    /// the returned channel.
+    pub fn request_checkpoint(&self) -> Receiver<Result<CheckpointId>> {
+        let (reply, answer) = channel();
+        match self.to_coordinator.lock() {
+            Ok(tx) => {
+                if let Err(e) = tx.send(Msg::Checkpoint(reply))
+                    && let Msg::Checkpoint(r) = e.0
+                {
+                    let _ = r.send(Err(RuntimeError::Checkpoint("the job is not running".into())));
+                }
+            }
+            Err(_) => {
+                let _ = reply.send(Err(RuntimeError::Checkpoint("coordinator unavailable".into())));
+            }
+        }
+        answer
+    }
+
     /// Complete checkpoints still retained (their files must be kept).
     pub fn retained(&self) -> Vec<CheckpointId> {
         self.retained.lock().map(|r| r.clone()).unwrap_or_default()
@@ -540,9 +578,26 @@ struct SavepointRequest {
 
 enum Msg {
     Savepoint(SavepointRequest),
-    Acked { attempt: u32, task: usize, id: CheckpointId, ack: Ack },
-    Finished { attempt: u32, task: usize, id: CheckpointId, snapshot: TaskSnapshot },
-    Declined { attempt: u32, task: usize, id: CheckpointId, reason: String },
+    /// A checkpoint on demand ([`CheckpointShared::request_checkpoint`]).
+    Checkpoint(Sender<Result<CheckpointId>>),
+    Acked {
+        attempt: u32,
+        task: usize,
+        id: CheckpointId,
+        ack: Ack,
+    },
+    Finished {
+        attempt: u32,
+        task: usize,
+        id: CheckpointId,
+        snapshot: TaskSnapshot,
+    },
+    Declined {
+        attempt: u32,
+        task: usize,
+        id: CheckpointId,
+        reason: String,
+    },
     Stop,
 }
 
@@ -676,6 +731,8 @@ impl CheckpointDriver {
             waiting_savepoints: std::collections::VecDeque::new(),
             savepoints: BTreeMap::new(),
             manifests: BTreeMap::new(),
+            waiting_checkpoints: Vec::new(),
+            on_demand: BTreeMap::new(),
             root: settings.dir.clone(),
             tick: Duration::from_millis(settings.protocol.interval_ms.clamp(1, 5) as u64),
         };
@@ -847,6 +904,10 @@ struct CoordinatorLoop {
     savepoints: BTreeMap<CheckpointId, SavepointRequest>,
     /// Manifests of savepoints in flight, written, not yet converted.
     manifests: BTreeMap<CheckpointId, Manifest>,
+    /// Checkpoints asked for on demand and not triggered yet (one is in flight).
+    waiting_checkpoints: Vec<Sender<Result<CheckpointId>>>,
+    /// Checkpoints on demand in flight, by id: answered when it (or a later one) completes.
+    on_demand: BTreeMap<CheckpointId, Vec<Sender<Result<CheckpointId>>>>,
     root: PathBuf,
     tick: Duration,
 }
@@ -857,9 +918,9 @@ impl CoordinatorLoop {
             let now = self.clock.now_ms();
             let mut commands = self.coordinator.tick(now);
             if self.shared.final_wanted.swap(false, Ordering::AcqRel) {
-                match self.coordinator.trigger_now(now) {
+                match self.coordinator.trigger_early(now) {
                     Some(id) => commands.push(Command::Trigger(id)),
-                    // One in flight: ask again once it is done.
+                    // One in flight, or within the minimum pause: ask again at the next tick.
                     None => self.shared.final_wanted.store(true, Ordering::Release),
                 }
             }
@@ -874,6 +935,12 @@ impl CoordinatorLoop {
                 self.savepoints.insert(id, request);
                 commands.push(Command::Trigger(id));
             }
+            if !self.waiting_checkpoints.is_empty()
+                && let Some(id) = self.coordinator.trigger_now(now)
+            {
+                self.on_demand.insert(id, std::mem::take(&mut self.waiting_checkpoints));
+                commands.push(Command::Trigger(id));
+            }
             self.execute(commands);
             let due = self.coordinator.next_due_ms().unwrap_or(i64::MAX);
             self.shared.next_due.store(due, Ordering::Relaxed);
@@ -885,9 +952,16 @@ impl CoordinatorLoop {
                     for request in self.waiting_savepoints.drain(..) {
                         let _ = request.reply.send(Err(RuntimeError::Checkpoint("the job stopped".into())));
                     }
+                    let waiting = std::mem::take(&mut self.on_demand).into_values().flatten();
+                    for reply in waiting.chain(self.waiting_checkpoints.drain(..)) {
+                        let message = "the run attempt stopped (the job finished or failed) before the checkpoint \
+                                       completed";
+                        let _ = reply.send(Err(RuntimeError::Checkpoint(message.into())));
+                    }
                     return;
                 }
                 Ok(Msg::Savepoint(request)) => self.waiting_savepoints.push_back(request),
+                Ok(Msg::Checkpoint(reply)) => self.waiting_checkpoints.push(reply),
                 Ok(Msg::Acked { attempt, task, id, ack }) if attempt == self.shared.attempt => {
                     let commands = self.coordinator.on_ack(task, id, ack);
                     self.execute(commands);
@@ -934,10 +1008,13 @@ impl CoordinatorLoop {
                         if result.is_ok()
                             && let Ok(mut stats) = self.stats.lock()
                         {
-                            let duration = self.started.get(&id).map(|s| s.elapsed()).unwrap_or_default();
+                            let completed_at = Instant::now();
+                            let triggered_at = self.started.get(&id).copied().unwrap_or(writing);
                             stats.completed.push(CheckpointStat {
                                 id,
-                                duration,
+                                duration: completed_at.saturating_duration_since(triggered_at),
+                                triggered_at,
+                                completed_at,
                                 alignment,
                                 sync,
                                 manifest,
@@ -954,6 +1031,12 @@ impl CoordinatorLoop {
                             *r = self.coordinator.retained();
                         }
                         self.shared.completed.fetch_max(id, Ordering::AcqRel);
+                        // A checkpoint asked for is answered by the first to complete after it
+                        // was triggered: itself, or a later one that superseded it.
+                        let answered: Vec<CheckpointId> = self.on_demand.range(..=id).map(|(k, _)| *k).collect();
+                        for reply in answered.into_iter().filter_map(|k| self.on_demand.remove(&k)).flatten() {
+                            let _ = reply.send(Ok(id));
+                        }
                         // Complete once in its commit slot; named now, off the checkpoint's
                         // path and before the next trigger. A failure here loses nothing: the
                         // slot keeps it, and the next commit or writer names it first.
@@ -984,6 +1067,10 @@ impl CoordinatorLoop {
                         if let Some(request) = self.savepoints.remove(&id) {
                             let message = format!("savepoint {id} failed: {reason}");
                             let _ = request.reply.send(Err(RuntimeError::Checkpoint(message)));
+                        }
+                        for reply in self.on_demand.remove(&id).into_iter().flatten() {
+                            let _ =
+                                reply.send(Err(RuntimeError::Checkpoint(format!("checkpoint {id} failed: {reason}"))));
                         }
                         if let Ok(mut stats) = self.stats.lock() {
                             stats.aborted.push((id, reason));
@@ -1099,6 +1186,25 @@ pub fn latest_restore_point(root: &Path) -> Result<Option<RestorePoint>> {
     let metadata = JobMetadata::decode(&manifest.metadata)
         .map_err(|e| RuntimeError::Checkpoint(format!("checkpoint {}: {e}", manifest.checkpoint_id)))?;
     Ok(Some(RestorePoint { manifest, metadata, savepoint: None }))
+}
+
+/// Checkpoint `id` of `root`, checked: an error if it is not there or fails a check (never
+/// another checkpoint in its place).
+pub fn restore_point_at(root: &Path, id: CheckpointId) -> Result<RestorePoint> {
+    let directory = CheckpointDirectory::open(root)?;
+    let ids = directory.list()?;
+    if !ids.contains(&id) {
+        let held: Vec<String> = ids.iter().map(u64::to_string).collect();
+        let held = if held.is_empty() { "none".to_owned() } else { held.join(", ") };
+        return Err(RuntimeError::Checkpoint(format!(
+            "checkpoint {id} is not in {} (it holds: {held})",
+            root.display()
+        )));
+    }
+    let manifest = directory.read(id).map_err(|e| RuntimeError::Checkpoint(format!("checkpoint {id}: {e}")))?;
+    let metadata = JobMetadata::decode(&manifest.metadata)
+        .map_err(|e| RuntimeError::Checkpoint(format!("checkpoint {id}: {e}")))?;
+    Ok(RestorePoint { manifest, metadata, savepoint: None })
 }
 
 /// The savepoint in `dir`, checked: its manifest and files are intact.

@@ -395,20 +395,24 @@ impl<T: Send + 'static> ExchangeRx<T> for MultiReceiver<T> {
     ) -> LocalFuture<'a, Result<bool>> {
         Box::pin(async move {
             // A barrier ends what is handed out, so that the stage can block its input before
-            // anything after it is read.
+            // anything after it is read. So does an input's end: it may complete an alignment
+            // (an ended input holds up no barrier), and until the stage has seen it, the other
+            // inputs may all be blocked, which the next poll would report as an error, losing
+            // the end handed out with it (the job then failed with `AllInputsBlocked`).
+            let ends_batch = |element: &Element<T>| matches!(element, Element::Barrier(_) | Element::End);
             if let Some(item) = self.stashed.take() {
-                let barrier = matches!(item.1, Element::Barrier(_));
+                let last = ends_batch(&item.1);
                 out.push(item);
-                if barrier {
+                if last {
                     return Ok(true);
                 }
             }
             while out.len() < max {
                 match futures_lite::future::poll_once(futures_lite::future::poll_fn(|cx| self.poll_any(cx))).await {
                     Some(Ok(Some(item))) => {
-                        let barrier = matches!(item.1, Element::Barrier(_));
+                        let last = ends_batch(&item.1);
                         out.push(item);
-                        if barrier {
+                        if last {
                             break;
                         }
                     }
@@ -459,6 +463,8 @@ pub struct JobHandle {
     shared: Arc<JobShared>,
     run_dir: PathBuf,
     keep_state: bool,
+    /// Whether the job takes checkpoints at all.
+    checkpointed: bool,
 }
 
 impl std::fmt::Debug for JobHandle {
@@ -536,27 +542,45 @@ impl JobHandle {
         Ok((info, report))
     }
 
+    /// Takes a checkpoint now (besides the interval's; with an interval of 0, the only way to
+    /// take one) and returns its id once it is complete: its manifest is durable and sinks
+    /// commit up to it. When a checkpoint is in flight (and `max_concurrent` allows no other)
+    /// it is triggered once that one ends. A later checkpoint that completes first (superseding
+    /// it) answers for it. Fails if it was aborted (a declined snapshot, a timeout) or the run
+    /// attempt stopped first; the job keeps running either way.
+    pub fn checkpoint(&self) -> Result<crate::checkpoint::CheckpointId> {
+        self.current_attempt()?
+            .request_checkpoint()
+            .recv()
+            .unwrap_or_else(|_| Err(RuntimeError::Checkpoint("the job stopped before the checkpoint completed".into())))
+    }
+
     fn request_savepoint(&self, dir: PathBuf, stop: Option<bool>) -> Result<crate::checkpointing::SavepointInfo> {
+        self.current_attempt()?
+            .request_savepoint(dir, stop)
+            .recv()
+            .unwrap_or_else(|_| Err(RuntimeError::Checkpoint("the job stopped before the savepoint completed".into())))
+    }
+
+    /// The checkpointing of the run attempt now running, waiting up to 10 s for one to start
+    /// (the first, or the next after a failure).
+    fn current_attempt(&self) -> Result<Arc<CheckpointShared>> {
+        if !self.checkpointed {
+            return Err(RuntimeError::Checkpoint("the job runs without checkpoints".into()));
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        // The first run attempt may still be starting.
-        let current = loop {
+        loop {
             let current = self.shared.current.lock().ok().and_then(|c| c.clone());
             match current {
-                Some(c) => break c,
+                Some(c) => return Ok(c),
                 None if std::time::Instant::now() < deadline
                     && !self.thread.as_ref().is_none_or(|t| t.is_finished()) =>
                 {
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                None => {
-                    return Err(RuntimeError::Checkpoint("the job runs without checkpoints, or is not running".into()));
-                }
+                None => return Err(RuntimeError::Checkpoint("the job is not running".into())),
             }
-        };
-        current
-            .request_savepoint(dir, stop)
-            .recv()
-            .unwrap_or_else(|_| Err(RuntimeError::Checkpoint("the job stopped before the savepoint completed".into())))
+        }
     }
 
     /// Asks the job to stop: sources end their input early, and the job completes.
@@ -696,13 +720,18 @@ impl JobPlan {
     ) -> Result<Option<RestorePoint>> {
         let directory = weir_state::manifest::CheckpointDirectory::open(&settings.dir)?;
         let has_checkpoints = !directory.list()?.is_empty();
-        if restart == 0 && has_checkpoints && !settings.resume {
+        if restart == 0 && has_checkpoints && !settings.resume && settings.resume_from.is_none() {
             return Err(RuntimeError::Checkpoint(format!(
                 "{} already holds checkpoints; resume from them or use another directory",
                 settings.dir.display()
             )));
         }
-        let mut restore = crate::checkpointing::latest_restore_point(&settings.dir)?;
+        let mut restore = match settings.resume_from {
+            // A chosen checkpoint applies to the first attempt; a restart in-process goes on
+            // from the latest the job completed since.
+            Some(id) if restart == 0 => Some(crate::checkpointing::restore_point_at(&settings.dir, id)?),
+            _ => crate::checkpointing::latest_restore_point(&settings.dir)?,
+        };
         if restore.is_none()
             && !has_checkpoints
             && let Some(savepoint) = &settings.savepoint
@@ -746,6 +775,9 @@ impl JobPlan {
                 for older in directory.list()?.into_iter().filter(|older| *older < id) {
                     directory.remove(older)?;
                 }
+                // Newer ones (a chosen earlier checkpoint, or damaged ones the latest skipped)
+                // would collide with the ids the job takes from here on.
+                directory.discard_after(id)?;
                 return Ok(Some(point));
             }
             Some(point) => {
@@ -916,6 +948,7 @@ pub(crate) fn start(
         None => (config.data_dir.join(format!("{name}-{}-{run}", std::process::id())), config.keep_state),
     };
     let shared = Arc::new(JobShared::default());
+    let checkpointed = config.checkpointing.is_some();
     let plan = JobPlan {
         name: name.to_owned(),
         stages,
@@ -936,6 +969,7 @@ pub(crate) fn start(
         shared,
         run_dir,
         keep_state,
+        checkpointed,
     })
 }
 

@@ -224,7 +224,7 @@ fn count_job(
 type SinkFn = Box<dyn Fn((u64, u64), i64, usize) + Send + Sync>;
 
 /// Latest count per key, and every (key, shard) seen.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Seen {
     counts: BTreeMap<u64, u64>,
     shards: Vec<(u64, usize)>,
@@ -452,4 +452,96 @@ fn a_savepoint_of_a_running_job_resumes_where_it_was_taken() {
     handle.cancel();
     let _ = handle.wait();
     assert_eq!(resumed.lock().unwrap().records, 1_000, "only what followed the savepoint was read again");
+}
+
+/// Records a checkpoint of `dir` says its source read (the sum of its split offsets).
+fn records_read(dir: &std::path::Path, id: u64) -> u64 {
+    let point = weir::checkpointing::restore_point_at(dir, id).unwrap();
+    point.offsets("input").iter().map(|o| o.offset).sum()
+}
+
+/// A new process resumes from a chosen retained checkpoint, not the latest. The first run
+/// takes checkpoints only on demand (interval 0): one once 20,000 records were read, one at
+/// 40,000; it then reads all 60,000 and ends. A resume from the first (at `parallelism`) reads
+/// the input again from its offsets and continues its counts: 40,000 records counted once
+/// each, ending at the full counts. A checkpoint not in the directory, or a damaged one, fails
+/// the resume (it never falls back to another).
+fn resume_from_a_chosen_checkpoint(parallelism: usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("checkpoints");
+    let source = Gated::new(60_000, 300, 21);
+    let mut settings = CheckpointSettings::new(&dir, 0);
+    settings.protocol.retained = 100;
+    let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+    let handle = count_job("input", &source, false, &counting_sink(&seen))
+        .run(JobConfig::default().with_parallelism(2).with_checkpointing(settings.clone()))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(handle.checkpoint_stats().completed.is_empty(), "none before one is asked for");
+    let (mut marks, mut asked) = (Vec::new(), 0);
+    for upto in [20_000, 40_000] {
+        source.open(upto, false);
+        // Each checkpoint on demand completes with what was read when it was triggered.
+        let id = loop {
+            let id = handle.checkpoint().unwrap();
+            asked += 1;
+            if records_read(&dir, id) == upto {
+                break id;
+            }
+            assert!(records_read(&dir, id) < upto);
+        };
+        wait_until("its output is committed", || seen.lock().unwrap().records == upto);
+        marks.push(id);
+    }
+    source.open(60_000, true);
+    let report = handle.wait().unwrap();
+    let ids: Vec<u64> = report.checkpoints.completed.iter().map(|c| c.id).collect();
+    // With interval 0, only the checkpoints asked for, and a final one after each shard's
+    // source ended (when the two end apart).
+    assert!((asked + 1..=asked + 2).contains(&ids.len()), "{asked} asked for: {ids:?}");
+    assert!(marks.iter().all(|m| ids.contains(m)), "{marks:?} in {ids:?}");
+
+    let resume = |id: u64| {
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+        let settings = CheckpointSettings::new(&dir, 20).from_checkpoint(id);
+        let job = count_job("input", &source, false, &counting_sink(&seen));
+        let report =
+            job.run(JobConfig::default().with_parallelism(parallelism).with_checkpointing(settings))?.wait()?;
+        let seen = std::mem::take(&mut *seen.lock().unwrap());
+        Ok::<_, weir::RuntimeError>((report, seen))
+    };
+    let message = resume(9_999).unwrap_err().to_string();
+    assert!(message.contains("checkpoint 9999 is not in"), "{message}");
+    // A damaged chosen checkpoint is refused, not replaced by another.
+    let manifest = dir.join("manifests").join(format!("chk-{:010}.manifest", marks[0]));
+    let intact = std::fs::read(&manifest).unwrap();
+    let mut damaged = intact.clone();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x5a;
+    std::fs::write(&manifest, &damaged).unwrap();
+    let message = resume(marks[0]).unwrap_err().to_string();
+    assert!(message.contains(&format!("checkpoint {}", marks[0])) && message.contains("CRC"), "{message}");
+    std::fs::write(&manifest, &intact).unwrap();
+
+    let (report, seen) = resume(marks[0]).unwrap();
+    assert_eq!(report.checkpoints.restored, vec![Some(marks[0])]);
+    assert_eq!(seen.records, 40_000, "the records after the chosen checkpoint, each counted once");
+    let mut expected: BTreeMap<u64, u64> = BTreeMap::new();
+    for r in 0..60_000 {
+        *expected.entry(source.record(r).0).or_default() += 1;
+    }
+    assert_eq!(seen.counts, expected, "counts continue from the chosen checkpoint's");
+    for (key, shard) in &seen.shards {
+        assert_eq!(*shard, owner(*key, parallelism), "key {key} ran on the shard its key group says");
+    }
+}
+
+#[test]
+fn a_new_process_resumes_from_a_chosen_retained_checkpoint() {
+    resume_from_a_chosen_checkpoint(2);
+}
+
+#[test]
+fn a_chosen_retained_checkpoint_resumes_at_another_parallelism() {
+    resume_from_a_chosen_checkpoint(3);
 }
