@@ -162,9 +162,19 @@ struct SourcePump<R: SourceReader, G, A> {
     /// The last barrier injected.
     last_barrier: u64,
     /// The input is exhausted; with checkpoints, end-of-input waits for a barrier after the
-    /// last record (the final checkpoint, which commits the last output).
+    /// last record (the final checkpoint, which commits the last output) and its completion.
     end_pending: bool,
+    /// The newest barrier injected after the last record: once its checkpoint (or a later
+    /// one) completes, the source ends. If it is aborted, another is asked for.
+    final_barrier: Option<u64>,
+    /// Final checkpoints aborted so far.
+    final_failures: u32,
 }
+
+/// Final checkpoints a source asks for before the attempt fails (the job then restarts from
+/// its last complete checkpoint, as for any failure). A failed one is aborted and retried, as
+/// any checkpoint's failure leaves the job running.
+const FINAL_CHECKPOINT_ATTEMPTS: u32 = 5;
 
 impl<R: SourceReader, G: WatermarkGenerator<R::Out>, A> SourcePump<R, G, A> {
     /// Reads a batch from the next split that has records (trying each split once), and
@@ -290,6 +300,8 @@ where
             // Ids of this run attempt start after the restored checkpoint's: inject any.
             last_barrier: 0,
             end_pending: false,
+            final_barrier: None,
+            final_failures: 0,
         }))
     }
 }
@@ -302,7 +314,12 @@ where
 {
     fn wait<'a>(&'a mut self, rt: &'a ShardRuntime) -> LocalFuture<'a, ()> {
         let last = self.last_barrier;
-        Box::pin(rt.idle_wait_unless(move || rt.checkpoints().is_some_and(|c| c.requested() > last)))
+        let final_barrier = self.final_barrier;
+        Box::pin(rt.idle_wait_unless(move || {
+            rt.checkpoints().is_some_and(|c| {
+                c.requested() > last || final_barrier.is_some_and(|id| c.completed() >= id || c.final_aborted(id))
+            })
+        }))
     }
 
     fn offsets(&self) -> Vec<(u32, u32, u64)> {
@@ -328,11 +345,36 @@ where
                         out.push(Element::Watermark(END_OF_TIME));
                     }
                     out.push(Element::Barrier(requested));
-                    if self.end_pending || stop.is_some() {
+                    if stop.is_some() {
                         self.ended = true;
                         out.push(Element::End);
+                    } else if self.end_pending {
+                        self.final_barrier = Some(requested);
                     }
                     return Ok(Pumped::More);
+                }
+                if let Some(id) = self.final_barrier {
+                    // Ends once a checkpoint after the last record is complete, so the job
+                    // finishes with all its output committed. An aborted one (a full disk at
+                    // its manifest, a timeout) is retried, as any failed checkpoint is: the job
+                    // does not restart for it.
+                    if checkpoints.completed() >= id {
+                        self.ended = true;
+                        out.push(Element::End);
+                        return Ok(Pumped::More);
+                    }
+                    if checkpoints.final_aborted(id) {
+                        self.final_failures += 1;
+                        if self.final_failures >= FINAL_CHECKPOINT_ATTEMPTS {
+                            return Err(RuntimeError::Checkpoint(format!(
+                                "{} final checkpoints failed in a row (the last: {id})",
+                                self.final_failures
+                            )));
+                        }
+                        self.final_barrier = None;
+                        checkpoints.request_final();
+                    }
+                    return Ok(Pumped::Drained);
                 }
                 if self.end_pending {
                     return Ok(Pumped::Drained);

@@ -33,20 +33,31 @@ fn fail_points_active() -> bool {
 }
 
 fn run(dir: &std::path::Path, inject: impl FnOnce()) -> (weir::checkpointing::CheckpointStats, Vec<(u64, u64)>) {
+    run_with(dir, 5, 2, inject)
+}
+
+/// [`run`] with checkpoints every `interval_ms`, injecting the fault once `before` of them
+/// completed.
+fn run_with(
+    dir: &std::path::Path,
+    interval_ms: i64,
+    before: usize,
+    inject: impl FnOnce(),
+) -> (weir::checkpointing::CheckpointStats, Vec<(u64, u64)>) {
     let out = ExactlyOnceCollectSink::new();
     let job = Job::new("faults");
     job.source("numbers", GeneratorSource::new(Keys))
         .key_by("by-key", |k: &u64| *k)
         .reduce("count", |k: &u64| (*k, 0u64), |(k, c): (u64, u64), _| (k, c + 1))
         .sink("out", out.clone());
-    let settings = CheckpointSettings::new(dir, 5)
+    let settings = CheckpointSettings::new(dir, interval_ms)
         .with_restart(RestartStrategy::FixedDelay { attempts: 2, delay: Duration::from_millis(5) });
     // Small segments: new ones are created (and fsynced early by write-behind) all the time.
     let config = JobConfig { segment_bytes: 64 << 10, ..JobConfig::default() };
     let handle = job.run(config.with_parallelism(2).with_checkpointing(settings)).unwrap();
     // Let a checkpoint or two complete before the fault.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while handle.checkpoint_stats().completed.len() < 2 && std::time::Instant::now() < deadline {
+    while handle.checkpoint_stats().completed.len() < before && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
     inject();
@@ -83,6 +94,18 @@ fn storage_faults_fail_checkpoints_and_recovery_keeps_the_output_exact() {
     assert!(!stats.aborted.is_empty(), "a checkpoint failed: {stats:?}");
     assert_eq!(stats.restarts, 0, "the job did not fail: {stats:?}");
     assert!(!stats.completed.is_empty());
+    assert_exact(output);
+    fail::remove("state::write_slot");
+
+    // The same at the final checkpoint (the only ones: the interval is a minute), twice: the
+    // sources end only once a checkpoint after their last record completed, so it is retried,
+    // and the job finishes without a restart, every output committed.
+    let dir = tempfile::tempdir().unwrap();
+    let (stats, output) =
+        run_with(dir.path(), 60_000, 0, || fail::cfg("state::write_slot", "2*return(enospc)").unwrap());
+    assert_eq!(stats.aborted.len(), 2, "two final checkpoints failed: {stats:?}");
+    assert_eq!(stats.restarts, 0, "the job did not fail: {stats:?}");
+    assert!(stats.completed.iter().all(|c| stats.aborted.iter().all(|(a, _)| c.id > *a)), "{stats:?}");
     assert_exact(output);
     fail::remove("state::write_slot");
 
