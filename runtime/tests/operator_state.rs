@@ -49,8 +49,13 @@ impl Generator for Numbers {
 /// Counts the records its instance sees, in memory only (no store), and emits `(shard,
 /// count)` at the end of input. Panics once, when the records counted by all instances
 /// together reach `panic_at`.
+///
+/// That it emitted is part of its state too, as a window's firing is: an instance whose input
+/// ended before a checkpoint that the restart restores (the other shard was still reading)
+/// sees the end of input again, and must not emit its count twice.
 struct Tally {
     count: u64,
+    emitted: bool,
     seen: Arc<AtomicU64>,
     fired: Arc<AtomicBool>,
     panic_at: u64,
@@ -62,6 +67,7 @@ impl Operator for Tally {
 
     fn open(&mut self, ctx: &mut OperatorContext<'_>) -> weir::operators::Result<()> {
         self.count = ctx.operator_state.list::<u64>("count")?.iter().sum();
+        self.emitted = ctx.operator_state.list::<bool>("emitted")?.contains(&true);
         Ok(())
     }
 
@@ -85,14 +91,16 @@ impl Operator for Tally {
         ctx: &mut OperatorContext<'_>,
         out: &mut C,
     ) -> weir::operators::Result<()> {
-        if watermark == END_OF_TIME {
+        if watermark == END_OF_TIME && !self.emitted {
             out.collect((ctx.shard, self.count), watermark);
+            self.emitted = true;
         }
         Ok(())
     }
 
     fn snapshot_state(&mut self, state: &mut OperatorStateSnapshot) -> weir::operators::Result<()> {
-        state.set_list("count", Redistribution::EvenSplit, &[self.count])
+        state.set_list("count", Redistribution::EvenSplit, &[self.count])?;
+        state.set_list("emitted", Redistribution::EvenSplit, &[self.emitted])
     }
 }
 
@@ -112,7 +120,13 @@ fn a_per_instance_count_in_operator_state_is_exact_after_a_panic() {
     let out = ExactlyOnceCollectSink::new();
     let job = Job::new("operator-state-count");
     job.source("numbers", GeneratorSource::new(Numbers(n)))
-        .operator("tally", move || Tally { count: 0, seen: Arc::clone(&seen2), fired: Arc::clone(&fired2), panic_at })
+        .operator("tally", move || Tally {
+            count: 0,
+            emitted: false,
+            seen: Arc::clone(&seen2),
+            fired: Arc::clone(&fired2),
+            panic_at,
+        })
         .sink("out", out.clone());
     let settings = CheckpointSettings::new(dir.path(), 5)
         .with_restart(RestartStrategy::FixedDelay { attempts: 3, delay: Duration::from_millis(10) });
