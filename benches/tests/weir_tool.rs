@@ -65,8 +65,34 @@ fn verify_passes_on_intact_files_and_names_the_first_bad_one() {
     assert!(err.contains("not a checkpoint directory"), "{err}");
 }
 
-/// A checkpointed job's directory lists its source offsets; a savepoint lists its operators,
-/// and a damaged savepoint file fails verification, named.
+/// Passes records on and counts them, the count kept as operator state.
+#[derive(Default)]
+struct Tally(u64);
+
+impl weir::operators::operator::Operator for Tally {
+    type In = u64;
+    type Out = u64;
+    fn process<C: weir::operators::operator::Collector<u64>>(
+        &mut self,
+        value: u64,
+        timestamp: i64,
+        _: &mut weir::operators::operator::OperatorContext<'_>,
+        out: &mut C,
+    ) -> weir::operators::Result<()> {
+        self.0 += 1;
+        out.collect(value, timestamp);
+        Ok(())
+    }
+    fn snapshot_state(
+        &mut self,
+        state: &mut weir::operators::operator_state::OperatorStateSnapshot,
+    ) -> weir::operators::Result<()> {
+        state.set_list("seen", weir::operators::operator_state::Redistribution::EvenSplit, &[self.0])
+    }
+}
+
+/// A checkpointed job's directory lists its source offsets and operator state; a savepoint
+/// lists its operators, and a damaged savepoint file fails verification, named.
 #[test]
 fn inspect_shows_source_offsets_and_savepoints() {
     use weir::checkpointing::CheckpointSettings;
@@ -75,6 +101,7 @@ fn inspect_shows_source_offsets_and_savepoints() {
     let checkpoints = work.path().join("checkpoints");
     let job = Job::new("tool");
     job.source("numbers", VecSource::new((0..10_000u64).collect()).with_splits(4))
+        .operator("tally", Tally::default)
         .key_by("by-key", |n: &u64| n % 10)
         .reduce("count", |k: &u64| (*k, 0u64), |(k, c): (u64, u64), _| (k, c + 1))
         .sink("out", CollectSink::new());
@@ -86,6 +113,11 @@ fn inspect_shows_source_offsets_and_savepoints() {
     // Four splits of 2,500 records, two a shard.
     for (split, shard) in [(0, 0), (1, 1), (2, 0), (3, 1)] {
         assert!(out.contains(&format!("source numbers split {split}/4 (shard {shard}) offset=2500")), "{out}");
+    }
+    // Each instance wrote its count: one u64, 8 bytes.
+    for shard in 0..2 {
+        let line = format!("operator state tally list seen mode=EvenSplit shard {shard} items=1 bytes=8");
+        assert!(out.contains(&line), "{out}");
     }
     let (ok, out, err) = weir(&["verify", checkpoints.to_str().unwrap()]);
     assert!(ok, "{out}{err}");

@@ -1,7 +1,8 @@
 //! A harness that drives one operator by hand, for tests: push records and watermarks, advance
 //! processing time, take a snapshot and restore it into a fresh operator instance, and read
 //! the main and side outputs. It uses a real [`StateStore`] in a directory the test provides,
-//! so what it tests is what the runtime runs.
+//! so what it tests is what the runtime runs. A snapshot holds the operator state too
+//! ([`crate::operator_state`]), which the restored instance reads at its `open`.
 
 use std::any::Any;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use weir_state::{StateStore, StoreConfig};
 
 use crate::error::Result;
 use crate::operator::{Operator, OperatorContext, OutputTag, Timestamp};
+use crate::operator_state::{OperatorState, OperatorStateSnapshot, WrittenList, restore_lists};
 
 /// Drives a single operator instance (shard 0 of 1) over a real state store.
 pub struct OperatorHarness<O: Operator> {
@@ -34,13 +36,16 @@ impl<O: Operator> std::fmt::Debug for OperatorHarness<O> {
     }
 }
 
-/// A snapshot of a harnessed operator: its state store and its timer store.
+/// A snapshot of a harnessed operator: its state store, its timer store and its operator
+/// state.
 #[derive(Debug, Clone)]
 pub struct HarnessSnapshot {
     /// The state store's checkpoint.
     pub state: CheckpointHandle,
     /// The timer store's checkpoint.
     pub timers: CheckpointHandle,
+    /// The lists the operator wrote ([`Operator::snapshot_state`]).
+    pub operator_state: OperatorStateSnapshot,
 }
 
 fn context<'a>(
@@ -59,6 +64,7 @@ fn context<'a>(
         uid,
         processing_time: now,
         watermark,
+        operator_state: OperatorState::empty(),
     }
 }
 
@@ -81,7 +87,7 @@ impl<O: Operator> OperatorHarness<O> {
         let config = harness_config();
         let store = StateStore::create(&dir.join("state"), config.clone())?;
         let timer_store = StateStore::create(&dir.join("timers"), config.clone())?;
-        Self::with_stores(dir, config, (store, timer_store), uid, operator, 1)
+        Self::with_stores(dir, config, (store, timer_store), uid, (operator, OperatorState::empty()), 1)
     }
 
     fn with_stores(
@@ -89,7 +95,7 @@ impl<O: Operator> OperatorHarness<O> {
         config: StoreConfig,
         (store, timer_store): (StateStore, StateStore),
         uid: &str,
-        operator: O,
+        (operator, operator_state): (O, &OperatorState),
         next: u64,
     ) -> Result<Self> {
         let mut h = OperatorHarness {
@@ -105,7 +111,9 @@ impl<O: Operator> OperatorHarness<O> {
             side: Vec::new(),
             next_checkpoint: next,
         };
-        h.operator.open(&mut context(&mut h.store, &mut h.timer_store, &h.uid, h.processing_time, h.watermark))?;
+        let mut ctx = context(&mut h.store, &mut h.timer_store, &h.uid, h.processing_time, h.watermark);
+        ctx.operator_state = operator_state;
+        h.operator.open(&mut ctx)?;
         Ok(h)
     }
 
@@ -166,6 +174,11 @@ impl<O: Operator> OperatorHarness<O> {
         taken
     }
 
+    /// The operator instance (to look at what it keeps in memory).
+    pub fn operator(&self) -> &O {
+        &self.operator
+    }
+
     /// The state store.
     pub fn store(&self) -> &StateStore {
         &self.store
@@ -176,19 +189,24 @@ impl<O: Operator> OperatorHarness<O> {
         &self.timer_store
     }
 
-    /// Takes a checkpoint of the operator's state and timers and waits until it is durable.
+    /// Takes a checkpoint of the operator's state, timers and operator state (as at a barrier:
+    /// [`Operator::snapshot_state`] first) and waits until it is durable.
     pub fn snapshot(&mut self) -> Result<HarnessSnapshot> {
         let id = self.next_checkpoint;
         self.next_checkpoint += 1;
+        let mut operator_state = OperatorStateSnapshot::new();
+        self.operator.snapshot_state(&mut operator_state)?;
         let state = self.store.checkpoint(id)?;
         let timers = self.timer_store.checkpoint(id)?;
         state.task.run()?;
         timers.task.run()?;
-        Ok(HarnessSnapshot { state: state.handle, timers: timers.handle })
+        Ok(HarnessSnapshot { state: state.handle, timers: timers.handle, operator_state })
     }
 
     /// Discards this instance (as a crash would) and restores `snapshot` into `operator`, a
-    /// fresh instance. Event time starts over (as after a restart), processing time is kept.
+    /// fresh instance, whose `open` sees the operator state of the snapshot (one instance
+    /// before and after: every list comes back whole, whatever its redistribution). Event time
+    /// starts over (as after a restart), processing time is kept.
     pub fn restore(self, snapshot: &HarnessSnapshot, operator: O) -> Result<Self> {
         let OperatorHarness { dir, config, store, timer_store, uid, processing_time, .. } = self;
         drop((store, timer_store));
@@ -196,7 +214,9 @@ impl<O: Operator> OperatorHarness<O> {
         let store = StateStore::restore(&dir.join("state"), &snapshot.state, config.clone(), verify)?;
         let timer_store = StateStore::restore(&dir.join("timers"), &snapshot.timers, config.clone(), verify)?;
         let next = snapshot.state.checkpoint_id + 1;
-        let mut h = Self::with_stores(&dir, config, (store, timer_store), &uid, operator, next)?;
+        let lists = snapshot.operator_state.lists().iter().map(|list| WrittenList::of(0, list));
+        let operator_state = restore_lists(lists, 1, 1, 0)?;
+        let mut h = Self::with_stores(&dir, config, (store, timer_store), &uid, (operator, &operator_state), next)?;
         h.processing_time = processing_time;
         Ok(h)
     }

@@ -4,7 +4,8 @@
 //! thread, a channel or a file. The runtime drives it through the [`operator::Operator`] trait,
 //! whose output collector is a generic parameter, so chained operators compile into direct
 //! calls. [`harness::OperatorHarness`] drives one operator by hand for tests, the way Flink's
-//! operator test harnesses do.
+//! operator test harnesses do. Besides keyed state, an operator instance may checkpoint state
+//! of its own, as lists redistributed on a restore ([`operator_state`]).
 //!
 //! Event time and windowing rest on pure, clock-free logic: [`time`] holds watermarks, the
 //! watermark generators and idleness of sources, and the valve that combines an operator's
@@ -16,6 +17,7 @@ pub mod error;
 pub mod harness;
 pub mod join;
 pub mod operator;
+pub mod operator_state;
 pub mod process;
 pub mod reduce;
 pub mod time;

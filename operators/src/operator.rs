@@ -1,8 +1,9 @@
 //! The operator contract: what the runtime drives and what every built-in operator implements.
 //!
 //! An operator is single-threaded logic. It receives records (with event timestamps) and
-//! event-time progress (watermarks), may keep keyed state in the shard's [`StateStore`], and
-//! emits into a [`Collector`]. The collector is a generic parameter, so a chain of operators
+//! event-time progress (watermarks), may keep keyed state in the shard's [`StateStore`] (and
+//! state of its own instance as lists, see [`crate::operator_state`]), and emits into a
+//! [`Collector`]. The collector is a generic parameter, so a chain of operators
 //! compiles into direct calls: a record passes down a chain with no queue, no allocation and
 //! no dynamic dispatch. It never sees a thread, a channel or a file; the runtime owns those.
 
@@ -11,6 +12,7 @@ use weir_state::keygroup::KeyGroup;
 use weir_state::store::Key;
 
 use crate::error::Result;
+use crate::operator_state::{OperatorState, OperatorStateSnapshot};
 
 /// Event time in epoch milliseconds.
 pub type Timestamp = i64;
@@ -77,6 +79,10 @@ pub struct OperatorContext<'a> {
     pub processing_time: Timestamp,
     /// The operator's current input watermark.
     pub watermark: Timestamp,
+    /// The operator state restored for this instance (its non-keyed lists, see
+    /// [`crate::operator_state`]), already redistributed to this shard: read it in
+    /// [`Operator::open`]. Empty in every other call, and when nothing was restored.
+    pub operator_state: &'a OperatorState,
 }
 
 impl OperatorContext<'_> {
@@ -120,7 +126,8 @@ pub trait Operator: 'static {
     type Out;
 
     /// Called once per shard before the first record, and again after a restore: register
-    /// states, rebuild in-memory indexes (timers) from the store.
+    /// states, rebuild in-memory indexes (timers) from the store, take back operator state
+    /// ([`OperatorContext::operator_state`]).
     fn open(&mut self, _ctx: &mut OperatorContext<'_>) -> Result<()> {
         Ok(())
     }
@@ -151,6 +158,17 @@ pub trait Operator: 'static {
         _ctx: &mut OperatorContext<'_>,
         _out: &mut C,
     ) -> Result<()> {
+        Ok(())
+    }
+
+    /// A checkpoint barrier: every record before it was processed, none after it. Writes this
+    /// instance's non-keyed state into `state` as lists ([`OperatorStateSnapshot::set_list`]);
+    /// after a restore, [`OperatorContext::operator_state`] holds them at [`Operator::open`],
+    /// dealt to the new instances by each list's [`Redistribution`]. Keyed state and timers
+    /// need nothing here: they are in the stores already.
+    ///
+    /// [`Redistribution`]: crate::operator_state::Redistribution
+    fn snapshot_state(&mut self, _state: &mut OperatorStateSnapshot) -> Result<()> {
         Ok(())
     }
 

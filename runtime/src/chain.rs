@@ -16,8 +16,10 @@
 use std::cell::Cell;
 
 use weir_operators::operator::{Collector, Operator, OperatorContext, Timestamp};
+use weir_operators::operator_state::{OperatorState, OperatorStateSnapshot};
 use weir_state::StateStore;
 
+use crate::checkpointing::OperatorStateEntry;
 use crate::error::{Result, RuntimeError};
 
 /// What a node sees of its shard while handling one element.
@@ -41,6 +43,35 @@ pub struct Env<'a> {
     /// Work that makes what sinks pre-committed at the current barrier durable (see
     /// [`crate::sink::SinkWriter::take_sync`]), collected by the stage with its snapshot.
     pub syncs: &'a mut Vec<crate::sink::SyncWork>,
+    /// The operator state restored for the chain's operators; each takes its own when it
+    /// opens.
+    pub restored: &'a mut RestoredOperatorState,
+    /// The operator state the chain's operators wrote at the current barrier (see
+    /// [`Operator::snapshot_state`]), collected by the stage with its snapshot.
+    pub operator_state: &'a mut Vec<OperatorStateEntry>,
+}
+
+/// The operator state a stage instance restored, by operator uid, until each operator takes
+/// its own at its `open` (it is not kept after: an operator holds what it restored itself).
+#[derive(Debug, Default)]
+pub struct RestoredOperatorState {
+    by_uid: Vec<(&'static str, OperatorState)>,
+}
+
+impl RestoredOperatorState {
+    /// Operator `uid`'s restored state (replacing any given before).
+    pub fn insert(&mut self, uid: &'static str, state: OperatorState) {
+        self.by_uid.retain(|(u, _)| *u != uid);
+        self.by_uid.push((uid, state));
+    }
+
+    /// Takes operator `uid`'s restored state (empty if there is none, or it was taken).
+    pub fn take(&mut self, uid: &str) -> OperatorState {
+        match self.by_uid.iter().position(|(u, _)| *u == uid) {
+            Some(i) => self.by_uid.swap_remove(i).1,
+            None => OperatorState::new(),
+        }
+    }
 }
 
 /// Names the operator a panic came from, at no cost when nothing panics: [`PanicSite::run`]
@@ -84,8 +115,9 @@ pub trait Node<T>: 'static {
     /// Processing time advanced to `env.now`.
     fn tick(&mut self, env: &mut Env<'_>) -> Result<()>;
     /// Checkpoint barrier `id`: every record before it has been handed to this node. Operators
-    /// keep all their state in the stage's stores, so a node only forwards it; the terminal
-    /// sends it downstream (or a two-phase sink pre-commits).
+    /// keep their keyed state in the stage's stores and write their operator state into
+    /// [`Env::operator_state`]; then a node forwards the barrier, and the terminal sends it
+    /// downstream (or a two-phase sink pre-commits).
     fn barrier(&mut self, env: &mut Env<'_>, id: u64) -> Result<()>;
     /// Checkpoint `id` is complete (its manifest is durable): two-phase sinks commit.
     fn committed(&mut self, env: &mut Env<'_>, id: u64) -> Result<()>;
@@ -233,6 +265,8 @@ impl<O: Operator, N: Node<O::Out>> OpNode<O, N> {
         f: impl FnOnce(&mut O, &mut OperatorContext<'_>, &mut Buffer<O::Out>) -> weir_operators::Result<()>,
     ) -> Result<()> {
         let (uid, shard) = (self.uid, env.shard);
+        // What was restored is handed over once, to `open`.
+        let restored = (!self.opened).then(|| env.restored.take(uid));
         let mut ctx = OperatorContext {
             store: env.store,
             timer_store: env.timer_store,
@@ -242,6 +276,7 @@ impl<O: Operator, N: Node<O::Out>> OpNode<O, N> {
             uid,
             processing_time: env.now,
             watermark: self.watermark,
+            operator_state: restored.as_ref().unwrap_or(OperatorState::empty()),
         };
         let (op, buf, opened) = (&mut self.op, &mut self.buf, &mut self.opened);
         let side = &mut *env.side;
@@ -290,6 +325,22 @@ impl<O: Operator, N: Node<O::Out>> Node<O::In> for OpNode<O, N> {
         self.next.tick(env)
     }
     fn barrier(&mut self, env: &mut Env<'_>, id: u64) -> Result<()> {
+        if !self.opened {
+            // An operator that saw nothing yet still holds what it restored.
+            self.call(env, |_, _, _| Ok(()))?;
+        }
+        let (uid, shard) = (self.uid, env.shard);
+        let mut snapshot = OperatorStateSnapshot::new();
+        let op = &mut self.op;
+        PanicSite::run(env.current, uid, || op.snapshot_state(&mut snapshot))
+            .map_err(|source| RuntimeError::Operator { operator: uid.to_owned(), shard, source })?;
+        env.operator_state.extend(snapshot.into_lists().into_iter().map(|list| OperatorStateEntry {
+            uid: uid.to_owned(),
+            name: list.name,
+            mode: list.mode,
+            shard: shard as u32,
+            items: list.items,
+        }));
         self.next.barrier(env, id)
     }
     fn committed(&mut self, env: &mut Env<'_>, id: u64) -> Result<()> {

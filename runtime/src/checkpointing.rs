@@ -14,7 +14,8 @@
 //! - Messages carry the run attempt, so an acknowledgement from before a restart is never
 //!   counted for a checkpoint of the same id after it.
 //! - The manifest lists every store (`p<P>/shard-<s>/<stage>`, its handle) and, in its
-//!   metadata ([`JobMetadata`]), the source offsets and operator uids.
+//!   metadata ([`JobMetadata`]), the source offsets, operator uids and operator state (the
+//!   non-keyed lists of [`weir_operators::operator_state`], whole, every checkpoint).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use weir_operators::operator_state::{OperatorState, Redistribution, WrittenList, restore_lists};
 use weir_state::fence::Fence;
 use weir_state::manifest::{CheckpointDirectory, Manifest, ShardSnapshot, SnapshotKind};
 use weir_state::store::{CheckpointHandle, DurabilityTask};
@@ -173,8 +175,31 @@ pub struct SourceOffset {
     pub offset: u64,
 }
 
-/// The runtime's part of a manifest (its `metadata`): source offsets and the operators whose
-/// state the checkpoint holds.
+/// One list of one operator instance's operator state at a checkpoint (see
+/// [`weir_operators::operator_state`]).
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct OperatorStateEntry {
+    /// The operator's uid.
+    pub uid: String,
+    /// The list's name.
+    pub name: String,
+    /// How it is dealt to the instances of a restored job.
+    pub mode: Redistribution,
+    /// The shard of the instance that wrote it.
+    pub shard: u32,
+    /// Its items, in order, each encoded with [`weir_state::states::encode_value`].
+    pub items: Vec<Vec<u8>>,
+}
+
+impl OperatorStateEntry {
+    /// The encoded bytes of its items.
+    pub fn item_bytes(&self) -> usize {
+        self.items.iter().map(Vec::len).sum()
+    }
+}
+
+/// The runtime's part of a manifest (its `metadata`): source offsets, the operators whose
+/// state the checkpoint holds, and their operator state.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct JobMetadata {
     /// Format version ([`JOB_METADATA_VERSION`]).
@@ -187,10 +212,13 @@ pub struct JobMetadata {
     pub stages: Vec<String>,
     /// Every operator uid of the job.
     pub operators: Vec<String>,
+    /// Every list of operator state every operator instance wrote, ordered by uid, name and
+    /// shard. Kept here whole (rewritten at every checkpoint), so meant for small state.
+    pub operator_state: Vec<OperatorStateEntry>,
 }
 
-/// Version of [`JobMetadata`].
-pub const JOB_METADATA_VERSION: u32 = 2;
+/// Version of [`JobMetadata`] (3: operator state).
+pub const JOB_METADATA_VERSION: u32 = 3;
 
 impl JobMetadata {
     /// Encodes it for a manifest's `metadata`.
@@ -218,6 +246,8 @@ pub struct TaskSnapshot {
     pub stores: Vec<(String, CheckpointHandle)>,
     /// Source offsets (source stages only).
     pub offsets: Vec<SourceOffset>,
+    /// The operator state its operators wrote at the barrier.
+    pub operator_state: Vec<OperatorStateEntry>,
     /// Time from the first barrier's arrival to the snapshot (multi-input stages).
     pub alignment: Duration,
 }
@@ -1087,20 +1117,24 @@ impl CoordinatorLoop {
     fn write_manifest(&mut self, id: CheckpointId, snapshots: Vec<TaskSnapshot>) -> Result<()> {
         let mut shards = Vec::new();
         let mut sources = Vec::new();
+        let mut operator_state = Vec::new();
         for snapshot in snapshots {
             for (dir, handle) in snapshot.stores {
                 shards.push(ShardSnapshot { shard: handle.shard, store_dir: dir, handle });
             }
             sources.extend(snapshot.offsets);
+            operator_state.extend(snapshot.operator_state);
         }
         shards.sort_by(|a, b| a.store_dir.cmp(&b.store_dir));
         sources.sort_by(|a, b| (&a.uid, a.shard).cmp(&(&b.uid, b.shard)));
+        operator_state.sort_by(|a, b| (&a.uid, &a.name, a.shard).cmp(&(&b.uid, &b.name, b.shard)));
         let metadata = JobMetadata {
             version: JOB_METADATA_VERSION,
             job: self.layout.job.clone(),
             sources,
             stages: self.layout.stages.clone(),
             operators: self.layout.operators.clone(),
+            operator_state,
         };
         let manifest = Manifest {
             checkpoint_id: id,
@@ -1174,6 +1208,23 @@ impl RestorePoint {
     /// The offsets source `uid` recorded, by split (empty if it recorded none).
     pub fn offsets(&self, uid: &str) -> Vec<&SourceOffset> {
         self.metadata.sources.iter().filter(|s| s.uid == uid).collect()
+    }
+
+    /// The operator state of operator `uid` for instance `shard` of `parallelism`: the lists
+    /// its instances wrote at this checkpoint (taken at the manifest's parallelism), dealt by
+    /// their [`Redistribution`]. Fails, naming the operator, on lists that do not fit together
+    /// (see [`weir_operators::operator_state::restore_lists`]).
+    pub fn operator_state(&self, uid: &str, parallelism: usize, shard: usize) -> Result<OperatorState> {
+        let written = self.metadata.operator_state.iter().filter(|e| e.uid == uid).map(|e| WrittenList {
+            shard: e.shard as usize,
+            name: &e.name,
+            mode: e.mode,
+            items: &e.items,
+        });
+        restore_lists(written, self.manifest.parallelism as usize, parallelism, shard).map_err(|e| {
+            let id = self.manifest.checkpoint_id;
+            RuntimeError::Checkpoint(format!("checkpoint {id}: operator {uid}: {e}"))
+        })
     }
 }
 
@@ -1284,6 +1335,13 @@ mod tests {
             sources: vec![SourceOffset { uid: "src".into(), split: 3, splits: 32, shard: 1, offset: 42 }],
             stages: vec!["src".into(), "by-key".into()],
             operators: vec!["count".into()],
+            operator_state: vec![OperatorStateEntry {
+                uid: "count".into(),
+                name: "pending".into(),
+                mode: Redistribution::Union,
+                shard: 1,
+                items: vec![vec![1, 2, 3], Vec::new()],
+            }],
         };
         assert_eq!(JobMetadata::decode(&meta.encode()).unwrap(), meta);
         assert!(JobMetadata::decode(b"not metadata at all").is_err());

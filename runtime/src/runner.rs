@@ -183,6 +183,17 @@ impl ShardRuntime {
             .collect()
     }
 
+    /// The operator state of operator `uid`'s instance on this shard: the lists its instances
+    /// wrote at the checkpoint or savepoint this run started from, dealt from that
+    /// checkpoint's parallelism to this run's by each list's redistribution (see
+    /// [`weir_operators::operator_state::Redistribution`]). Empty without a restore.
+    pub fn restored_operator_state(&self, uid: &str) -> Result<weir_operators::operator_state::OperatorState> {
+        match &self.restore {
+            Some(restore) => restore.operator_state(uid, self.parallelism, self.shard),
+            None => Ok(weir_operators::operator_state::OperatorState::new()),
+        }
+    }
+
     /// Sleeps on the shard's executor.
     pub async fn sleep(&self, duration: Duration) {
         glommio::timer::sleep(duration).await;
@@ -821,8 +832,9 @@ impl JobPlan {
 
     /// Whether the job can start from `point` (a savepoint, a rescaled checkpoint, or a
     /// checkpoint a new process resumes): the same number of key groups, and every operator
-    /// with state there still in the job (unless dropping its state is allowed). Sources resume
-    /// by split at any parallelism (see [`ShardRuntime::restored_offsets`]).
+    /// with state there (keyed state, timers or operator state) still in the job (unless
+    /// dropping its state is allowed). Sources resume by split at any parallelism (see
+    /// [`ShardRuntime::restored_offsets`]).
     fn check_resume(&self, point: &RestorePoint, allow_unmatched: bool) -> Result<()> {
         let id = point.manifest.checkpoint_id;
         let kind = if point.savepoint.is_some() { "savepoint" } else { "checkpoint" };
@@ -833,16 +845,17 @@ impl JobPlan {
             )));
         }
         let ours: std::collections::BTreeSet<&str> = self.stages.iter().flat_map(|s| s.operator_uids()).collect();
-        let theirs = match &point.savepoint {
-            Some(savepoint) => savepoint.operator_uids(),
+        let mut theirs: std::collections::BTreeSet<String> = match &point.savepoint {
+            Some(savepoint) => savepoint.operator_uids().into_iter().collect(),
             // A checkpoint's stores: the operators that registered state there (state names
             // are `<operator uid>/<name>`).
             None => {
                 let names = point.manifest.shards.iter().flat_map(|s| &s.handle.states);
-                let uids = names.filter_map(|state| state.name.split_once('/').map(|(uid, _)| uid.to_owned()));
-                uids.collect::<std::collections::BTreeSet<String>>().into_iter().collect()
+                names.filter_map(|state| state.name.split_once('/').map(|(uid, _)| uid.to_owned())).collect()
             }
         };
+        // And the operators with operator state (in the metadata, for both).
+        theirs.extend(point.metadata.operator_state.iter().map(|entry| entry.uid.clone()));
         let unmatched: Vec<String> = theirs.into_iter().filter(|uid| !ours.contains(uid.as_str())).collect();
         if !unmatched.is_empty() && !allow_unmatched {
             return Err(RuntimeError::Checkpoint(format!(

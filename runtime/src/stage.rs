@@ -1099,12 +1099,17 @@ where
         let (node, tx) = self.terminal.build(&rt, self.output)?;
         let chain = self.chain.build(node);
         let operators = self.operator_uids();
+        let mut restored = crate::chain::RestoredOperatorState::default();
+        for uid in &operators {
+            restored.insert(uid, rt.restored_operator_state(uid)?);
+        }
         let stores = StageStores {
             state: rt.stage_store(self.name(), crate::checkpointing::SPACE_STATE, &operators)?,
             timers: rt.stage_store(&timer_store_name(self.name()), crate::checkpointing::SPACE_TIMERS, &operators)?,
             retained: std::collections::BTreeMap::new(),
             last: None,
             writing_behind: std::sync::Arc::default(),
+            operator_state: restored,
         };
         // The checkpoint this run restored stays restorable until a newer one completes: its
         // files are kept by garbage collection like those of checkpoints taken in this run.
@@ -1128,8 +1133,9 @@ pub fn timer_store_name(stage: &str) -> String {
     format!("{stage}.timers")
 }
 
-/// A stage instance's two stores, and the handles of its checkpoints that may still be
-/// restored (their files are kept by garbage collection).
+/// A stage instance's two stores, the handles of its checkpoints that may still be restored
+/// (their files are kept by garbage collection), and the operator state it restored until its
+/// operators take it.
 struct StageStores {
     state: weir_state::StateStore,
     timers: weir_state::StateStore,
@@ -1138,6 +1144,8 @@ struct StageStores {
     last: Option<(u64, crate::checkpointing::TaskSnapshot)>,
     /// Whether a write-behind task of the state store is queued or running.
     writing_behind: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Operator state restored for the chain's operators, taken by each when it opens.
+    operator_state: crate::chain::RestoredOperatorState,
 }
 
 /// Owns a stage instance's stores while it runs and, when it ends (a failure included), hands
@@ -1162,7 +1170,7 @@ impl std::ops::DerefMut for ReapOnDrop {
 
 impl Drop for ReapOnDrop {
     fn drop(&mut self) {
-        if let Some(StageStores { state, timers, retained, last, writing_behind }) = self.0.take() {
+        if let Some(StageStores { state, timers, retained, last, writing_behind, .. }) = self.0.take() {
             let retired = (state.retire(), timers.retire());
             crate::runner::reap(Box::new((retired, retained, last, writing_behind)));
         }
@@ -1229,13 +1237,14 @@ struct Pass {
     snapshots: Vec<Snapshot>,
 }
 
-/// What a stage took at a barrier: its stores' pending checkpoints (state, timers) and the
-/// syncs of what its sinks pre-committed.
+/// What a stage took at a barrier: its stores' pending checkpoints (state, timers), the
+/// syncs of what its sinks pre-committed, and its operators' operator state.
 struct Snapshot {
     id: u64,
     state: weir_state::store::PendingCheckpoint,
     timers: weir_state::store::PendingCheckpoint,
     sinks: Vec<crate::sink::SyncWork>,
+    operator_state: Vec<crate::checkpointing::OperatorStateEntry>,
 }
 
 /// A stage's processing time: the clock's until its input is drained (event time reached its
@@ -1296,6 +1305,8 @@ fn run_chain<In: 'static, N: Node<In>>(
         side: &mut side,
         current: &current,
         syncs: &mut Vec::new(),
+        restored: &mut stores.operator_state,
+        operator_state: &mut Vec::new(),
     };
     let mut pass = Pass::default();
     let processed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
@@ -1326,13 +1337,15 @@ fn run_chain<In: 'static, N: Node<In>>(
                 }
                 Element::Barrier(id) => {
                     // Every record before the barrier is in the stores now (operators emit
-                    // synchronously): forward the barrier, then seal both stores.
+                    // synchronously): the chain takes its operators' operator state and
+                    // forwards the barrier, then both stores are sealed.
                     chain.barrier(&mut env, id)?;
                     side_control(sides, Element::Barrier(id));
                     let state = env.store.checkpoint(id)?;
                     let timers = env.timer_store.checkpoint(id)?;
                     let sinks = std::mem::take(env.syncs);
-                    pass.snapshots.push(Snapshot { id, state, timers, sinks });
+                    let operator_state = std::mem::take(env.operator_state);
+                    pass.snapshots.push(Snapshot { id, state, timers, sinks, operator_state });
                 }
                 Element::End => {
                     // Stopped without drain: pending windows and timers stay in the savepoint.
@@ -1378,7 +1391,7 @@ fn hand_over_snapshots<In>(
         stores.write_behind(checkpoints);
         return Ok(());
     }
-    for Snapshot { id, mut state, mut timers, sinks } in pass.snapshots.drain(..) {
+    for Snapshot { id, mut state, mut timers, sinks, operator_state } in pass.snapshots.drain(..) {
         // An index snapshot is written apart from the checkpoint: writing a file the size of
         // the index would otherwise be most of the checkpoint's duration.
         for index in [state.detach_index(), timers.detach_index()].into_iter().flatten() {
@@ -1405,6 +1418,7 @@ fn hand_over_snapshots<In>(
                 (rt.store_dir(&timer_store_name(name)), timers.handle.clone()),
             ],
             offsets,
+            operator_state,
             alignment: pump.alignment(),
         };
         stores.retained.insert(id, [state.handle, timers.handle]);

@@ -82,6 +82,27 @@ fn deserialize<V: StateValue>(archived: &V::Archived) -> Result<V> {
     rkyv::deserialize::<V, rancor::Error>(archived).map_err(|e| StateError::Misuse(format!("cannot deserialise: {e}")))
 }
 
+/// Serialises `value` as a typed put stores it (rkyv, the pinned format), for state kept
+/// outside a store: an operator's non-keyed lists, which the runtime keeps in the manifest.
+/// Read it back with [`decode_value`].
+pub fn encode_value<V: StateValue>(value: &V) -> Result<Vec<u8>> {
+    rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, AlignedVec::<16>::new())
+        .map(|bytes| bytes.to_vec())
+        .map_err(|e| StateError::Misuse(format!("cannot serialise value: {e}")))
+}
+
+/// Reads a value [`encode_value`] wrote, from bytes at any alignment. The bytes come from
+/// outside the process (a file), so they are copied to an aligned buffer and checked with
+/// bytecheck before use: damaged bytes give the reason as an error, never undefined behaviour.
+/// (Bytes written for another type may pass the check when both types' layouts allow them.)
+pub fn decode_value<V: StateValue>(bytes: &[u8]) -> std::result::Result<V, String> {
+    let mut aligned = AlignedVec::<16>::with_capacity(bytes.len());
+    aligned.extend_from_slice(bytes);
+    let archived =
+        rkyv::access::<V::Archived, rancor::Error>(&aligned).map_err(|e| format!("value fails validation: {e}"))?;
+    deserialize::<V>(archived).map_err(|e| e.to_string())
+}
+
 /// A single value per key.
 #[derive(Debug)]
 pub struct ValueState<V> {

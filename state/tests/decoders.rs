@@ -1,5 +1,5 @@
 //! Decoders of files weir reads never panic, whatever the bytes, and report corruption as a
-//! typed error: segment headers, index snapshots, checkpoint handles.
+//! typed error: segment headers, index snapshots, checkpoint handles, values kept outside a store.
 
 use proptest::prelude::*;
 use weir_state::index::{Found, Index};
@@ -11,6 +11,24 @@ proptest! {
     #[test]
     fn segment_header_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
         let _ = SegmentHeader::decode(&bytes, std::path::Path::new("seg"));
+    }
+
+    /// Values kept outside a store (operator state in a manifest) round-trip at any alignment,
+    /// and arbitrary or truncated bytes are an error, never a panic.
+    #[test]
+    fn decode_value_round_trips_and_never_panics(
+        items in proptest::collection::vec(any::<(u64, String)>(), 0..8),
+        offset in 0usize..16,
+        bytes in proptest::collection::vec(any::<u8>(), 0..256),
+        cut in 0usize..64,
+    ) {
+        let encoded = weir_state::states::encode_value(&items).unwrap();
+        let mut shifted = vec![0u8; offset];
+        shifted.extend_from_slice(&encoded);
+        let decoded: Vec<(u64, String)> = weir_state::states::decode_value(&shifted[offset..]).unwrap();
+        prop_assert_eq!(decoded, items);
+        let _ = weir_state::states::decode_value::<Vec<(u64, String)>>(&bytes);
+        let _ = weir_state::states::decode_value::<Vec<(u64, String)>>(&encoded[..encoded.len().saturating_sub(cut)]);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `weir`: inspects and verifies checkpoint directories.
 //!
 //! - `weir inspect DIR`: every checkpoint and savepoint in `DIR` (newest last) with its job,
-//!   operators and source offsets, its shards' stores (key groups, keys, live bytes, segments,
+//!   operators, source offsets and operator state (per operator and list: its redistribution,
+//!   items and bytes per shard), its shards' stores (key groups, keys, live bytes, segments,
 //!   index snapshot, named states) or, for a savepoint, its operators' files (entries, bytes,
 //!   key groups).
 //! - `weir verify DIR`: checks every CRC every manifest depends on (manifests, segment headers,
@@ -67,6 +68,17 @@ fn describe(dir: &Path, manifest: &Manifest) {
                 println!(
                     "  source {} split {}/{} (shard {}) offset={}",
                     source.uid, source.split, source.splits, source.shard, source.offset
+                );
+            }
+            for entry in &meta.operator_state {
+                println!(
+                    "  operator state {} list {} mode={:?} shard {} items={} bytes={}",
+                    entry.uid,
+                    entry.name,
+                    entry.mode,
+                    entry.shard,
+                    entry.items.len(),
+                    entry.item_bytes()
                 );
             }
         }
