@@ -259,14 +259,13 @@ impl<O: Operator, N> OpNode<O, N> {
 }
 
 impl<O: Operator, N: Node<O::Out>> OpNode<O, N> {
-    fn call(
-        &mut self,
-        env: &mut Env<'_>,
-        f: impl FnOnce(&mut O, &mut OperatorContext<'_>, &mut Buffer<O::Out>) -> weir_operators::Result<()>,
-    ) -> Result<()> {
+    /// Opens the operator (once, before its first call), handing it the operator state
+    /// restored for it. Kept off the per-record path.
+    #[cold]
+    #[inline(never)]
+    fn open(&mut self, env: &mut Env<'_>) -> Result<()> {
         let (uid, shard) = (self.uid, env.shard);
-        // What was restored is handed over once, to `open`.
-        let restored = (!self.opened).then(|| env.restored.take(uid));
+        let restored = env.restored.take(uid);
         let mut ctx = OperatorContext {
             store: env.store,
             timer_store: env.timer_store,
@@ -276,19 +275,42 @@ impl<O: Operator, N: Node<O::Out>> OpNode<O, N> {
             uid,
             processing_time: env.now,
             watermark: self.watermark,
-            operator_state: restored.as_ref().unwrap_or(OperatorState::empty()),
+            operator_state: &restored,
         };
-        let (op, buf, opened) = (&mut self.op, &mut self.buf, &mut self.opened);
+        let op = &mut self.op;
+        PanicSite::run(env.current, uid, || op.open(&mut ctx)).map_err(|source| RuntimeError::Operator {
+            operator: uid.to_owned(),
+            shard,
+            source,
+        })?;
+        self.opened = true;
+        Ok(())
+    }
+
+    fn call(
+        &mut self,
+        env: &mut Env<'_>,
+        f: impl FnOnce(&mut O, &mut OperatorContext<'_>, &mut Buffer<O::Out>) -> weir_operators::Result<()>,
+    ) -> Result<()> {
+        if !self.opened {
+            self.open(env)?;
+        }
+        let (uid, shard) = (self.uid, env.shard);
+        let mut ctx = OperatorContext {
+            store: env.store,
+            timer_store: env.timer_store,
+            shard,
+            parallelism: env.parallelism,
+            max_parallelism: env.max_parallelism,
+            uid,
+            processing_time: env.now,
+            watermark: self.watermark,
+            // What was restored is handed over once, to `open`.
+            operator_state: OperatorState::empty(),
+        };
+        let (op, buf) = (&mut self.op, &mut self.buf);
         let side = &mut *env.side;
         PanicSite::run(env.current, uid, || {
-            if !*opened {
-                op.open(&mut ctx).map_err(|source| RuntimeError::Operator {
-                    operator: uid.to_owned(),
-                    shard,
-                    source,
-                })?;
-                *opened = true;
-            }
             f(op, &mut ctx, buf).map_err(|source| RuntimeError::Operator {
                 operator: uid.to_owned(),
                 shard,
@@ -327,7 +349,7 @@ impl<O: Operator, N: Node<O::Out>> Node<O::In> for OpNode<O, N> {
     fn barrier(&mut self, env: &mut Env<'_>, id: u64) -> Result<()> {
         if !self.opened {
             // An operator that saw nothing yet still holds what it restored.
-            self.call(env, |_, _, _| Ok(()))?;
+            self.open(env)?;
         }
         let (uid, shard) = (self.uid, env.shard);
         let mut snapshot = OperatorStateSnapshot::new();
