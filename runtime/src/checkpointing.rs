@@ -311,6 +311,8 @@ pub struct CheckpointShared {
     next_due: std::sync::atomic::AtomicI64,
     completed: AtomicU64,
     aborted_final: AtomicU64,
+    /// Checkpoints aborted in this attempt.
+    aborts: AtomicU64,
     final_wanted: AtomicBool,
     /// One queue per durability worker; a task always uses the same one, so its work is
     /// done in order (its finish is reported after its last snapshot is durable).
@@ -472,6 +474,11 @@ impl CheckpointShared {
     /// The newest complete checkpoint (0: none yet in this attempt; see `restored`).
     pub fn completed(&self) -> CheckpointId {
         self.completed.load(Ordering::Acquire)
+    }
+
+    /// Checkpoints aborted so far in this attempt.
+    pub fn aborts(&self) -> u64 {
+        self.aborts.load(Ordering::Acquire)
     }
 
     /// Whether checkpoint `id` (a final one) was aborted.
@@ -692,6 +699,7 @@ impl CheckpointDriver {
             next_due: std::sync::atomic::AtomicI64::new(i64::MAX),
             completed: AtomicU64::new(0),
             aborted_final: AtomicU64::new(0),
+            aborts: AtomicU64::new(0),
             final_wanted: AtomicBool::new(false),
             work: work_tx.into_iter().map(Mutex::new).collect(),
             to_coordinator: Mutex::new(to_coordinator.clone()),
@@ -1107,6 +1115,7 @@ impl CoordinatorLoop {
                         }
                         // Sources that ended wait for a checkpoint after their last record.
                         self.shared.aborted_final.fetch_max(id, Ordering::AcqRel);
+                        self.shared.aborts.fetch_add(1, Ordering::AcqRel);
                     }
                 }
             }

@@ -167,14 +167,16 @@ struct SourcePump<R: SourceReader, G, A> {
     /// The newest barrier injected after the last record: once its checkpoint (or a later
     /// one) completes, the source ends. If it is aborted, another is asked for.
     final_barrier: Option<u64>,
-    /// Final checkpoints aborted so far.
-    final_failures: u32,
+    /// Checkpoints aborted in the attempt when the input ended (see
+    /// [`crate::checkpointing::CheckpointShared::aborts`]).
+    aborts_at_end: u64,
 }
 
-/// Final checkpoints a source asks for before the attempt fails (the job then restarts from
-/// its last complete checkpoint, as for any failure). A failed one is aborted and retried, as
-/// any checkpoint's failure leaves the job running.
-const FINAL_CHECKPOINT_ATTEMPTS: u32 = 5;
+/// Checkpoints aborted after a source's input ended, with none after its last record complete,
+/// before the attempt fails (the job then restarts from its last complete checkpoint, as for
+/// any failure). Until then a failed final checkpoint is retried, as any checkpoint's failure
+/// leaves the job running.
+const FINAL_CHECKPOINT_ATTEMPTS: u64 = 5;
 
 impl<R: SourceReader, G: WatermarkGenerator<R::Out>, A> SourcePump<R, G, A> {
     /// Reads a batch from the next split that has records (trying each split once), and
@@ -301,7 +303,7 @@ where
             last_barrier: 0,
             end_pending: false,
             final_barrier: None,
-            final_failures: 0,
+            aborts_at_end: 0,
         }))
     }
 }
@@ -364,11 +366,10 @@ where
                         return Ok(Pumped::More);
                     }
                     if checkpoints.final_aborted(id) {
-                        self.final_failures += 1;
-                        if self.final_failures >= FINAL_CHECKPOINT_ATTEMPTS {
+                        let failed = checkpoints.aborts().saturating_sub(self.aborts_at_end);
+                        if failed >= FINAL_CHECKPOINT_ATTEMPTS {
                             return Err(RuntimeError::Checkpoint(format!(
-                                "{} final checkpoints failed in a row (the last: {id})",
-                                self.final_failures
+                                "{failed} final checkpoints failed in a row (the last: {id})"
                             )));
                         }
                         self.final_barrier = None;
@@ -392,6 +393,7 @@ where
                         // windows and timers emit is covered by it (and committed).
                         out.push(Element::Watermark(END_OF_TIME));
                         self.end_pending = true;
+                        self.aborts_at_end = checkpoints.aborts();
                         checkpoints.request_final();
                         Pumped::More
                     }

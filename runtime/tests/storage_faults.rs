@@ -109,6 +109,16 @@ fn storage_faults_fail_checkpoints_and_recovery_keeps_the_output_exact() {
     assert_exact(output);
     fail::remove("state::write_slot");
 
+    // Five in a row: the attempt gives up (a restart, from nothing here), and the next one's
+    // final checkpoint completes.
+    let dir = tempfile::tempdir().unwrap();
+    let (stats, output) =
+        run_with(dir.path(), 60_000, 0, || fail::cfg("state::write_slot", "5*return(enospc)").unwrap());
+    assert_eq!(stats.restarts, 1, "{stats:?}");
+    assert!(stats.restart_causes[0].contains("5 final checkpoints failed in a row"), "{stats:?}");
+    assert_exact(output);
+    fail::remove("state::write_slot");
+
     // A full disk while writing any other file of a checkpoint (an index snapshot, a
     // manifest under its name after completion) fails that write only: the job keeps running
     // and its output is exact.
